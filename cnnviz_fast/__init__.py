@@ -1,5 +1,6 @@
 """cnnviz_fast: fast methods for visualizing and understanding CNNs."""
-from . import ops
-from .core import Neuron, model_guard
+from . import pictures, zoo
+from .core import Neuron, Normalize, model_guard
+from .pictures import heatmap_overlay, image_grid, save_png, to_pil
 
 __version__ = "0.1.0"

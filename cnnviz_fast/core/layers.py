@@ -1,0 +1,104 @@
+"""Find layers by dotted name and read their activations with forward hooks.
+
+One mechanism serves every method that needs an intermediate activation: a
+temporary forward hook that records the layer's output and, when asked, stops
+the forward pass as soon as every requested layer has run (so work past the
+deepest needed layer is never done).
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, List, Sequence
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early; never escapes this module."""
+
+
+def layer_names(model: nn.Module) -> List[str]:
+    """Dotted names of every submodule, as accepted by ``model.get_submodule``."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_layer(model: nn.Module, layer: str, argument: str = "layer") -> nn.Module:
+    """``model.get_submodule(layer)`` with a ValueError that names the argument
+    and suggests the closest existing names."""
+    if not isinstance(layer, str) or not layer:
+        raise ValueError(f"{argument} must be a non-empty dotted module name, got {layer!r}")
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = layer_names(model)
+        close = difflib.get_close_matches(layer, names, n=5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"{argument} {layer!r} is not a submodule of {type(model).__name__}{hint} "
+            f"(all layers: {', '.join(names[:40])}{' ...' if len(names) > 40 else ''})"
+        ) from None
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"layer output must be a tensor (or a tuple starting with one), got {type(output).__name__}")
+
+
+@contextmanager
+def capture_layers(
+    model: nn.Module, layers: Sequence[str], stop: bool = False, argument: str = "layer"
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Record the output of each named layer during forward passes run inside the block.
+
+    Yields a dict ``{name: Tensor}`` filled by the hooks (the first call of a layer
+    per forward pass wins when a module runs several times). With ``stop=True`` the
+    forward pass raises an internal exception once all layers have run; use
+    :func:`forward_to_layers` for that, which catches it. Hooks are removed on exit,
+    also when the block raises.
+    """
+    modules = {name: get_layer(model, name, argument) for name in dict.fromkeys(layers)}
+    captured: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if name not in captured:
+                captured[name] = _first_tensor(output)
+                if stop and len(captured) == len(modules):
+                    raise _StopForward
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_to_layers(
+    model: nn.Module, inputs: torch.Tensor, layers: Iterable[str], stop: bool = True,
+    argument: str = "layer",
+) -> Dict[str, torch.Tensor]:
+    """Run ``model(inputs)`` and return the activations of ``layers``.
+
+    With ``stop=True`` (default) the pass ends at the deepest requested layer.
+    Raises ValueError naming ``argument`` if a layer never ran.
+    """
+    layers = list(dict.fromkeys(layers))
+    with capture_layers(model, layers, stop=stop, argument=argument) as captured:
+        try:
+            model(inputs)
+        except _StopForward:
+            pass
+    missing = [name for name in layers if name not in captured]
+    if missing:
+        raise ValueError(f"{argument} {missing[0]!r} was not executed during the forward pass of "
+                         f"{type(model).__name__}")
+    return {name: captured[name] for name in layers}

@@ -1,0 +1,74 @@
+"""Data that ships with scikit-learn, as tensors: the digits (upsampled) and the sample photos."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.preprocess import Normalize
+
+DIGITS_SIZE = 32
+# Mean/std of the upsampled digits' pixels (train split), rounded; models of the zoo
+# expect inputs normalised with these.
+DIGITS_NORMALIZE = Normalize(mean=(0.3052,), std=(0.3235,))
+# The usual ImageNet statistics, for the torchvision-style architectures and photos.
+IMAGENET_NORMALIZE = Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+@lru_cache(maxsize=None)
+def _digits_arrays():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32) / 16.0
+    indices = np.arange(len(images))
+    train_idx, test_idx = train_test_split(indices, test_size=0.25, random_state=0, stratify=bunch.target)
+    return images, bunch.target.astype(np.int64), {"train": np.sort(train_idx), "test": np.sort(test_idx),
+                                                    "all": indices}
+
+
+def digits(split: str = "test", size: int = DIGITS_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8×8 digits, upsampled bilinearly to ``size``×``size``.
+
+    Returns ``(pixels Tensor[M, 1, size, size] in [0, 1], labels Tensor[M])`` for
+    ``split`` in {"train", "test", "all"} (a fixed stratified 75/25 split).
+    Normalise with ``DIGITS_NORMALIZE`` before feeding a zoo digits model.
+    """
+    images, labels, splits = _digits_arrays()
+    if split not in splits:
+        raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    idx = splits[split]
+    x = torch.from_numpy(images[idx]).unsqueeze(1)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.clamp_(0, 1), torch.from_numpy(labels[idx])
+
+
+def sample_images(size: int | None = None) -> Dict[str, torch.Tensor]:
+    """scikit-learn's sample photos ("china", "flower") as ``Tensor[1, 3, H, W]`` in [0, 1].
+
+    With ``size``, the shorter side is resized to ``size`` and the centre cropped square.
+    """
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    out = {}
+    for name, array in zip(bunch.filenames, bunch.images):
+        key = name.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        image = torch.from_numpy(np.array(array)).permute(2, 0, 1).float().div_(255).unsqueeze(0)
+        if size is not None:
+            h, w = image.shape[-2:]
+            scale = size / min(h, w)
+            image = F.interpolate(image, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                                  mode="bilinear", align_corners=False, antialias=True)
+            h, w = image.shape[-2:]
+            top, left = (h - size) // 2, (w - size) // 2
+            image = image[..., top:top + size, left:left + size].clamp(0, 1).contiguous()
+        out[key] = image
+    return out
