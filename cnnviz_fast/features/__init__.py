@@ -1,0 +1,2 @@
+"""features methods (filled in by its issue)."""
+__all__: list = []
