@@ -1,2 +1,12 @@
-"""attribution methods (filled in by its issue)."""
-__all__: list = []
+"""Which pixels matter: attribution methods. Every function takes ``model`` and
+``inputs: Tensor[N, C, H, W]`` and the same ``target`` (see :mod:`cnnviz_fast.core.targets`)."""
+from .gradcam import grad_cam, guided_grad_cam
+from .gradients import integrated_gradients, saliency, smoothgrad
+from .guided import deconvnet, guided_backprop
+from .occlusion import occlusion
+from .segmentation import saliency_to_mask
+
+__all__ = [
+    "deconvnet", "grad_cam", "guided_backprop", "guided_grad_cam", "integrated_gradients",
+    "occlusion", "saliency", "saliency_to_mask", "smoothgrad",
+]
