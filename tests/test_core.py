@@ -44,9 +44,15 @@ def test_forward_to_layers_stops_at_deepest_layer():
 
 
 def test_forward_to_layers_reports_layer_never_run():
-    model = nn.Module()
-    model.used, model.unused = nn.Identity(), nn.ReLU()
-    model.forward = model.used
+    class PartlyUsed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Identity(), nn.ReLU()
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = PartlyUsed()
     with pytest.raises(ValueError, match="'unused' was not executed"):
         forward_to_layers(model, torch.zeros(1, 1, 2, 2), ["unused"])
 
