@@ -1,0 +1,43 @@
+// Operator schemas of the `cnnviz` library. Kernels register per backend in
+// ops/cpu/*_cpu.cpp and ops/cuda/*_cuda.cu; fake kernels and autograd are registered
+// in Python (cnnviz_fast/ops/__init__.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// `import cnnviz_fast._C` loads this shared library (running the registrations below);
+// the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C", /* name */
+      NULL, /* doc */
+      -1, /* size */
+      NULL, /* methods */
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cnnviz, m) {
+  // images [N, C, H, W] -> [N, count, C, H, W]: window positions first .. first+count-1
+  // (row-major over Captum's grid) set to baseline (numel 1, or [N, C, H, W]).
+  m.def(
+      "occlude(Tensor images, int[2] window, int[2] stride, Tensor baseline, int first, "
+      "int count) -> Tensor");
+  // deltas [N, P] -> [N, H, W]: per-pixel mean of the deltas of the windows covering it.
+  m.def("occlusion_accumulate(Tensor deltas, int H, int W, int[2] window, int[2] stride) -> Tensor");
+  // relu forward; mode ("guided" | "deconvnet" | "plain") selects the backward rule.
+  m.def("guided_relu(Tensor x, str mode) -> Tensor");
+  m.def("_guided_relu_backward(Tensor grad, Tensor out, str mode) -> Tensor");
+  // features [N, C, *spatial] -> [N, C, C] = F F^T / S.
+  m.def("gram(Tensor features) -> Tensor");
+  // -> (loss = weight * mean((G - T)^2) [0-dim, features' dtype],
+  //     diff = G - T [N, C, C], opmath dtype, saved for the backward).
+  m.def("gram_loss(Tensor features, Tensor target_gram, float weight) -> (Tensor, Tensor)");
+  // d loss / d features = (grad * 2 * weight / (N C^2 S)) * (diff + diff^T) @ F.
+  m.def(
+      "_gram_loss_backward(Tensor grad_loss, Tensor features, Tensor diff, float weight) -> "
+      "Tensor");
+}

@@ -1,0 +1,42 @@
+#pragma once
+
+#include <cstdint>
+
+#include "macros.h"
+
+namespace cnnviz {
+namespace gram {
+
+// The raw product R = F F^T is computed by row blocks of `tile` rows, each only from
+// its diagonal block rightwards: R[i][j] is valid iff j >= first_valid_col(i).
+CNNVIZ_HOST_DEVICE inline int64_t first_valid_col(int64_t i, int64_t tile) {
+  return (i / tile) * tile;
+}
+
+// Entry (i, j) of the full symmetric product, mirrored from the computed part.
+template <typename acc_t>
+CNNVIZ_HOST_DEVICE inline acc_t symmetric_entry(
+    const acc_t* R, int64_t C, int64_t i, int64_t j, int64_t row_start) {
+  return j >= row_start ? R[i * C + j] : R[j * C + i];
+}
+
+// D = G - T with G = R / S.
+template <typename acc_t>
+CNNVIZ_HOST_DEVICE inline acc_t loss_diff(acc_t raw, acc_t inv_s, acc_t target) {
+  return raw * inv_s - target;
+}
+
+template <typename acc_t>
+CNNVIZ_HOST_DEVICE inline acc_t square(acc_t d) {
+  return d * d;
+}
+
+// Backward matrix M = coef * (D + D^T), coef = grad * 2 * weight / (N * C^2 * S),
+// i.e. dF = 4 * weight / (N C^2 S) * sym(D) F = M F.
+template <typename acc_t>
+CNNVIZ_HOST_DEVICE inline acc_t backward_entry(acc_t d_ij, acc_t d_ji, acc_t coef) {
+  return coef * (d_ij + d_ji);
+}
+
+} // namespace gram
+} // namespace cnnviz

@@ -1,0 +1,98 @@
+#include <string_view>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../common/guided_relu_host.h"
+#include "../common/guided_relu_math.h"
+
+namespace cnnviz {
+namespace ops {
+
+namespace {
+
+using guided_relu::Mode;
+
+constexpr int64_t kGrain = 32768;
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* x, scalar_t* out, int64_t numel) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = guided_relu::forward(x[i]);
+    }
+  });
+}
+
+template <Mode M, typename scalar_t>
+void backward_kernel(const scalar_t* grad, const scalar_t* out, scalar_t* grad_in, int64_t numel) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      grad_in[i] = guided_relu::backward<M>(grad[i], out[i]);
+    }
+  });
+}
+
+at::Tensor guided_relu_cpu(const at::Tensor& x, c10::string_view mode) {
+  guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(
+      at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
+      x.scalar_type());
+  const auto x_ = guided_relu::dense_layout(x);
+  auto out = at::empty_like(x_);
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "guided_relu_cpu", [&] {
+        forward_kernel<scalar_t>(
+            x_.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x_.numel());
+      });
+  return out;
+}
+
+at::Tensor guided_relu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& out, c10::string_view mode) {
+  const Mode m = guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
+  TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor, got ", out.device());
+  guided_relu::check_backward_args(grad, out);
+  const auto out_ = guided_relu::dense_layout(out);
+  const auto grad_ = guided_relu::like_layout(grad, out_);
+  auto grad_in = at::empty_like(out_);
+  if (grad_in.numel() == 0) {
+    return grad_in;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, out.scalar_type(),
+      "guided_relu_backward_cpu", [&] {
+        const scalar_t* g = grad_.const_data_ptr<scalar_t>();
+        const scalar_t* o = out_.const_data_ptr<scalar_t>();
+        scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+        const int64_t numel = out_.numel();
+        switch (m) {
+          case Mode::Guided:
+            backward_kernel<Mode::Guided>(g, o, gi, numel);
+            break;
+          case Mode::Deconvnet:
+            backward_kernel<Mode::Deconvnet>(g, o, gi, numel);
+            break;
+          case Mode::Plain:
+            backward_kernel<Mode::Plain>(g, o, gi, numel);
+            break;
+        }
+      });
+  return grad_in;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(cnnviz, CPU, m) {
+  m.impl("guided_relu", &guided_relu_cpu);
+  m.impl("_guided_relu_backward", &guided_relu_backward_cpu);
+}
+
+} // namespace ops
+} // namespace cnnviz
