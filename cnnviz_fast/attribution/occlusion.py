@@ -1,5 +1,197 @@
-"""Work in progress: being written under the attribution issue."""
+"""Occlusion sensitivity (Zeiler & Fergus 2014): slide a grey (baseline) window over the
+image and record how much the target score drops at each position.
+
+Occluded batches are built by one operator call per forward pass
+(:func:`cnnviz_fast.ops.occlude`) and the per-position score drops are spread back onto
+the pixels once at the end (:func:`cnnviz_fast.ops.occlusion_accumulate`), so no Python
+work happens per window position.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..core import check_images, model_guard, target_scores
+from ..core.targets import Neuron, Target, check_target, expand_target
+from ..core.validation import check_pair, check_positive_int
+from ..ops import occlude, occlusion_accumulate, occlusion_grid
+
+__all__ = ["occlusion", "choose_batch_size"]
+
+# On CPU, forward passes stop getting faster per image once a batch's activations are
+# a few tens of MiB (they fall out of cache); measured on ResNet-18 and the digits CNN.
+CPU_MEMORY_BUDGET = 64 * 2**20
+# On CUDA, use at most this fraction of the memory that is free when the call starts.
+CUDA_FREE_FRACTION = 0.5
+# Live activations per image during an inference forward pass, in units of the largest
+# layer output: a layer's input and output, plus a skip connection held alongside.
+ACTIVATION_COPIES = 3
 
 
-def occlusion(*args, **kwargs):
-    raise NotImplementedError("occlusion is being written")
+def occlusion(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    window: Union[int, Tuple[int, int]] = (16, 16),
+    stride: Union[int, Tuple[int, int]] = (8, 8),
+    baseline: Union[float, Tensor] = 0.0,
+    batch_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    return_deltas: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Occlusion map: how much the target score drops when a window around each pixel is
+    replaced by ``baseline``.
+
+    Window positions form Captum ``Occlusion``'s grid: top-left corners at multiples of
+    ``stride`` until the window reaches the border (``rows = ceil((H - kh) / sh) + 1``),
+    the last row/column clipped at the image border. Each pixel gets the mean of
+    ``f(x) - f(x occluded at p)`` over the windows ``p`` covering it (0 where no window
+    covers it, possible when ``stride > window``). The result equals channel 0 of
+    ``captum.attr.Occlusion(model).attribute(inputs, sliding_window_shapes=(C, kh, kw),
+    strides=(C, sh, sw), baselines=baseline, target=target)``; all channels are occluded
+    together.
+
+    Args:
+        model: the network; it runs in eval mode for the call and is restored afterwards.
+        inputs: ``Tensor[N, C, H, W]``, finite; not modified.
+        target: an int, N ints, a :class:`~cnnviz_fast.core.Neuron` (the forward pass
+            stops at its layer) or a callable ``output -> Tensor[N]``.
+        window: ``(kh, kw)`` or an int; must fit in the image.
+        stride: ``(sh, sw)`` or an int, each >= 1.
+        baseline: value written inside the window: a number, or a tensor broadcastable to
+            ``[N, C, H, W]`` (e.g. a per-channel mean ``[1, C, 1, 1]`` or a blurred copy
+            ``[N, C, H, W]``).
+        batch_size: occluded images per forward pass (windows of several images may share
+            a pass). Default: chosen by :func:`choose_batch_size` from ``memory_budget``.
+            The result does not depend on it.
+        memory_budget: bytes one forward pass may use when ``batch_size`` is None.
+            Default: 64 MiB on CPU (larger batches are no faster there), half of the free
+            memory on CUDA.
+        return_deltas: also return the score drops per window position.
+
+    Returns:
+        ``Tensor[N, H, W]`` on the inputs' device, in the scores' dtype; with
+        ``return_deltas=True`` also ``Tensor[N, rows, cols]``, ``deltas[n, i, j] = f(x_n) -
+        f(x_n occluded at row i, column j)``.
+
+    Runs under ``torch.inference_mode`` (no autograd); the returned tensors are ordinary
+    (non-inference) tensors.
+    """
+    with model_guard(model):
+        check_images(inputs)
+        N, C, H, W = inputs.shape
+        window = check_pair(window, "window")
+        stride = check_pair(stride, "stride")
+        if window[0] > H or window[1] > W:
+            raise ValueError(f"window must fit in the image: window {window} > image ({H}, {W})")
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size")
+        base = _check_baseline(baseline, inputs)
+        check_target(target, N)
+        rows, cols = occlusion_grid(H, W, window, stride)
+        positions = rows * cols
+
+        with torch.inference_mode():
+            if batch_size is None:
+                scores, per_image = _scores_and_bytes_per_image(model, inputs, target)
+                batch_size = choose_batch_size(per_image, inputs.device, memory_budget)
+            else:
+                scores = target_scores(model, inputs, target)
+            classes = None if isinstance(target, (int, Neuron)) or callable(target) else torch.as_tensor(target)
+            deltas = scores.new_empty((N, positions))
+            for n0, n1, first, count in _chunks(N, positions, batch_size):
+                batch = occlude(inputs[n0:n1], window, stride, _rows(base, n0, n1), first, count)
+                chunk_target = target if classes is None else expand_target(classes[n0:n1], count)
+                occluded = target_scores(model, batch.reshape(-1, C, H, W), chunk_target)
+                deltas[n0:n1, first:first + count] = scores[n0:n1, None] - occluded.view(n1 - n0, count)
+
+        # outside inference mode so that the results are ordinary tensors
+        with torch.no_grad():
+            attribution = occlusion_accumulate(deltas, H, W, window, stride)
+            if return_deltas:
+                return attribution, deltas.reshape(N, rows, cols).clone()
+            return attribution
+
+
+def choose_batch_size(bytes_per_image: int, device: torch.device, memory_budget: Optional[int] = None) -> int:
+    """Occluded images per forward pass: as many as fit in ``memory_budget`` bytes at
+    ``bytes_per_image`` each (at least 1).
+
+    Default budget: 64 MiB on CPU, half of the free memory (including memory cached but
+    unused by PyTorch's allocator) on CUDA.
+    """
+    if memory_budget is None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            memory_budget = int(CUDA_FREE_FRACTION * (free + cached))
+        else:
+            memory_budget = CPU_MEMORY_BUDGET
+    check_positive_int(memory_budget, "memory_budget")
+    return max(1, memory_budget // max(1, int(bytes_per_image)))
+
+
+def _scores_and_bytes_per_image(model: nn.Module, inputs: Tensor, target: Target) -> Tuple[Tensor, int]:
+    """Target scores of the clean inputs, and the estimated memory one more image adds to
+    a forward pass: its occluded copy plus ``ACTIVATION_COPIES`` times the largest layer
+    output (measured by hooks on the leaf modules during this forward pass)."""
+    largest = [0]
+
+    def record(module, args, output):
+        if isinstance(output, Tensor):
+            largest[0] = max(largest[0], output.nbytes)
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    try:
+        scores = target_scores(model, inputs, target)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = inputs.shape[0]
+    per_image = inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest[0] / n)
+    return scores, per_image
+
+
+def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, int, int, int]]:
+    """Forward passes as ``(n0, n1, first, count)``: images ``n0:n1`` occluded at window
+    positions ``first:first+count``, with at most ``batch_size`` images per pass. Whole
+    images are grouped when all their positions fit; otherwise each image's positions are
+    split into equal-sized passes (no small last pass)."""
+    if batch_size >= positions:
+        group = batch_size // positions
+        return [(n0, min(n0 + group, n_images), 0, positions) for n0 in range(0, n_images, group)]
+    passes = -(-positions // batch_size)
+    size = -(-positions // passes)
+    return [(n, n + 1, first, min(size, positions - first))
+            for n in range(n_images) for first in range(0, positions, size)]
+
+
+def _check_baseline(baseline, inputs: Tensor) -> Tensor:
+    """The baseline as a 4-D tensor ``[1 or N, C or 1, H or 1, W or 1]`` on the inputs'
+    device and dtype."""
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
+        raise ValueError(f"baseline must be a number or a Tensor broadcastable to {tuple(inputs.shape)}, "
+                         f"got {type(baseline).__name__}")
+    base = torch.as_tensor(baseline).to(device=inputs.device, dtype=inputs.dtype)
+    try:
+        fits = base.dim() <= 4 and torch.broadcast_shapes(base.shape, inputs.shape) == inputs.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"baseline must be broadcastable to inputs {tuple(inputs.shape)}, "
+                         f"got shape {tuple(base.shape)}")
+    if not bool(torch.isfinite(base).all()):
+        raise ValueError("baseline contains NaN or infinite values")
+    return base.reshape((1,) * (4 - base.dim()) + tuple(base.shape))
+
+
+def _rows(base: Tensor, n0: int, n1: int) -> Tensor:
+    """The baseline for images ``n0:n1`` (a per-image baseline is sliced)."""
+    if base.shape[0] == 1:
+        return base.reshape(()) if base.numel() == 1 else base
+    return base[n0:n1]
