@@ -167,8 +167,8 @@ def saliency_maps(
             os.replace(partial, path)
             os.replace(preds_partial, preds_path)
         _barrier()
-        maps = torch.from_numpy(np.load(path, mmap_mode="r"))
-        predictions = torch.from_numpy(np.load(preds_path, mmap_mode="r"))
+        maps = torch.from_numpy(np.load(path, mmap_mode="c"))
+        predictions = torch.from_numpy(np.load(preds_path, mmap_mode="c"))
     return SaliencyResult(maps, predictions, path)
 
 
