@@ -1,0 +1,198 @@
+"""Activations of one layer for every input of a dataset, in memory or streamed to disk."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core import forward_to_layers, get_layer, model_guard
+from ..core.data import data_length, iter_batches
+from ..core.validation import check_positive_int
+
+_POOLS = (None, "avg", "max")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _flatten(activation: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
+    """``[B, C, *spatial]`` → ``[B, D]``: global average/max over the spatial dims, or flatten."""
+    if activation.dim() > 2 and pool == "avg":
+        return activation.flatten(2).mean(2)
+    if activation.dim() > 2 and pool == "max":
+        return activation.flatten(2).amax(2)
+    return activation.reshape(activation.shape[0], -1)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+class _NpyWriter:
+    """Rows appended to ``<path>.partial`` with plain file writes, renamed on success.
+
+    Plain writes (not stores into a memory map) keep resident memory constant: dirty pages
+    of a mapping count in the process's RSS until it is unmapped, page-cache pages of
+    written files do not. With an unknown length the rows go to a raw file first and are
+    copied into the ``.npy`` at the end (chunked, so still constant memory).
+    """
+
+    _COPY_ROWS_BYTES = 64 << 20
+
+    def __init__(self, path: Path, length: Optional[int], dim: int, dtype: np.dtype):
+        self.path, self.length, self.dim, self.dtype = path, length, dim, dtype
+        self.partial = path.with_name(path.name + ".partial")
+        self.raw = None
+        self.rows = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if length is not None:
+            # open_memmap writes the header and sizes the (sparse) file; rows follow the header.
+            array = np.lib.format.open_memmap(self.partial, "w+", dtype=dtype, shape=(length, dim))
+            self.header = array.offset
+            del array
+            self.file = open(self.partial, "r+b")
+            self.file.seek(self.header)
+        else:
+            handle, raw = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".rows")
+            self.raw = Path(raw)
+            self.file = os.fdopen(handle, "wb")
+
+    def write(self, rows: np.ndarray) -> None:
+        if self.length is not None and self.rows + len(rows) > self.length:
+            raise ValueError(f"data yielded more than length={self.length} inputs")
+        self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def finish(self) -> None:
+        self.file.close()
+        if self.length is not None and self.rows != self.length:
+            raise ValueError(f"data yielded {self.rows} inputs, expected length={self.length}")
+        if self.raw is not None:
+            rows = np.memmap(self.raw, dtype=self.dtype, mode="r", shape=(self.rows, self.dim)) \
+                if self.rows else np.empty((0, self.dim), self.dtype)
+            array = np.lib.format.open_memmap(self.partial, "w+", dtype=self.dtype, shape=(self.rows, self.dim))
+            step = max(1, self._COPY_ROWS_BYTES // max(1, self.dim * self.dtype.itemsize))
+            for start in range(0, self.rows, step):
+                array[start:start + step] = rows[start:start + step]
+                array.flush()
+            del array, rows
+            self.raw.unlink()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        for leftover in (self.partial, self.raw):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
+
+
+def extract_features(
+    model: nn.Module, data, layer: str, batch_size: int = 256,
+    out: Union[str, Path, None] = None, pool: Optional[str] = None,
+    length: Optional[int] = None, device: Union[str, torch.device, None] = None,
+    progress: Optional[bool] = None, num_workers: int = 0,
+) -> torch.Tensor:
+    """The activations of ``layer`` for every input of ``data``: ``Tensor[M, D]``.
+
+    Runs the model in eval mode under ``torch.inference_mode``, stopping each forward pass
+    at ``layer``; the model is left as it was.
+
+    Args:
+        model: the network (its parameters' device is used unless ``device`` is given).
+        data: model inputs: a ``Tensor[M, C, H, W]``, a map-style ``Dataset`` (items ``x``
+            or ``(x, y)``), a ``DataLoader`` or any iterable of batches ``x`` or ``(x, y, …)``.
+        layer: dotted module name.
+        batch_size: inputs per forward pass (a DataLoader keeps its own batching).
+        out: path of a ``.npy`` file to stream the features into. It is written as
+            ``<out>.partial`` and renamed to ``out`` only when every input is done; after an
+            exception the partial file is deleted, so a file at ``out`` is always complete.
+            Memory stays constant whatever the dataset size.
+        pool: ``None`` (flatten the activation: D = C·h·w), ``"avg"`` or ``"max"`` (global
+            pooling over the spatial dims: D = C).
+        length: number of inputs, for an iterable whose length is unknown (a Tensor,
+            Dataset or DataLoader knows its own). Without it, rows stream to a temporary
+            file in ``out``'s directory and are copied into the ``.npy`` at the end.
+        progress: show a tqdm bar (``None``: only on a terminal).
+        num_workers: DataLoader workers for a Dataset.
+
+    Returns:
+        ``Tensor[M, D]`` float (the layer's dtype; bfloat16/half become float32 on disk):
+        with ``out``, a CPU tensor backed by the memory-mapped file (copy-on-write: changes
+        to it are not written back); else in memory, on ``data``'s device for a Tensor and
+        on the CPU otherwise.
+    """
+    get_layer(model, layer)
+    check_positive_int(batch_size, "batch_size")
+    if pool not in _POOLS:
+        raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
+    if length is not None:
+        check_positive_int(length, "length", minimum=0)
+    known = data_length(data)
+    if known is not None and length is not None and known != length:
+        raise ValueError(f"length={length} but data holds {known} inputs")
+    total = known if known is not None else length
+    device = torch.device(device) if device is not None else model_device(model)
+    result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
+    path = Path(out) if out is not None else None
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="input", desc=f"features of {layer}",
+               disable=None if progress is None else not progress)
+    writer: Optional[_NpyWriter] = None
+    chunks, filled = [], 0
+    features = None
+    try:
+        with model_guard(model):
+            for inputs in iter_batches(data, batch_size, num_workers=num_workers):
+                with torch.inference_mode():
+                    activation = forward_to_layers(model, inputs.to(device, non_blocking=True), [layer])[layer]
+                    rows = _flatten(activation, pool)
+                # Outside inference mode from here: the result must be an ordinary tensor.
+                if rows.dtype in (torch.float16, torch.bfloat16) and path is not None:
+                    rows = rows.float()
+                if path is not None:
+                    if writer is None:
+                        writer = _NpyWriter(path, total, rows.shape[1], _numpy_dtype(rows.dtype))
+                    writer.write(rows.cpu().numpy())
+                elif total is not None:
+                    if features is None:
+                        features = torch.empty(total, rows.shape[1], dtype=rows.dtype, device=result_device)
+                    if filled + len(rows) > total:
+                        raise ValueError(f"data yielded more than length={total} inputs")
+                    features[filled:filled + len(rows)] = rows
+                    filled += len(rows)
+                else:
+                    chunks.append(rows.to(result_device))
+                bar.update(len(rows))
+        if writer is None and path is not None:
+            raise ValueError("data is empty: no input to extract features from")
+        if writer is not None:
+            writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    if path is not None:
+        return torch.from_numpy(np.load(path, mmap_mode="c"))
+    if total is not None:
+        if features is None:
+            raise ValueError("data is empty: no input to extract features from")
+        if filled != total:
+            raise ValueError(f"data yielded {filled} inputs, expected length={total}")
+        return features
+    if not chunks:
+        raise ValueError("data is empty: no input to extract features from")
+    return torch.cat(chunks)
