@@ -94,7 +94,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_saliency(args) -> int:
-    from .pictures import heatmap_overlay, save_png
+    from .pictures import colorize, heatmap_overlay, image_grid, save_png
     from .pipeline import init_distributed, saliency_maps
 
     rank, world, device = init_distributed()
@@ -120,8 +120,10 @@ def _cmd_saliency(args) -> int:
         if args.pictures:
             folder = Path(args.out).with_suffix("")
             for index in range(min(args.pictures, len(pixels))):
-                save_png(heatmap_overlay(pixels[index], result.maps[index]),
-                         folder / f"{names[index]}-pred{int(result.predictions[index])}.png")
+                image, heat = pixels[index].expand(3, -1, -1), result.maps[index]
+                panel = image_grid([image, colorize(heat), heatmap_overlay(image, heat)], nrow=3, scale=False)
+                save_png(panel, folder / f"{names[index]}-pred{int(result.predictions[index])}.png",
+                         upscale=max(1, 128 // size))
             print(f"wrote {min(args.pictures, len(pixels))} overlays to {folder}/")
     return 0
 
