@@ -1,0 +1,172 @@
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common/occlusion_host.h"
+#include "../common/occlusion_math.h"
+#include "cuda_utils.cuh"
+
+namespace cnnviz {
+namespace ops {
+
+namespace {
+
+using occlusion::Geometry;
+using occlusion::Window;
+
+// One thread per output element of [N, count, C, H, W].
+template <typename scalar_t>
+__global__ void occlude_kernel(
+    const scalar_t* __restrict__ images, const scalar_t* __restrict__ baseline,
+    bool baseline_full, scalar_t* __restrict__ out, int64_t total, int64_t count, int64_t C,
+    int64_t H, int64_t W, int64_t first, Geometry g) {
+  CNNVIZ_GRID_STRIDE_LOOP(idx, total) {
+    const int64_t x = idx % W;
+    int64_t t = idx / W;
+    const int64_t h = t % H;
+    t /= H;
+    const int64_t c = t % C;
+    t /= C;
+    const int64_t k = t % count;
+    const int64_t n = t / count;
+    const Window win = occlusion::window_bounds(first + k, g.cols, g.kh, g.kw, g.sh, g.sw, H, W);
+    const int64_t src = ((n * C + c) * H + h) * W + x;
+    out[idx] = occlusion::select(
+        occlusion::inside(win, h, x), images[src], baseline_full ? baseline[src] : baseline[0]);
+  }
+}
+
+// Difference array: 4 corner updates per (image, window).
+template <typename scalar_t, typename acc_t>
+__global__ void scatter_corners_kernel(
+    const scalar_t* __restrict__ deltas, acc_t* __restrict__ diff, int64_t N, int64_t P,
+    int64_t H, int64_t W, Geometry g) {
+  const int64_t W1 = W + 1;
+  CNNVIZ_GRID_STRIDE_LOOP(idx, N * P) {
+    const int64_t n = idx / P, p = idx % P;
+    const Window win = occlusion::window_bounds(p, g.cols, g.kh, g.kw, g.sh, g.sw, H, W);
+    const acc_t v = static_cast<acc_t>(deltas[idx]);
+    acc_t* d = diff + n * (H + 1) * W1;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      int64_t i;
+      const int sign = occlusion::corner(win, W1, k, &i);
+      atomicAdd(d + i, sign > 0 ? v : -v);
+    }
+  }
+}
+
+// Prefix sum along each of the first H rows (first W columns).
+template <typename acc_t>
+__global__ void row_scan_kernel(acc_t* __restrict__ diff, int64_t N, int64_t H, int64_t W) {
+  const int64_t W1 = W + 1;
+  CNNVIZ_GRID_STRIDE_LOOP(idx, N * H) {
+    const int64_t n = idx / H, h = idx % H;
+    acc_t* row = diff + n * (H + 1) * W1 + h * W1;
+    acc_t run = 0;
+    for (int64_t x = 0; x < W; ++x) {
+      run += row[x];
+      row[x] = run;
+    }
+  }
+}
+
+// Prefix sum down each column, times 1 / cover count, written to out.
+template <typename scalar_t, typename acc_t>
+__global__ void column_scan_kernel(
+    const acc_t* __restrict__ diff, scalar_t* __restrict__ out, int64_t N, int64_t H,
+    int64_t W, Geometry g) {
+  const int64_t W1 = W + 1;
+  CNNVIZ_GRID_STRIDE_LOOP(idx, N * W) {
+    const int64_t n = idx / W, x = idx % W;
+    const acc_t* col = diff + n * (H + 1) * W1 + x;
+    scalar_t* o = out + n * H * W + x;
+    const acc_t inv_col =
+        occlusion::inverse_count<acc_t>(occlusion::cover_count_1d(x, g.kw, g.sw, g.cols));
+    acc_t run = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      run += col[h * W1];
+      const acc_t inv_row =
+          occlusion::inverse_count<acc_t>(occlusion::cover_count_1d(h, g.kh, g.sh, g.rows));
+      o[h * W] = static_cast<scalar_t>(run * (inv_row * inv_col));
+    }
+  }
+}
+
+at::Tensor occlude_cuda(
+    const at::Tensor& images, at::IntArrayRef window, at::IntArrayRef stride,
+    const at::Tensor& baseline, int64_t first, int64_t count) {
+  occlusion::check_images(images);
+  TORCH_CHECK(images.is_cuda(), "images must be a CUDA tensor, got ", images.device());
+  const int64_t N = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  const Geometry g = occlusion::check_geometry(window, stride, H, W);
+  occlusion::check_occlude_args(images, baseline, first, count, g);
+  const at::cuda::CUDAGuard device_guard(images.device());
+  auto out = at::empty({N, count, C, H, W}, images.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const auto img = images.contiguous();
+  const auto base = baseline.contiguous();
+  const bool baseline_full = base.numel() != 1;
+  const int64_t total = out.numel();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, images.scalar_type(), "occlude_cuda", [&] {
+        occlude_kernel<scalar_t><<<cuda::blocks_for(total), cuda::kThreads, 0, stream>>>(
+            img.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), baseline_full,
+            out.mutable_data_ptr<scalar_t>(), total, count, C, H, W, first, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return out;
+}
+
+at::Tensor occlusion_accumulate_cuda(
+    const at::Tensor& deltas, int64_t H, int64_t W, at::IntArrayRef window,
+    at::IntArrayRef stride) {
+  TORCH_CHECK(deltas.is_cuda(), "deltas must be a CUDA tensor, got ", deltas.device());
+  const Geometry g = occlusion::check_geometry(window, stride, H, W);
+  occlusion::check_deltas(deltas, H, W, g);
+  const at::cuda::CUDAGuard device_guard(deltas.device());
+  const int64_t N = deltas.size(0), P = deltas.size(1);
+  auto out = at::empty({N, H, W}, deltas.options());
+  if (N == 0) {
+    return out;
+  }
+  const auto d = deltas.contiguous();
+  const auto acc_dtype = at::toOpMathType(deltas.scalar_type());
+  auto diff = at::zeros({N, (H + 1) * (W + 1)}, deltas.options().dtype(acc_dtype));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, deltas.scalar_type(),
+      "occlusion_accumulate_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        acc_t* diff_ptr = diff.mutable_data_ptr<acc_t>();
+        scatter_corners_kernel<scalar_t, acc_t>
+            <<<cuda::blocks_for(N * P), cuda::kThreads, 0, stream>>>(
+                d.const_data_ptr<scalar_t>(), diff_ptr, N, P, H, W, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        row_scan_kernel<acc_t><<<cuda::blocks_for(N * H), cuda::kThreads, 0, stream>>>(
+            diff_ptr, N, H, W);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        column_scan_kernel<scalar_t, acc_t>
+            <<<cuda::blocks_for(N * W), cuda::kThreads, 0, stream>>>(
+                diff_ptr, out.mutable_data_ptr<scalar_t>(), N, H, W, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return out;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(cnnviz, CUDA, m) {
+  m.impl("occlude", &occlude_cuda);
+  m.impl("occlusion_accumulate", &occlusion_accumulate_cuda);
+}
+
+} // namespace ops
+} // namespace cnnviz

@@ -1,0 +1,23 @@
+"""Shared pytest fixtures (kept generic: any test module may use them)."""
+import pytest
+import torch
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+@pytest.fixture(
+    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs CUDA"))]
+)
+def device(request):
+    """Each available device: "cpu", and "cuda" when a GPU is visible."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Reproducible random tensors in every test."""
+    torch.manual_seed(0)
