@@ -1,9 +1,111 @@
-"""Work in progress: being written under the attribution issue."""
+"""Grad-CAM and Guided Grad-CAM (Selvaraju et al. 2017).
+
+The backward pass runs only from the target to ``layer``: the forward pass below the
+layer records no autograd graph, the layer's output becomes a fresh leaf, and
+``torch.autograd.grad`` differentiates with respect to it alone (no parameter
+gradients, nothing flows to the input). Model in eval mode for the call (``model_guard``),
+gradients enabled even under ``torch.no_grad()`` / ``torch.inference_mode()``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import get_layer, model_guard, target_scores
+from ._backprop import autograd_on, input_gradients, prepare_inputs
+
+__all__ = ["grad_cam", "guided_grad_cam"]
+
+_INTERPOLATE_MODES = ("bilinear", "nearest")
 
 
-def grad_cam(*args, **kwargs):
-    raise NotImplementedError("grad_cam is being written")
+@contextmanager
+def _graph_starts_at(module: nn.Module, layer: str) -> Iterator[Dict[str, Tensor]]:
+    """Run the forward inside this block under ``torch.no_grad()``: the first output of
+    ``module`` is stored as a leaf that requires grad (``captured["activation"]``) and
+    gradient recording switches on from there to the end of the forward pass."""
+    captured: Dict[str, Tensor] = {}
+
+    def hook(_module, _args, output):
+        if "activation" in captured:  # a module run several times: its first output counts
+            return None
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            raise ValueError(f"layer {layer!r} must output a feature map Tensor[N, K, h, w], got "
+                             f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}")
+        leaf = output.detach().requires_grad_(True)
+        captured["activation"] = leaf
+        torch.set_grad_enabled(True)  # undone when the enclosing no_grad() block exits
+        return leaf.clone()  # a following in-place op (ReLU(inplace=True)) must not touch the leaf
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
-def guided_grad_cam(*args, **kwargs):
-    raise NotImplementedError("guided_grad_cam is being written")
+def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str) -> Tensor:
+    module = get_layer(model, layer)
+    with _graph_starts_at(module, layer) as captured, torch.no_grad():
+        scores = target_scores(model, x, target)
+    if "activation" not in captured:
+        raise ValueError(f"layer {layer!r} did not run before the target's score was computed "
+                         f"(a Neuron target must lie at or after layer)")
+    activation = captured["activation"]
+    if not scores.requires_grad:
+        raise ValueError(f"target does not depend on layer {layer!r}")
+    (grads,) = torch.autograd.grad(scores.sum(), activation)
+    with torch.no_grad():
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # alpha_k
+        cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+        align = False if interpolate == "bilinear" else None
+        cam = F.interpolate(cam, size=x.shape[2:], mode=interpolate, align_corners=align)
+    return cam[:, 0]
+
+
+def _check_interpolate(interpolate: str) -> None:
+    if interpolate not in _INTERPOLATE_MODES:
+        raise ValueError(f"interpolate must be one of {_INTERPOLATE_MODES}, got {interpolate!r}")
+
+
+def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear") -> Tensor:
+    """Grad-CAM: ``ReLU(sum_k alpha_k A_k)`` upsampled to the input size, not normalised.
+
+    ``A = Tensor[N, K, h, w]`` is the output of ``layer`` (its first call when the module
+    runs several times) and ``alpha_k`` the spatial mean of ``d score / d A_k``.
+
+    Args:
+        model: the network; run in eval mode for the call, restored afterwards.
+        inputs: ``Tensor[N, C, H, W]``.
+        target: an int, N ints, a :class:`~cnnviz_fast.Neuron` at or after ``layer`` (the
+            forward stops at the Neuron's layer) or a callable ``output -> Tensor[N]``.
+        layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
+        interpolate: ``"bilinear"`` (default, ``align_corners=False``) or ``"nearest"``.
+
+    Returns:
+        ``Tensor[N, H, W]`` (>= 0) on the inputs' device.
+    """
+    _check_interpolate(interpolate)
+    with model_guard(model), autograd_on():
+        return _grad_cam(model, prepare_inputs(inputs, target), target, layer, interpolate)
+
+
+def guided_grad_cam(
+    model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear"
+) -> Tensor:
+    """Guided Grad-CAM: :func:`guided_backprop` times the upsampled :func:`grad_cam` map.
+
+    Same arguments as :func:`grad_cam`. Returns ``Tensor[N, C, H, W]`` on the inputs'
+    device (Captum's ``GuidedGradCam`` with ``interpolate_mode=interpolate``; Captum's
+    default there is ``"nearest"``, the paper's is bilinear).
+    """
+    _check_interpolate(interpolate)
+    with model_guard(model), autograd_on():
+        x = prepare_inputs(inputs, target)
+        cam = _grad_cam(model, x, target, layer, interpolate)
+        guided, _ = input_gradients(model, x, target, relu_mode="guided")
+    return guided * cam[:, None]

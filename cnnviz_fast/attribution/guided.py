@@ -1,9 +1,52 @@
-"""Work in progress: being written under the attribution issue."""
+"""Guided backpropagation (Springenberg et al. 2015) and deconvnet (Zeiler & Fergus 2014).
+
+Both are the input gradient with every ReLU's backward replaced
+(``cnnviz_fast.ops.guided_relu``). Every ReLU the forward pass reaches is
+intercepted for the duration of the call, however it is written: ``nn.ReLU``
+(also ``inplace=True``), ``F.relu`` (also ``inplace=True``), ``torch.relu``,
+``torch.relu_``, ``Tensor.relu``, ``Tensor.relu_`` (Captum's ``GuidedBackprop`` /
+``Deconvolution`` only see ``nn.ReLU`` modules and silently return plain gradients
+for the others). Other activations (ReLU6, LeakyReLU, ``clamp``) are left as they are.
+The model is never edited: the interception is a thread-local ``TorchFunctionMode``.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..core import model_guard
+from ._backprop import autograd_on, input_gradients, prepare_inputs
+
+__all__ = ["deconvnet", "guided_backprop"]
 
 
-def deconvnet(*args, **kwargs):
-    raise NotImplementedError("deconvnet is being written")
+def _modified_gradient(model: nn.Module, inputs: Tensor, target, relu_mode: str) -> Tensor:
+    with model_guard(model), autograd_on():
+        grads, _ = input_gradients(model, prepare_inputs(inputs, target), target, relu_mode)
+    return grads
 
 
-def guided_backprop(*args, **kwargs):
-    raise NotImplementedError("guided_backprop is being written")
+def guided_backprop(model: nn.Module, inputs: Tensor, target) -> Tensor:
+    """Guided backpropagation: at each ReLU the gradient passes only where both the
+    ReLU's input and the incoming gradient are positive.
+
+    Args:
+        model: the network; run in eval mode for the call, restored afterwards.
+        inputs: ``Tensor[N, C, H, W]``.
+        target: an int, N ints, a :class:`~cnnviz_fast.Neuron` (guided backprop of one
+            intermediate unit, as in the lecture) or a callable ``output -> Tensor[N]``.
+
+    Returns:
+        ``Tensor[N, C, H, W]`` (signed) on the inputs' device; equals Captum's
+        ``GuidedBackprop`` for models whose ReLUs are ``nn.ReLU`` modules.
+    """
+    return _modified_gradient(model, inputs, target, "guided")
+
+
+def deconvnet(model: nn.Module, inputs: Tensor, target) -> Tensor:
+    """Deconvnet: at each ReLU the gradient passes where the incoming gradient is
+    positive, whatever the ReLU's input.
+
+    Same arguments and result shape as :func:`guided_backprop`; equals Captum's
+    ``Deconvolution`` for models whose ReLUs are ``nn.ReLU`` modules.
+    """
+    return _modified_gradient(model, inputs, target, "deconvnet")

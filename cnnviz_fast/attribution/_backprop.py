@@ -1,0 +1,149 @@
+"""Mechanics shared by every gradient method: input gradients, ReLU interception,
+chunked accumulation over noisy / interpolated copies of the inputs.
+
+Public functions wrap their whole body in ``model_guard`` and :func:`autograd_on`;
+the helpers here assume both are already active.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..core import check_images, target_scores
+from ..core.targets import Neuron, check_target
+from ..ops import guided_relu
+
+# --------------------------------------------------------------------------- #
+# inputs and grad mode
+# --------------------------------------------------------------------------- #
+
+
+@contextmanager
+def autograd_on() -> Iterator[None]:
+    """Gradients on for the duration of a method, also when the caller is in
+    ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def prepare_inputs(inputs, target, argument: str = "inputs") -> Tensor:
+    """Checked inputs, detached from the caller's graph (never written to: autograd
+    refuses in-place writes into a leaf that requires grad). Call inside :func:`autograd_on`."""
+    check_images(inputs, argument)
+    check_target(target, inputs.shape[0])
+    # an inference tensor (made under inference_mode) cannot enter autograd: copy it
+    return inputs.clone() if inputs.is_inference() else inputs.detach()
+
+
+def check_nonnegative(value, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{argument} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def rows_target(target, images: Tensor):
+    """The target for a batch whose row ``r`` is a copy of image ``images[r]``."""
+    if isinstance(target, (int, Neuron)) or (callable(target) and not isinstance(target, Tensor)):
+        return target
+    return torch.as_tensor(target, device=images.device)[images]
+
+
+# --------------------------------------------------------------------------- #
+# ReLU interception
+# --------------------------------------------------------------------------- #
+# The functions a forward pass can reach a ReLU through. ``nn.ReLU`` modules call
+# ``F.relu``, which the mode sees first; inside ``__torch_function__`` the mode is
+# off, so the replacement is applied exactly once per ReLU.
+_OUT_OF_PLACE = (F.relu, torch.relu, torch.Tensor.relu)
+_IN_PLACE = (torch.relu_, torch.Tensor.relu_)  # F.relu_ is torch.relu_
+
+
+class _GuidedReLUMode(TorchFunctionMode):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _OUT_OF_PLACE or func in _IN_PLACE:
+            x = args[0]
+            out = guided_relu(x, self.mode)
+            if func in _IN_PLACE or kwargs.get("inplace", False):
+                # keep the caller's aliasing: x now holds relu(x) and its history runs
+                # through guided_relu's backward (which saved only its output)
+                return x.copy_(out)
+            return out
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def intercept_relus(mode: Optional[str]) -> Iterator[None]:
+    """Within the block, every ReLU of this thread's forward passes (``nn.ReLU`` and
+    ``F.relu`` with or without ``inplace``, ``torch.relu``, ``torch.relu_``,
+    ``Tensor.relu``, ``Tensor.relu_``) runs as ``ops.guided_relu(x, mode)``.
+    ``mode=None`` does nothing. The model itself is never edited; the mode is
+    thread-local, so other threads are not affected."""
+    if mode is None:
+        yield
+        return
+    with _GuidedReLUMode(mode):
+        yield
+
+
+# --------------------------------------------------------------------------- #
+# gradients
+# --------------------------------------------------------------------------- #
+
+
+def input_gradients(
+    model: nn.Module, inputs: Tensor, target, relu_mode: Optional[str] = None
+) -> Tuple[Tensor, Tensor]:
+    """``(d score / d inputs  Tensor[N, C, H, W], scores Tensor[N])`` for one batch.
+
+    Only the input gradient is computed (``torch.autograd.grad``; no parameter
+    gradients). ``relu_mode`` ("guided" / "deconvnet") replaces every ReLU's backward.
+    """
+    x = inputs.detach().requires_grad_(True)
+    with intercept_relus(relu_mode):
+        scores = target_scores(model, x, target)
+    if not scores.requires_grad:
+        raise ValueError("target does not depend on inputs (its score has no gradient)")
+    (grads,) = torch.autograd.grad(scores.sum(), x)
+    return grads, scores.detach()
+
+
+def chunk_rows(images: int, copies: int, batch_size: int, device) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Split the ``images * copies`` rows (image-major: image ``r // copies``, copy
+    ``r % copies``) into batches of at most ``batch_size``; yields ``(image, copy)`` indices."""
+    total = images * copies
+    for start in range(0, total, batch_size):
+        rows = torch.arange(start, min(start + batch_size, total), device=device)
+        yield rows // copies, rows % copies
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    copies: int,
+    batch_size: int,
+    make_batch: Callable[[Tensor, Tensor], Tensor],
+    combine: Callable[[Tensor, Tensor], Tensor],
+    relu_mode: Optional[str] = None,
+) -> Tensor:
+    """``sum_k combine(grad(make_batch(n, k)), k)`` for every image ``n``, ``Tensor[N, C, H, W]``.
+
+    The ``N * copies`` modified images are built and differentiated ``batch_size`` at a
+    time (``make_batch(image, copy)`` gets index tensors), so memory stays bounded.
+    """
+    total = torch.zeros_like(inputs)
+    for image, copy in chunk_rows(inputs.shape[0], copies, batch_size, inputs.device):
+        grads, _ = input_gradients(model, make_batch(image, copy), rows_target(target, image), relu_mode)
+        total.index_add_(0, image, combine(grads, copy))
+    return total
