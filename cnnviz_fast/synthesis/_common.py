@@ -1,0 +1,79 @@
+"""Argument handling shared by the synthesis methods."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Normalize, check_images, forward_to_layers
+
+
+def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter or buffer (CPU/float32 if none)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """A CPU generator for every random draw of a call (initialisation and transforms),
+    so the same seed gives the same images on any device; None draws a fresh seed."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def check_normalize(normalize: Optional[nn.Module], channels: int) -> Optional[nn.Module]:
+    """``normalize`` must be None (identity) or a module mapping pixels to model inputs;
+    a :class:`Normalize` must have 1 or ``channels`` channels."""
+    if normalize is None:
+        return None
+    if not callable(normalize):
+        raise ValueError(f"normalize must be a Normalize (or a callable pixels -> model inputs) or None, "
+                         f"got {type(normalize).__name__}")
+    if isinstance(normalize, Normalize) and normalize.channels not in (1, channels):
+        raise ValueError(f"normalize has {normalize.channels} channels but the images have {channels}")
+    return normalize
+
+
+def neutral_pixel(normalize: Optional[nn.Module], center) -> object:
+    """The pixel value penalties and clipping pull towards: ``center`` if given, else the
+    normalisation mean (the model's zero input), else 0.5."""
+    if center is not None:
+        return center
+    if isinstance(normalize, Normalize):
+        return normalize.mean.flatten().tolist()
+    return 0.5
+
+
+def check_pixels(images, argument: str, device, dtype) -> Tensor:
+    """A Tensor[N, C, H, W] of pixels in [0, 1], moved to the model's device and dtype."""
+    check_images(images, argument)
+    if bool((images < 0).any()) or bool((images > 1).any()):
+        raise ValueError(f"{argument} must be pixels in [0, 1] (before normalisation), got values in "
+                         f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    return images.detach().to(device, dtype)
+
+
+def check_number(value, argument: str, minimum: float = 0.0, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ValueError(f"{argument} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def probe(model: nn.Module, inputs: Tensor, argument: str, layers=None, layer_argument: str = "layer"):
+    """``model(inputs)`` (or the activations of ``layers``) without gradients; a model that
+    rejects the input's shape becomes a ValueError naming ``argument``."""
+    try:
+        with torch.no_grad():
+            if layers is None:
+                return model(inputs)
+            return forward_to_layers(model, inputs, layers, argument=layer_argument)
+    except RuntimeError as error:
+        raise ValueError(f"{argument} of shape {tuple(inputs.shape)} does not fit the model: {error}") from None

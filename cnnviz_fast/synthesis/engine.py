@@ -1,0 +1,224 @@
+"""The one optimisation loop behind every synthesis method.
+
+A method is an :class:`Objective` (a per-image loss on the activations of some
+layers or on the model output) plus an image parameterization, penalties, step
+operations and random transforms (:mod:`.regularizers`). :func:`optimize` runs:
+
+    native = image.native(); pixels = image.upsample(native)
+    x = transforms(pixels)                      # random jitter / scale / rotation
+    features = model(normalize(x))              # stops at the deepest needed layer
+    loss[n] = objective(features)[n] + sum(penalty(pixels))[n]
+    grad = autograd.grad(loss.sum(), image parameters)   # never the model's
+    optimiser step; image.project(); step operations (blur, decay, clipping)
+
+Images of a batch are independent (each image's loss only depends on itself), so a
+batch optimises N images at once exactly as N separate runs with the same
+initialisations and transforms would.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..core import capture_layers, forward_to_layers
+from .parameterization import ImageParameterization
+
+Features = Dict[str, Tensor]
+
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
+STEP_NORMS = (None, "sign", "l2", "mean_abs")
+
+
+@dataclass
+class Objective:
+    """What to minimise.
+
+    Attributes:
+        loss: ``loss(features, output) -> Tensor[N]``, one value per image; ``features``
+            maps each name in ``layers`` to its activation, ``output`` is the model
+            output when ``needs_output`` (else None).
+        layers: the layers ``loss`` reads; the forward pass stops at the deepest one
+            unless ``needs_output``.
+        needs_output: run the whole model and pass its output.
+        done: optional ``done(features, output) -> Bool[N]``: images that are finished
+            (e.g. an attack that succeeded); their gradients are zeroed from then on and
+            the loop ends when every image is done.
+    """
+
+    loss: Callable[[Features, Optional[Tensor]], Tensor]
+    layers: Sequence[str] = ()
+    needs_output: bool = False
+    done: Optional[Callable[[Features, Optional[Tensor]], Tensor]] = None
+
+
+@dataclass
+class SynthesisResult:
+    """``images``: ``Tensor[N, C, H, W]`` in pixel space [0, 1], on the model's device.
+    ``history``: ``Tensor[steps, N]`` (CPU), each image's loss (objective plus
+    penalties) before each step."""
+
+    images: Tensor
+    history: Tensor = field(repr=False)
+
+
+def _forward(model: nn.Module, inputs: Tensor, objective: Objective) -> Tuple[Features, Optional[Tensor]]:
+    if not objective.needs_output:
+        return forward_to_layers(model, inputs, objective.layers), None
+    with capture_layers(model, objective.layers) as captured:
+        output = model(inputs)
+    missing = [name for name in objective.layers if name not in captured]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} was not executed during the forward pass of {type(model).__name__}")
+    return dict(captured), output
+
+
+def make_optimizer(name: str, params: List[Tensor], lr: float) -> torch.optim.Optimizer:
+    """``adam``, ``sgd`` (plain steps; with a ``step_norm`` they are normalised steps) or
+    ``lbfgs`` (one L-BFGS iteration per step, history kept across steps)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "lbfgs":
+        return torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=50,
+                                 tolerance_grad=0.0, tolerance_change=0.0)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def _normalise_steps(grads: Sequence[Tensor], step_norm: Optional[str]) -> List[Tensor]:
+    """Per-image gradient normalisation: sign (FGSM/PGD), unit L2 norm, or unit mean |g|
+    (DeepDream's normalised steps)."""
+    if step_norm is None:
+        return list(grads)
+    if step_norm == "sign":
+        return [g.sign() for g in grads]
+    n = grads[0].shape[0]
+    if step_norm == "l2":
+        norm = sum(g.reshape(n, -1).pow(2).sum(1) for g in grads).sqrt()
+    else:
+        norm = sum(g.reshape(n, -1).abs().sum(1) for g in grads) / sum(g[0].numel() for g in grads)
+    return [g / norm.clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1)) for g in grads]
+
+
+def _steps(steps: int, progress: Optional[bool], description: str):
+    show = sys.stderr.isatty() if progress is None else progress
+    if not show:
+        return range(steps)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=description, leave=False)
+
+
+def optimize(
+    model: nn.Module,
+    objective: Objective,
+    image: ImageParameterization,
+    *,
+    normalize: Optional[nn.Module] = None,
+    steps: int = 256,
+    optimizer: str = "adam",
+    lr: float = 0.05,
+    penalties: Sequence[Callable[[Tensor], Tensor]] = (),
+    step_ops: Sequence[Callable] = (),
+    transforms: Sequence[Callable] = (),
+    step_norm: Optional[str] = None,
+    generator: Optional[torch.Generator] = None,
+    progress: Optional[bool] = None,
+    callback: Optional[Callable[[int, Tensor, Tensor], Optional[bool]]] = None,
+    description: str = "synthesis",
+) -> SynthesisResult:
+    """Minimise ``objective + penalties`` over the images of ``image``.
+
+    The caller runs this inside ``model_guard(model)``. Gradients are taken with
+    ``torch.autograd.grad`` w.r.t. the image parameters only: the model's parameters
+    never get a ``.grad``.
+
+    Args:
+        model: the network; it sees ``normalize(transforms(pixels))``.
+        objective: see :class:`Objective`.
+        image: the parameterization (its first dimension is the image index).
+        normalize: pixel → model-input map (a :class:`~cnnviz_fast.core.Normalize`);
+            None means the identity.
+        steps: optimiser steps; optimizer, lr: see :func:`make_optimizer`.
+        penalties, step_ops, transforms: see :mod:`cnnviz_fast.synthesis.regularizers`.
+        step_norm: None, ``"sign"``, ``"l2"`` or ``"mean_abs"``: per-image gradient
+            normalisation before each optimiser step.
+        generator: the random generator of the transforms.
+        progress: tqdm bar; None shows it only when stderr is a terminal.
+        callback: ``callback(step, pixels, losses)`` after each step (``pixels`` the
+            images before the step, ``losses`` ``Tensor[N]``); returning True stops.
+    """
+    if step_norm not in STEP_NORMS:
+        raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    params = image.parameters()
+    opt = make_optimizer(optimizer, params, lr)
+    native_grad_needed = any(getattr(op, "needs_grad", False) for op in step_ops)
+    n = image.shape[0]
+    done = torch.zeros(n, dtype=torch.bool, device=params[0].device)
+    history: List[Tensor] = []
+    record: dict = {}
+
+    def closure() -> Tensor:
+        native = image.native()
+        pixels = image.upsample(native)
+        x = pixels
+        for transform in transforms:
+            x = transform(x, generator)
+        features, output = _forward(model, normalize(x) if normalize is not None else x, objective)
+        losses = objective.loss(features, output)
+        for penalty in penalties:
+            losses = losses + penalty(pixels)
+        wrt = params + [native] if native_grad_needed else params
+        grads = list(torch.autograd.grad(losses.sum(), wrt))
+        if objective.done is not None:
+            with torch.no_grad():
+                done.logical_or_(objective.done(features, output))
+            keep = (~done).to(grads[0].dtype)
+            grads[:len(params)] = [g * keep.view(-1, *[1] * (g.dim() - 1)) for g in grads[:len(params)]]
+        for p, g in zip(params, _normalise_steps(grads[:len(params)], step_norm)):
+            p.grad = g
+        if "losses" not in record:  # the first evaluation of this step
+            record.update(losses=losses.detach(), pixels=pixels.detach(),
+                          native_grad=grads[-1] if native_grad_needed else None)
+        return losses.detach().sum()
+
+    for step in _steps(steps, progress, description):
+        record.clear()
+        if optimizer == "lbfgs":
+            opt.step(closure)
+        else:
+            closure()
+            if bool(done.all()):
+                history.append(record["losses"].cpu())
+                break
+            opt.step()
+        history.append(record["losses"].cpu())
+        with torch.no_grad():
+            image.project()
+            if step_ops:
+                native, changed = image.native(), False
+                for op in step_ops:
+                    new = op(native, record["native_grad"], step)
+                    if new is not None:
+                        native, changed = new, True
+                if changed:
+                    image.set_native(native)
+        if callback is not None and callback(step, record["pixels"], record["losses"]):
+            break
+        if bool(done.all()):
+            break
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        images = image().detach().clone()
+    history_tensor = torch.stack(history) if history else torch.zeros(0, n)
+    return SynthesisResult(images=images, history=history_tensor)

@@ -1,0 +1,178 @@
+"""Texture synthesis and style transfer with Gram matrices (Gatys et al. 2015, 2016).
+
+A texture is summarised by the Gram matrices ``G = F Fᵀ / S`` of a network's
+features at several layers; a new image is optimised until its Gram matrices match
+(texture synthesis), and, for style transfer, its features at a deeper layer also
+match those of a content image. The Gram losses of all layers are one call of
+:func:`cnnviz_fast.ops.gram_loss` per image (fused backward), and the forward pass
+stops at the deepest layer needed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..core import model_guard
+from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from .engine import Objective, SynthesisResult, optimize
+from .parameterization import Size, _size_pair, make_image
+
+
+def _layers(layers, argument: str) -> List[str]:
+    layers = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, (list, tuple)) else None
+    if not layers or not all(isinstance(name, str) for name in layers):
+        raise ValueError(f"{argument} must be a layer name or a non-empty sequence of layer names, got {layers!r}")
+    return layers
+
+
+def _layer_weights(weights, layers: Sequence[str], argument: str) -> List[float]:
+    if weights is None:
+        return [1.0 / len(layers)] * len(layers)
+    weights = [weights] * len(layers) if isinstance(weights, (int, float)) else list(weights)
+    if len(weights) != len(layers):
+        raise ValueError(f"{argument} must hold one weight per layer ({len(layers)}), got {len(weights)}")
+    return [check_number(w, argument) for w in weights]
+
+
+def _style_grams(model, pixels, normalize, layers, argument) -> Dict[str, Tensor]:
+    features = probe(model, normalize(pixels) if normalize is not None else pixels, argument,
+                     layers=layers, layer_argument="style_layers" if argument == "style" else "layers")
+    return {name: ops.gram(features[name]).detach() for name in layers}
+
+
+def _gram_losses(features: Dict[str, Tensor], grams: Dict[str, Tensor], layers, weights) -> Tensor:
+    """Per-image Gram loss ``sum_l w_l mean((G_l - T_l)^2)`` as ``Tensor[N]``, one fused
+    ``gram_loss`` call (all layers) per image."""
+    n = features[layers[0]].shape[0]
+    losses = []
+    for i in range(n):
+        feats = [features[name][i:i + 1] for name in layers]
+        targets = [grams[name][i] if grams[name].shape[0] > 1 else grams[name][0] for name in layers]
+        losses.append(ops.gram_loss(feats, targets, weights))
+    return torch.stack(losses)
+
+
+def synthesize_texture(
+    model: nn.Module,
+    texture: Tensor,
+    layers: Union[str, Sequence[str]],
+    size: Optional[Size] = None,
+    *,
+    normalize: Optional[nn.Module] = None,
+    layer_weights: Optional[Sequence[float]] = None,
+    steps: int = 200,
+    optimizer: str = "lbfgs",
+    lr: float = 1.0,
+    parameterization: str = "pixels",
+    seed: Optional[int] = 0,
+    progress: Optional[bool] = None,
+    callback=None,
+) -> SynthesisResult:
+    """New images with the Gram statistics of ``texture`` at ``layers``.
+
+    Args:
+        model: a convolutional network (random weights work: Ustyuzhaninov et al. 2017).
+        texture: ``Tensor[N, C, h, w]`` pixels in [0, 1]; one new image per texture.
+        layers: layer names whose Gram matrices are matched.
+        size: ``(H, W)`` (or int) of the new images; default the texture's size.
+        normalize: pixels → model inputs (a :class:`~cnnviz_fast.core.Normalize`) or None.
+        layer_weights: per-layer weights (default ``1 / len(layers)`` each).
+        steps: iterations; optimizer: ``"lbfgs"`` (default; one L-BFGS iteration per
+            step), ``"adam"`` or ``"sgd"``; lr: its step size.
+        parameterization: ``"pixels"`` or ``"fourier"``; seed: the initial noise.
+
+    Returns:
+        :class:`SynthesisResult`: ``images`` ``Tensor[N, C, H, W]`` in [0, 1], ``history``
+        ``Tensor[steps, N]`` of each image's Gram loss. The model runs in eval mode for
+        the call and is left as it was; only the images get gradients.
+    """
+    with model_guard(model):
+        device, dtype = model_device_dtype(model)
+        pixels = check_pixels(texture, "texture", device, dtype)
+        layers = _layers(layers, "layers")
+        weights = _layer_weights(layer_weights, layers, "layer_weights")
+        normalize = check_normalize(normalize, pixels.shape[1])
+        height, width = _size_pair(size, "size") if size is not None else pixels.shape[-2:]
+        grams = _style_grams(model, pixels, normalize, layers, "texture")
+        generator = make_generator(seed)
+        shape = (pixels.shape[0], pixels.shape[1], height, width)
+        image = make_image(parameterization, shape, generator=generator, device=device, dtype=dtype,
+                           init_std=0.1 if parameterization == "pixels" else 0.01)
+        objective = Objective(loss=lambda features, output: _gram_losses(features, grams, layers, weights),
+                              layers=tuple(layers))
+        return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
+                        generator=generator, progress=progress, callback=callback,
+                        description="synthesize_texture")
+
+
+def style_transfer(
+    model: nn.Module,
+    content: Tensor,
+    style: Tensor,
+    content_layer: str,
+    style_layers: Union[str, Sequence[str]],
+    *,
+    normalize: Optional[nn.Module] = None,
+    content_weight: float = 1.0,
+    style_weight: float = 1e3,
+    layer_weights: Optional[Sequence[float]] = None,
+    steps: int = 200,
+    optimizer: str = "lbfgs",
+    lr: float = 1.0,
+    init: str = "content",
+    seed: Optional[int] = 0,
+    progress: Optional[bool] = None,
+    callback=None,
+) -> SynthesisResult:
+    """Paint ``content`` in the style of ``style`` (Gatys et al. 2016).
+
+    Minimises ``content_weight * mean((F_c(x) - F_c(content))^2) + style_weight *
+    sum_l w_l mean((G_l(x) - G_l(style))^2)`` per image.
+
+    Args:
+        model: a convolutional network.
+        content: ``Tensor[N, C, H, W]`` pixels in [0, 1]; style: ``Tensor[1 or N, C, h, w]``
+            pixels in [0, 1] (any size).
+        content_layer: the layer whose features are kept; style_layers: the layers whose
+            Gram matrices are matched (``layer_weights`` each, default ``1/len``).
+        content_weight, style_weight: the balance of the two terms.
+        steps, optimizer (``"lbfgs"`` default, ``"adam"``, ``"sgd"``), lr: the optimisation.
+        init: ``"content"`` (start from the content image) or ``"noise"`` (seeded).
+
+    Returns:
+        :class:`SynthesisResult` (``images`` ``Tensor[N, C, H, W]``, ``history``
+        ``Tensor[steps, N]``). The model runs in eval mode for the call and is left as
+        it was; only the images get gradients.
+    """
+    with model_guard(model):
+        device, dtype = model_device_dtype(model)
+        content = check_pixels(content, "content", device, dtype)
+        style = check_pixels(style, "style", device, dtype)
+        if style.shape[0] not in (1, content.shape[0]) or style.shape[1] != content.shape[1]:
+            raise ValueError(f"style must be [1 or N, C, h, w] with N={content.shape[0]}, C={content.shape[1]}, "
+                             f"got shape {tuple(style.shape)}")
+        if init not in ("content", "noise"):
+            raise ValueError(f"init must be 'content' or 'noise', got {init!r}")
+        style_layers = _layers(style_layers, "style_layers")
+        weights = _layer_weights(layer_weights, style_layers, "layer_weights")
+        content_weight = check_number(content_weight, "content_weight")
+        style_weight = check_number(style_weight, "style_weight")
+        normalize = check_normalize(normalize, content.shape[1])
+        grams = _style_grams(model, style, normalize, style_layers, "style")
+        target = probe(model, normalize(content) if normalize is not None else content, "content",
+                       layers=[content_layer], layer_argument="content_layer")[content_layer].detach()
+
+        def loss(features, output):
+            content_loss = (features[content_layer] - target).pow(2).flatten(1).mean(1)
+            return content_weight * content_loss + style_weight * _gram_losses(features, grams, style_layers,
+                                                                               weights)
+
+        generator = make_generator(seed)
+        image = make_image("pixels", content.shape, generator=generator, device=device, dtype=dtype,
+                           init=content if init == "content" else None, init_std=0.1)
+        objective = Objective(loss=loss, layers=tuple(dict.fromkeys(style_layers + [content_layer])))
+        return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
+                        generator=generator, progress=progress, callback=callback, description="style_transfer")

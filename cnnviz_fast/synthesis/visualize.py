@@ -1,0 +1,235 @@
+"""Activation maximisation: the image a class score or a unit likes most,
+``argmax_I f(I) - R(I)`` (Simonyan et al. 2014; Yosinski et al. 2015; Olah et al. 2017).
+
+Default prior (each piece can be switched off): Lucid's Fourier parameterization,
+random jitter, scaling and rotation of the image on every step, an L2 penalty and a
+total-variation penalty. For small, blurry data (the zoo digits are 8×8 scans
+upsampled to 32×32) parameterising at the data's own resolution
+(``resolution=8``) and pulling pixels towards the dark background (``center=0``)
+gives images an independent classifier reads as the intended digits.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Neuron, model_guard
+from ..core.targets import check_target
+from . import regularizers as R
+from ._common import check_normalize, check_number, make_generator, model_device_dtype, neutral_pixel, probe
+from .engine import Objective, SynthesisResult, optimize
+from .parameterization import Size, check_shape, make_image
+
+
+def _input_shape(input_shape, n: int) -> Tuple[int, int, int, int]:
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else ()
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    return check_shape((n,) + shape, "input_shape")
+
+
+def _ascend(model: nn.Module, loss: Callable, layers: Sequence[str], needs_output: bool,
+            shape: Tuple[int, int, int, int], normalize, *, steps, lr, optimizer, parameterization,
+            resolution, l2, tv, alpha_norm, alpha, center, jitter, scale, degrees, blur_every,
+            blur_sigma, decay, clip_norm, clip_contribution, seed, progress, callback,
+            description) -> SynthesisResult:
+    """Build the prior from the keyword knobs and run the engine."""
+    device, dtype = model_device_dtype(model)
+    height, width = shape[2:]
+    center = neutral_pixel(normalize, center)
+    penalties: List = []
+    if l2:
+        penalties.append(R.L2(check_number(l2, "l2"), center))
+    if tv:
+        penalties.append(R.TotalVariation(check_number(tv, "tv")))
+    if alpha_norm:
+        penalties.append(R.AlphaNorm(check_number(alpha_norm, "alpha_norm"), alpha, center))
+    step_ops: List = []
+    if decay:
+        step_ops.append(R.Decay(check_number(decay, "decay"), center))
+    if blur_every:
+        step_ops.append(R.Blur(blur_sigma, blur_every))
+    if clip_norm:
+        step_ops.append(R.ClipSmallNorm(clip_norm, center))
+    if clip_contribution:
+        step_ops.append(R.ClipSmallContribution(clip_contribution, center))
+    if jitter is None:
+        jitter = max(1, min(height, width) // 10)
+    transforms: List = [R.Jitter(jitter)] if jitter else []
+    if scale is not None or degrees:
+        transforms.append(R.RandomAffine(scale or (1.0, 1.0), degrees or 0.0))
+    generator = make_generator(seed)
+    image = make_image(parameterization, shape, resolution=resolution, generator=generator,
+                       device=device, dtype=dtype, center=center)
+    objective = Objective(loss=loss, layers=tuple(layers), needs_output=needs_output)
+    return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
+                    penalties=penalties, step_ops=step_ops, transforms=transforms, generator=generator,
+                    progress=progress, callback=callback, description=description)
+
+
+_DOC_PRIOR = """
+    Prior and optimisation (keyword-only; 0 / None switches a piece off):
+        steps, lr, optimizer: ``"adam"`` (default) or ``"sgd"``.
+        parameterization: ``"fourier"`` (Lucid's 1/f-scaled, colour-decorrelated
+            spectrum with a sigmoid) or ``"pixels"`` (raw pixels, clamped to [0, 1]).
+        resolution: ``(h, w)`` or int: optimise at this resolution and upsample
+            bilinearly to ``(H, W)``; default the input size.
+        l2: weight of ``mean((I - center)^2)``; tv: weight of the total variation;
+            alpha_norm, alpha: weight and exponent of ``mean(|I - center|^alpha)``.
+        center: the neutral pixel value (a float or one per channel) the L2/α-norm
+            penalties, ``decay`` and clipping pull towards; default ``normalize``'s
+            mean (the model's zero input), 0.5 without ``normalize``.
+        jitter: random shift in pixels on every step (default ``min(H, W) // 10``);
+        scale, degrees: random scaling range and rotation range on every step.
+        blur_every, blur_sigma: Gaussian blur of the image every k steps.
+        decay: L2 decay rate per step; clip_norm / clip_contribution: percentile of
+            pixels with the smallest norm / contribution set to ``center`` every step
+            (Yosinski et al. 2015).
+        seed: initialisation and transforms (same seed, same images); None: random.
+        progress: tqdm bar (None: only on a terminal); callback: ``callback(step,
+            pixels, losses)``, returning True stops.
+
+    The model runs in eval mode for the call and is left as it was (``model_guard``);
+    only the image gets gradients.
+"""
+
+
+def visualize_class(
+    model: nn.Module,
+    target: Union[int, Sequence[int], Tensor],
+    input_shape: Sequence[int],
+    *,
+    normalize: Optional[nn.Module] = None,
+    steps: int = 200,
+    lr: float = 0.05,
+    optimizer: str = "adam",
+    parameterization: str = "fourier",
+    resolution: Optional[Size] = None,
+    l2: float = 10.0,
+    tv: float = 5.0,
+    alpha_norm: float = 0.0,
+    alpha: float = 6.0,
+    center=None,
+    jitter: Optional[int] = None,
+    scale: Optional[Tuple[float, float]] = (0.8, 1.2),
+    degrees: float = 15.0,
+    blur_every: int = 0,
+    blur_sigma: float = 0.5,
+    decay: float = 0.0,
+    clip_norm: float = 0.0,
+    clip_contribution: float = 0.0,
+    seed: Optional[int] = 0,
+    progress: Optional[bool] = None,
+    callback=None,
+) -> SynthesisResult:
+    """Images that maximise class scores: ``argmax_I score_target(normalize(I)) - R(I)``.
+
+    Args:
+        model: a classifier whose output is ``[N, classes]`` pre-softmax scores.
+        target: a class (one image) or a sequence of classes (one image per class,
+            all optimised in one batch).
+        input_shape: ``(C, H, W)`` of one model input.
+        normalize: maps pixels in [0, 1] to model inputs (a
+            :class:`~cnnviz_fast.core.Normalize`); None means the model takes pixels.
+            Nothing is guessed: pass the normalisation the model was trained with.
+    {prior}
+    Returns:
+        :class:`SynthesisResult`: ``images`` ``Tensor[N, C, H, W]`` in [0, 1] on the
+        model's device, ``history`` ``Tensor[steps, N]`` of ``-score + R``.
+    """
+    with model_guard(model):
+        n = 1 if isinstance(target, int) and not isinstance(target, bool) else len(torch.as_tensor(target).reshape(-1))
+        check_target(target, n)
+        shape = _input_shape(input_shape, n)
+        normalize = check_normalize(normalize, shape[1])
+        device, dtype = model_device_dtype(model)
+        blank = torch.full((1,) + shape[1:], 0.5, device=device, dtype=dtype)
+        classes = probe(model, normalize(blank) if normalize is not None else blank, "input_shape").shape[-1]
+        indices = torch.as_tensor(target, device=device).reshape(-1).long()
+        if int(indices.min()) < 0 or int(indices.max()) >= classes:
+            raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")
+
+        def loss(features, output):
+            return -output.gather(1, indices[:, None])[:, 0]
+
+        return _ascend(model, loss, (), True, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
+                       parameterization=parameterization, resolution=resolution, l2=l2, tv=tv,
+                       alpha_norm=alpha_norm, alpha=alpha, center=center, jitter=jitter, scale=scale,
+                       degrees=degrees, blur_every=blur_every, blur_sigma=blur_sigma, decay=decay,
+                       clip_norm=clip_norm, clip_contribution=clip_contribution, seed=seed,
+                       progress=progress, callback=callback, description="visualize_class")
+
+
+def visualize_neuron(
+    model: nn.Module,
+    neuron: Union[Neuron, Sequence[Neuron]],
+    input_shape: Sequence[int],
+    *,
+    normalize: Optional[nn.Module] = None,
+    steps: int = 200,
+    lr: float = 0.05,
+    optimizer: str = "adam",
+    parameterization: str = "fourier",
+    resolution: Optional[Size] = None,
+    l2: float = 10.0,
+    tv: float = 5.0,
+    alpha_norm: float = 0.0,
+    alpha: float = 6.0,
+    center=None,
+    jitter: Optional[int] = None,
+    scale: Optional[Tuple[float, float]] = (0.8, 1.2),
+    degrees: float = 15.0,
+    blur_every: int = 0,
+    blur_sigma: float = 0.5,
+    decay: float = 0.0,
+    clip_norm: float = 0.0,
+    clip_contribution: float = 0.0,
+    seed: Optional[int] = 0,
+    progress: Optional[bool] = None,
+    callback=None,
+) -> SynthesisResult:
+    """Images that maximise units: ``argmax_I neuron(normalize(I)) - R(I)``.
+
+    Args:
+        model: any network.
+        neuron: a :class:`~cnnviz_fast.core.Neuron` (one image) or a sequence of them
+            (one image each, in one batch); the forward pass stops at the deepest of
+            their layers. A Neuron without ``y``/``x`` is its channel's spatial mean.
+        input_shape: ``(C, H, W)`` of one model input.
+        normalize: as in :func:`visualize_class`.
+    {prior}
+    Returns:
+        :class:`SynthesisResult` (``history`` holds ``-activation + R``).
+    """
+    with model_guard(model):
+        neurons = [neuron] if isinstance(neuron, Neuron) else list(neuron) if isinstance(neuron, (list, tuple)) else None
+        if not neurons or not all(isinstance(item, Neuron) for item in neurons):
+            raise ValueError(f"neuron must be a Neuron or a non-empty sequence of Neurons, got {neuron!r}")
+        shape = _input_shape(input_shape, len(neurons))
+        normalize = check_normalize(normalize, shape[1])
+        layers = tuple(dict.fromkeys(item.layer for item in neurons))
+        device, dtype = model_device_dtype(model)
+        blank = torch.full((1,) + shape[1:], 0.5, device=device, dtype=dtype)
+        features = probe(model, normalize(blank) if normalize is not None else blank, "input_shape",
+                         layers=layers, layer_argument="neuron.layer")
+        for item in neurons:
+            try:
+                item.value(features[item.layer])
+            except ValueError as error:
+                raise ValueError(f"neuron: {error}") from None
+
+        def loss(features, output):
+            return -torch.stack([item.value(features[item.layer][i:i + 1])[0] for i, item in enumerate(neurons)])
+
+        return _ascend(model, loss, layers, False, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
+                       parameterization=parameterization, resolution=resolution, l2=l2, tv=tv,
+                       alpha_norm=alpha_norm, alpha=alpha, center=center, jitter=jitter, scale=scale,
+                       degrees=degrees, blur_every=blur_every, blur_sigma=blur_sigma, decay=decay,
+                       clip_norm=clip_norm, clip_contribution=clip_contribution, seed=seed,
+                       progress=progress, callback=callback, description="visualize_neuron")
+
+
+visualize_class.__doc__ = visualize_class.__doc__.format(prior=_DOC_PRIOR)
+visualize_neuron.__doc__ = visualize_neuron.__doc__.format(prior=_DOC_PRIOR)
