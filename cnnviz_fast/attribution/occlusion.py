@@ -58,18 +58,21 @@ def occlusion(
         model: the network; it runs in eval mode for the call and is restored afterwards.
         inputs: ``Tensor[N, C, H, W]``, finite; not modified.
         target: an int, N ints, a :class:`~cnnviz_fast.core.Neuron` (the forward pass
-            stops at its layer) or a callable ``output -> Tensor[N]``.
+            stops at its layer) or a callable ``output -> Tensor[B]`` (it also sees the
+            occluded batches, so it must work row by row for any batch size B).
         window: ``(kh, kw)`` or an int; must fit in the image.
         stride: ``(sh, sw)`` or an int, each >= 1.
         baseline: value written inside the window: a number, or a tensor broadcastable to
             ``[N, C, H, W]`` (e.g. a per-channel mean ``[1, C, 1, 1]`` or a blurred copy
             ``[N, C, H, W]``).
         batch_size: occluded images per forward pass (windows of several images may share
-            a pass). Default: chosen by :func:`choose_batch_size` from ``memory_budget``.
-            The result does not depend on it.
+            a pass). The result does not depend on it. Default: as many as fit in
+            ``memory_budget``, counting per occluded image its own copy plus 3 times the
+            largest layer output (a layer's input, its output and a skip connection),
+            measured by hooks on the leaf modules during the clean forward pass.
         memory_budget: bytes one forward pass may use when ``batch_size`` is None.
-            Default: 64 MiB on CPU (larger batches are no faster there), half of the free
-            memory on CUDA.
+            Default: 64 MiB on CPU (larger batches run no faster there: they fall out of
+            cache), half of the free memory on CUDA.
         return_deltas: also return the score drops per window position.
 
     Returns:
@@ -89,6 +92,8 @@ def occlusion(
             raise ValueError(f"window must fit in the image: window {window} > image ({H}, {W})")
         if batch_size is not None:
             check_positive_int(batch_size, "batch_size")
+        if memory_budget is not None:
+            check_positive_int(memory_budget, "memory_budget")
         base = _check_baseline(baseline, inputs)
         check_target(target, N)
         rows, cols = occlusion_grid(H, W, window, stride)
