@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -44,29 +45,31 @@ class _NpyWriter:
 
     Plain writes (not stores into a memory map) keep resident memory constant: dirty pages
     of a mapping count in the process's RSS until it is unmapped, page-cache pages of
-    written files do not. With an unknown length the rows go to a raw file first and are
-    copied into the ``.npy`` at the end (chunked, so still constant memory).
+    written files do not. With an unknown length the rows go to a temporary file first and
+    are copied behind the ``.npy`` header at the end.
     """
-
-    _COPY_ROWS_BYTES = 64 << 20
 
     def __init__(self, path: Path, length: Optional[int], dim: int, dtype: np.dtype):
         self.path, self.length, self.dim, self.dtype = path, length, dim, dtype
         self.partial = path.with_name(path.name + ".partial")
-        self.raw = None
+        self.raw: Optional[Path] = None
         self.rows = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         if length is not None:
-            # open_memmap writes the header and sizes the (sparse) file; rows follow the header.
-            array = np.lib.format.open_memmap(self.partial, "w+", dtype=dtype, shape=(length, dim))
-            self.header = array.offset
-            del array
-            self.file = open(self.partial, "r+b")
-            self.file.seek(self.header)
+            self.file = self._open_npy(length)
         else:
             handle, raw = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".rows")
             self.raw = Path(raw)
             self.file = os.fdopen(handle, "wb")
+
+    def _open_npy(self, length: int):
+        """Create ``<path>.partial`` (header, file sized) and return it opened after the header."""
+        array = np.lib.format.open_memmap(self.partial, "w+", dtype=self.dtype, shape=(length, self.dim))
+        header = array.offset
+        del array
+        handle = open(self.partial, "r+b")
+        handle.seek(header)
+        return handle
 
     def write(self, rows: np.ndarray) -> None:
         if self.length is not None and self.rows + len(rows) > self.length:
@@ -79,14 +82,8 @@ class _NpyWriter:
         if self.length is not None and self.rows != self.length:
             raise ValueError(f"data yielded {self.rows} inputs, expected length={self.length}")
         if self.raw is not None:
-            rows = np.memmap(self.raw, dtype=self.dtype, mode="r", shape=(self.rows, self.dim)) \
-                if self.rows else np.empty((0, self.dim), self.dtype)
-            array = np.lib.format.open_memmap(self.partial, "w+", dtype=self.dtype, shape=(self.rows, self.dim))
-            step = max(1, self._COPY_ROWS_BYTES // max(1, self.dim * self.dtype.itemsize))
-            for start in range(0, self.rows, step):
-                array[start:start + step] = rows[start:start + step]
-                array.flush()
-            del array, rows
+            with open(self.raw, "rb") as source, self._open_npy(self.rows) as target:
+                shutil.copyfileobj(source, target, 1 << 20)
             self.raw.unlink()
         os.replace(self.partial, self.path)
 

@@ -59,7 +59,8 @@ def nearest_neighbors(
 
     Ranking uses ``‖q‖² − 2 q·x + ‖x‖²`` (one matrix product per block, float32 for
     float16/32 inputs); the returned distances are then recomputed directly from the
-    vectors, so they carry no cancellation error. Ties are broken arbitrarily.
+    vectors, so they carry no cancellation error. Equal distances come out by index;
+    which of several tied rows makes the cut at rank k is unspecified.
 
     Returns:
         ``(distances Tensor[Q, k], indices Tensor[Q, k] int64)``, nearest first, on the
@@ -118,6 +119,7 @@ def nearest_neighbors(
             d, i = scores.topk(take, dim=1, largest=False, sorted=False)
             best_d[q0:q0 + len(q)], best_i[q0:q0 + len(q)] = _merge(
                 best_d[q0:q0 + len(q)], best_i[q0:q0 + len(q)], d, i + start, k)
+    best_i = best_i.sort(dim=1).values  # so that equal distances come out by index
     distances = _exact_distances(q_all, features, best_i, metric, dtype)
     distances, order = distances.sort(dim=1, stable=True)
     return distances.to(out_device), best_i.gather(1, order).to(out_device)
