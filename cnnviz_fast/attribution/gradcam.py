@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import get_layer, model_guard, target_scores
+from ..core import Neuron, get_layer, model_guard, target_scores
 from ._backprop import autograd_on, input_gradients, prepare_inputs
 
 __all__ = ["grad_cam", "guided_grad_cam"]
@@ -53,8 +53,10 @@ def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str)
     with _graph_starts_at(module, layer) as captured, torch.no_grad():
         scores = target_scores(model, x, target)
     if "activation" not in captured:
-        raise ValueError(f"layer {layer!r} did not run before the target's score was computed "
-                         f"(a Neuron target must lie at or after layer)")
+        if isinstance(target, Neuron):
+            raise ValueError(f"layer {layer!r} did not run before the forward pass stopped at the "
+                             f"target Neuron's layer {target.layer!r}: the Neuron must lie at or after layer")
+        raise ValueError(f"layer {layer!r} was not executed during the forward pass of {type(model).__name__}")
     activation = captured["activation"]
     if not scores.requires_grad:
         raise ValueError(f"target does not depend on layer {layer!r}")
