@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ..core import Neuron, forward_to_layers, get_layer, model_guard
 from ..core.data import _images_of, iter_batches
 from ..core.validation import check_positive_int
-from ..pictures import image_grid, scale_to_unit
+from ..pictures import image_grid
 from .extract import model_device
 from .receptive import ReceptiveField, receptive_field
 
@@ -274,8 +274,8 @@ def patch_grid(result: TopActivations, inverse: Optional[Callable[[torch.Tensor]
     patches = patches.masked_fill(~inside, outside)
     tiles = patches.view(rows, k, *patches.shape[1:])
     if guided:
-        pictures = scale_to_unit(result.guided.detach().float().cpu().flatten(0, 1))
-        pictures = pictures.view(rows, k, *pictures.shape[1:])
+        pictures = _scale_inside(result.guided.detach().float().cpu().flatten(0, 1), inside)
+        pictures = pictures.masked_fill(~inside, outside).view(rows, k, *patches.shape[1:])
         gap = torch.ones(rows, 1, *pictures.shape[2:])
         tiles = torch.cat([tiles, gap, pictures], 1)
     return image_grid(tiles.flatten(0, 1), nrow=tiles.shape[1], padding=padding, scale=False)
