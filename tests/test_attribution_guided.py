@@ -10,7 +10,7 @@ from captum.attr import Deconvolution, GuidedBackprop, NeuronDeconvolution, Neur
 from torch import nn
 
 import cnnviz_fast as cv
-from cnnviz_fast import Neuron, pictures, zoo
+from cnnviz_fast import Neuron, ops, pictures, zoo
 from cnnviz_fast.attribution import _backprop
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
@@ -83,17 +83,24 @@ def test_functional_relus_match_module_variant_and_reference(digits, mode):
 def test_every_relu_replaced_exactly_once(digits, monkeypatch):
     model, functional, x, labels = digits
     calls = []
-    real = _backprop.guided_relu
 
-    def counting(t, mode):
-        calls.append(mode)
-        return real(t, mode)
+    def counting(function, kind):
+        def wrapper(t, mode):
+            calls.append((kind, mode))
+            return function(t, mode)
+        return wrapper
 
-    monkeypatch.setattr(_backprop, "guided_relu", counting)
-    for net in (model, functional):  # six ReLUs each, written six different ways in `functional`
-        calls.clear()
-        cv.guided_backprop(net, x, labels)
-        assert calls == ["guided"] * 6
+    class CountingInPlace:
+        apply = staticmethod(counting(_backprop._GuidedReLUInPlace.apply, "in-place"))
+
+    monkeypatch.setattr(ops, "guided_relu", counting(ops.guided_relu, "out-of-place"))
+    monkeypatch.setattr(_backprop, "_GuidedReLUInPlace", CountingInPlace)
+    cv.guided_backprop(model, x, labels)  # six nn.ReLU modules
+    assert calls == [("out-of-place", "guided")] * 6
+    calls.clear()
+    # F.relu, torch.relu, Tensor.relu; Tensor.relu_, nn.ReLU(inplace=True), F.relu(inplace=True)
+    cv.deconvnet(functional, x, labels)
+    assert calls == [("out-of-place", "deconvnet")] * 3 + [("in-place", "deconvnet")] * 3
 
 
 class InPlaceAliasing(nn.Module):
@@ -119,8 +126,11 @@ class InPlaceAliasing(nn.Module):
         return self.fc(z.flatten(1))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("mode", METHODS)
-def test_in_place_relus_keep_aliasing(mode):
+def test_in_place_relus_keep_aliasing(mode, compiled, monkeypatch):
+    if not compiled:  # the in-place ReLU's backward from the reference ops
+        monkeypatch.setattr(ops, "has_extension", lambda: False)
     model = InPlaceAliasing().eval()
     x = torch.randn(3, 3, 8, 8)
     ours = METHODS[mode][0](model, x, [0, 1, 3])

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
 from ..core.targets import Neuron, check_target
-from ..ops import guided_relu
+from .. import ops
 
 # --------------------------------------------------------------------------- #
 # inputs and grad mode
@@ -64,6 +64,34 @@ _OUT_OF_PLACE = (F.relu, torch.relu, torch.Tensor.relu)
 _IN_PLACE = (torch.relu_, torch.Tensor.relu_)  # F.relu_ is torch.relu_
 
 
+def _guided_relu_backward(grad: Tensor, out: Tensor, mode: str) -> Tensor:
+    # the backward kernel of ops.guided_relu (compiled when loaded, else its reference)
+    if ops.has_extension():
+        return torch.ops.cnnviz._guided_relu_backward(grad, out, mode)
+    return ops.reference.guided_relu_backward(grad, out, mode)
+
+
+class _GuidedReLUInPlace(torch.autograd.Function):
+    """In-place ``ops.guided_relu``: ``x.relu_()`` with the modified backward.
+
+    ``x.copy_(guided_relu(x))`` would give the same gradients, but its backward also
+    sends zeros to x's old value and sums them in: three extra passes per ReLU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mode: str) -> Tensor:
+        ctx.mode = mode
+        ctx.mark_dirty(x)
+        x.relu_()
+        ctx.save_for_backward(x)  # the output: out > 0 iff input > 0
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (out,) = ctx.saved_tensors
+        return _guided_relu_backward(grad, out, ctx.mode), None
+
+
 class _GuidedReLUMode(TorchFunctionMode):
     def __init__(self, mode: str):
         super().__init__()
@@ -71,14 +99,12 @@ class _GuidedReLUMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _OUT_OF_PLACE and not kwargs.get("inplace", False):
+            return ops.guided_relu(args[0], self.mode)
         if func in _OUT_OF_PLACE or func in _IN_PLACE:
-            x = args[0]
-            out = guided_relu(x, self.mode)
-            if func in _IN_PLACE or kwargs.get("inplace", False):
-                # keep the caller's aliasing: x now holds relu(x) and its history runs
-                # through guided_relu's backward (which saved only its output)
-                return x.copy_(out)
-            return out
+            # keep the caller's aliasing: x itself now holds relu(x), its history runs
+            # through the guided backward
+            return _GuidedReLUInPlace.apply(args[0], self.mode)
         return func(*args, **kwargs)
 
 
