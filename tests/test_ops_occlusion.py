@@ -28,7 +28,7 @@ GEOMETRIES = [
     ((1, 2, 8, 8), (4, 4), (4, 4)),
     ((3, 1, 5, 6), (5, 1), (1, 2)),
     ((2, 2, 1, 1), (1, 1), (1, 1)),
-    ((1, 3, 9, 4), (2, 3), (5, 5)),  # stride > window: uncovered pixels
+    ((1, 3, 9, 4), (2, 3), (5, 5)),  # stride > window: uncovered pixels, a window past the border
 ]
 LAYOUTS = ["contiguous", "noncontiguous", "channels_last"]
 
@@ -124,7 +124,7 @@ def _captum_masks(images, window, stride):
     return torch.stack(masks)  # [P, C, H, W]
 
 
-@pytest.mark.parametrize("shape,window,stride", GEOMETRIES[:3] + GEOMETRIES[4:])
+@pytest.mark.parametrize("shape,window,stride", GEOMETRIES[:4])  # Captum fails on stride > window
 def test_occlude_and_accumulate_match_captum_mask_arithmetic(shape, window, stride):
     images = torch.randn(shape, dtype=torch.float64)
     baseline = torch.randn(shape, dtype=torch.float64)
@@ -157,7 +157,8 @@ def test_end_to_end_equals_captum_occlusion():
         out = model(occluded.reshape(N * P, 3, 11, 9))[:, target].reshape(N, P)
         deltas = model(images)[:, target, None] - out
     attr = ops.occlusion_accumulate(deltas, 11, 9, window, stride)
-    torch.testing.assert_close(attr[:, None].expand_as(expected), expected)
+    # Captum accumulates its attribution in float32
+    torch.testing.assert_close(attr[:, None].expand_as(expected), expected, check_dtype=False, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- accumulate
@@ -195,14 +196,16 @@ def test_occlude_gradcheck(device):
     scalar_base = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
     full_base = torch.randn(2, 2, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
     bcast_base = torch.randn(2, 1, 1, dtype=torch.float64, device=device, requires_grad=True)
-    for base in (scalar_base, full_base, bcast_base):
-        assert torch.autograd.gradcheck(lambda x, b: ops.occlude(x, (3, 2), (2, 3), b, 1, 3), (images, base))
+    for base, fast in ((scalar_base, False), (full_base, True), (bcast_base, True)):
+        assert torch.autograd.gradcheck(
+            lambda x, b: ops.occlude(x, (3, 2), (2, 3), b, 1, 3), (images, base), fast_mode=fast
+        )
 
 
 def test_accumulate_gradcheck(device):
     deltas = torch.randn(2, 6, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda d: ops.occlusion_accumulate(d, 7, 5, (3, 2), (2, 3)), (deltas,))
-    deltas = torch.randn(1, 4, dtype=torch.float64, device=device, requires_grad=True)  # uncovered pixels
+    deltas = torch.randn(1, 6, dtype=torch.float64, device=device, requires_grad=True)  # uncovered pixels
     assert torch.autograd.gradcheck(lambda d: ops.occlusion_accumulate(d, 9, 4, (2, 3), (5, 5)), (deltas,))
 
 
@@ -375,7 +378,7 @@ def test_missing_extension_warns_once_and_falls_back():
     )
     first, msg = out.split("\n", 1)
     assert first == "1 False"
-    assert "pip install --no-build-isolation -e ." in msg and "ImportError" in msg
+    assert "pip install --no-build-isolation -e ." in msg and "could not be loaded (ModuleNotFoundError: " in msg
 
 
 def test_force_reference_env():

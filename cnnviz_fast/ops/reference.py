@@ -95,7 +95,8 @@ def occlusion_window_bounds(
     p = torch.arange(first, first + count, device=device, dtype=torch.int64)
     r0 = torch.div(p, cols, rounding_mode="floor") * sh
     c0 = torch.remainder(p, cols) * sw
-    return r0, (r0 + kh).clamp_max(H), c0, (c0 + kw).clamp_max(W)
+    # with stride > window the last window may start past the border (it is then empty)
+    return r0.clamp_max(H), (r0 + kh).clamp_max(H), c0.clamp_max(W), (c0 + kw).clamp_max(W)
 
 
 def occlusion_masks(

@@ -7,17 +7,12 @@
 namespace cnnviz {
 namespace gram {
 
-// The raw product R = F F^T is computed by row blocks of `tile` rows, each only from
-// its diagonal block rightwards: R[i][j] is valid iff j >= first_valid_col(i).
-CNNVIZ_HOST_DEVICE inline int64_t first_valid_col(int64_t i, int64_t tile) {
-  return (i / tile) * tile;
-}
-
-// Entry (i, j) of the full symmetric product, mirrored from the computed part.
+// The raw product R = F F^T is computed by row blocks, each only from its diagonal
+// block rightwards, so the upper triangle (j >= i) is always valid. Entry (i, j) of the
+// full product is read from there: the result is exactly symmetric.
 template <typename acc_t>
-CNNVIZ_HOST_DEVICE inline acc_t symmetric_entry(
-    const acc_t* R, int64_t C, int64_t i, int64_t j, int64_t row_start) {
-  return j >= row_start ? R[i * C + j] : R[j * C + i];
+CNNVIZ_HOST_DEVICE inline acc_t symmetric_entry(const acc_t* R, int64_t C, int64_t i, int64_t j) {
+  return j >= i ? R[i * C + j] : R[j * C + i];
 }
 
 // D = G - T with G = R / S.

@@ -17,11 +17,14 @@ struct Window {
 CNNVIZ_HOST_DEVICE inline Window window_bounds(
     int64_t p, int64_t cols, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
     int64_t H, int64_t W) {
+  // with stride > window the last window can start past the border: it is then empty
+  const int64_t r = (p / cols) * sh;
+  const int64_t c = (p % cols) * sw;
   Window w;
-  w.r0 = (p / cols) * sh;
-  w.c0 = (p % cols) * sw;
-  w.r1 = w.r0 + kh < H ? w.r0 + kh : H;
-  w.c1 = w.c0 + kw < W ? w.c0 + kw : W;
+  w.r0 = r < H ? r : H;
+  w.c0 = c < W ? c : W;
+  w.r1 = r + kh < H ? r + kh : H;
+  w.c1 = c + kw < W ? c + kw : W;
   return w;
 }
 

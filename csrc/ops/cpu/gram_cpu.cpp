@@ -17,20 +17,19 @@ namespace {
 // Rows of N*C*C outputs per task: C columns each, so a small grain suffices.
 constexpr int64_t kRowGrain = 16;
 
-// out[n, i, j] = R_sym[n, i, j] / S, cast to the features' dtype.
+// out[n, i, j] = R[n, min(i,j), max(i,j)] / S, cast to the features' dtype.
 template <typename scalar_t, typename acc_t>
 void finalize_gram_kernel(
-    const acc_t* R, scalar_t* out, int64_t N, int64_t C, int64_t tile, acc_t inv_s) {
+    const acc_t* R, scalar_t* out, int64_t N, int64_t C, acc_t inv_s) {
   at::parallel_for(0, N * C, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / C, i = row % C;
       const acc_t* Rn = R + n * C * C;
-      const int64_t start = gram::first_valid_col(i, tile);
       scalar_t* o = out + row * C;
-      for (int64_t j = 0; j < start; ++j) {
-        o[j] = static_cast<scalar_t>(gram::symmetric_entry(Rn, C, i, j, start) * inv_s);
+      for (int64_t j = 0; j < i; ++j) {
+        o[j] = static_cast<scalar_t>(gram::symmetric_entry(Rn, C, i, j) * inv_s);
       }
-      for (int64_t j = start; j < C; ++j) {
+      for (int64_t j = i; j < C; ++j) {
         o[j] = static_cast<scalar_t>(Rn[i * C + j] * inv_s);
       }
     }
@@ -41,7 +40,7 @@ void finalize_gram_kernel(
 template <typename acc_t>
 double loss_diff_kernel(
     const acc_t* R, const acc_t* T, bool target_batched, acc_t* D, int64_t N, int64_t C,
-    int64_t tile, acc_t inv_s) {
+    acc_t inv_s) {
   return at::parallel_reduce(
       0, N * C, kRowGrain, 0.0,
       [&](int64_t begin, int64_t end, double partial) {
@@ -49,14 +48,13 @@ double loss_diff_kernel(
           const int64_t n = row / C, i = row % C;
           const acc_t* Rn = R + n * C * C;
           const acc_t* t = T + (target_batched ? row : i) * C;
-          const int64_t start = gram::first_valid_col(i, tile);
           acc_t* d = D + row * C;
           acc_t sq = 0;
-          for (int64_t j = 0; j < start; ++j) {
-            d[j] = gram::loss_diff(gram::symmetric_entry(Rn, C, i, j, start), inv_s, t[j]);
+          for (int64_t j = 0; j < i; ++j) {
+            d[j] = gram::loss_diff(gram::symmetric_entry(Rn, C, i, j), inv_s, t[j]);
             sq += gram::square(d[j]);
           }
-          for (int64_t j = start; j < C; ++j) {
+          for (int64_t j = i; j < C; ++j) {
             d[j] = gram::loss_diff(Rn[i * C + j], inv_s, t[j]);
             sq += gram::square(d[j]);
           }
@@ -96,7 +94,7 @@ at::Tensor gram_cpu(const at::Tensor& features) {
       at::ScalarType::Half, at::ScalarType::BFloat16, features.scalar_type(), "gram_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         finalize_gram_kernel<scalar_t, acc_t>(
-            R.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), F.N, F.C, tile,
+            R.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), F.N, F.C,
             acc_t(1) / static_cast<acc_t>(F.S));
       });
   return out;
@@ -119,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "gram_loss_cpu", [&] {
     sumsq = loss_diff_kernel<scalar_t>(
         R.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(), T.dim() == 3,
-        diff.mutable_data_ptr<scalar_t>(), F.N, F.C, tile,
+        diff.mutable_data_ptr<scalar_t>(), F.N, F.C,
         scalar_t(1) / static_cast<scalar_t>(F.S));
   });
   const double loss = weight * sumsq / static_cast<double>(F.N * F.C * F.C);

@@ -9,6 +9,7 @@
 
 #include "../common/occlusion_host.h"
 #include "../common/occlusion_math.h"
+#include "cpu_utils.h"
 
 namespace cnnviz {
 namespace ops {
@@ -130,6 +131,7 @@ at::Tensor occlude_cpu(
   if (out.numel() == 0) {
     return out;
   }
+  cpu::advise_huge_pages(out);
   const auto img = images.contiguous();
   const auto base = baseline.contiguous();
   const bool baseline_full = base.numel() != 1;

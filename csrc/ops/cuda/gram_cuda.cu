@@ -21,12 +21,12 @@ namespace {
 template <typename scalar_t, typename acc_t>
 __global__ void finalize_gram_kernel(
     const acc_t* __restrict__ R, scalar_t* __restrict__ out, int64_t N, int64_t C,
-    int64_t tile, acc_t inv_s) {
+    acc_t inv_s) {
   CNNVIZ_GRID_STRIDE_LOOP(idx, N * C * C) {
     const int64_t j = idx % C;
     const int64_t i = (idx / C) % C;
     const int64_t n = idx / (C * C);
-    const acc_t r = gram::symmetric_entry(R + n * C * C, C, i, j, gram::first_valid_col(i, tile));
+    const acc_t r = gram::symmetric_entry(R + n * C * C, C, i, j);
     out[idx] = static_cast<scalar_t>(r * inv_s);
   }
 }
@@ -35,15 +35,14 @@ __global__ void finalize_gram_kernel(
 template <typename acc_t>
 __global__ void loss_diff_kernel(
     const acc_t* __restrict__ R, const acc_t* __restrict__ T, bool target_batched,
-    acc_t* __restrict__ D, acc_t* __restrict__ sumsq, int64_t N, int64_t C, int64_t tile,
-    acc_t inv_s) {
+    acc_t* __restrict__ D, acc_t* __restrict__ sumsq, int64_t N, int64_t C, acc_t inv_s) {
   __shared__ acc_t partial[cuda::kThreads];
   acc_t local = 0;
   CNNVIZ_GRID_STRIDE_LOOP(idx, N * C * C) {
     const int64_t j = idx % C;
     const int64_t i = (idx / C) % C;
     const int64_t n = idx / (C * C);
-    const acc_t r = gram::symmetric_entry(R + n * C * C, C, i, j, gram::first_valid_col(i, tile));
+    const acc_t r = gram::symmetric_entry(R + n * C * C, C, i, j);
     const acc_t t = T[target_batched ? idx : i * C + j];
     const acc_t d = gram::loss_diff(r, inv_s, t);
     D[idx] = d;
@@ -93,7 +92,7 @@ at::Tensor gram_cuda(const at::Tensor& features) {
         using acc_t = at::opmath_type<scalar_t>;
         finalize_gram_kernel<scalar_t, acc_t>
             <<<cuda::blocks_for(total), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                R.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), F.N, F.C, tile,
+                R.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), F.N, F.C,
                 acc_t(1) / static_cast<acc_t>(F.S));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -120,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_cuda(
         <<<cuda::blocks_for(total), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             R.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(), T.dim() == 3,
             diff.mutable_data_ptr<scalar_t>(), sumsq.mutable_data_ptr<scalar_t>(), F.N, F.C,
-            tile, scalar_t(1) / static_cast<scalar_t>(F.S));
+            scalar_t(1) / static_cast<scalar_t>(F.S));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const double scale = weight / static_cast<double>(F.N * F.C * F.C);
