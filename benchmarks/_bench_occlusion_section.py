@@ -18,7 +18,7 @@ import argparse
 import os
 import statistics
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.utils import benchmark
@@ -144,9 +144,13 @@ def bench_cuda(quick: bool) -> List[dict]:
     return [row("cuda occlusion vs Captum defaults (8x224x224)", t["ours"], t["anchor"], ">= 5x")]
 
 
-def bench_occlusion(quick: bool) -> List[dict]:
-    """Rows: name, ours_ms, anchor_ms, ratio, target, pass."""
-    return bench_cpu(quick) + bench_cuda(quick)
+def bench_occlusion(quick: bool, device: Optional[str] = None) -> List[dict]:
+    """Rows: name, ours_ms, anchor_ms, ratio, target, pass. ``device`` None runs the CPU
+    section and then the CUDA one (skipped without a GPU); "cpu" / "cuda" runs one, so the
+    function also fits bench_attribution.py's ``SECTIONS`` (``(quick, device) -> rows``)."""
+    if device is None:
+        return bench_cpu(quick) + bench_cuda(quick)
+    return bench_cuda(quick) if torch.device(device).type == "cuda" else bench_cpu(quick)
 
 
 def main():
