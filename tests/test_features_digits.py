@@ -43,7 +43,7 @@ def test_tsne_separates_the_classes(digits_features):
         options = dict(n_iter=150, early_exaggeration_iter=100)
     except ImportError:
         options = dict(max_iter=400)
-    points = embed(features, "tsne", seed=0, n_jobs=2, **options)
+    points = embed(features, "tsne", seed=0, n_jobs=1, **options)
     assert points.shape == (1797, 2) and points.dtype == torch.float32
     accuracy = leave_one_out_knn_accuracy(points, labels)
     assert accuracy >= 0.90, f"5-NN accuracy in the t-SNE plane is {accuracy:.1%}"

@@ -89,7 +89,7 @@ def _tsne(points: np.ndarray, dim: int, backend: Optional[str], seed: int, perpl
             raise ImportError("backend='opentsne' needs openTSNE: pip install 'cnnviz_fast[features]' "
                               "(or pip install openTSNE)") from error
         options = dict(n_components=dim, perplexity=perplexity, random_state=seed,
-                       n_jobs=n_jobs or 1, verbose=False)
+                       n_jobs=torch.get_num_threads() if n_jobs is None else n_jobs, verbose=False)
         if dim > 2:  # openTSNE's FFT gradients exist for 1-D and 2-D embeddings only
             options["negative_gradient_method"] = "bh"
         options.update(kwargs)
@@ -124,8 +124,9 @@ def embed(features: torch.Tensor, method: str = "pca", dim: int = 2, *, backend:
     openTSNE is installed: faster) or ``"sklearn"``; ``seed`` fixes the result,
     ``perplexity`` and ``**tsne_kwargs`` go to the backend's ``TSNE``. Features wider than
     ``pca_dims`` are first reduced to ``pca_dims`` principal components (the usual
-    practice; ``pca_dims=None`` to skip). ``n_jobs``: threads (openTSNE default 1,
-    scikit-learn default its own).
+    practice; ``pca_dims=None`` to skip). ``n_jobs``: threads (default: ``torch.get_num_threads()``
+    for openTSNE, scikit-learn's own default otherwise; on a machine shared with other
+    jobs, ``n_jobs=1`` can be several times faster than oversubscribed threads).
     """
     features = _check_matrix(features, "features")
     if method not in _METHODS:

@@ -58,8 +58,9 @@ def nearest_neighbors(
         device: where to compute (default: the queries' device).
 
     Ranking uses ``‖q‖² − 2 q·x + ‖x‖²`` (one matrix product per block, float32 for
-    float16/32 inputs); the returned distances are then recomputed directly from the
-    vectors, so they carry no cancellation error. Equal distances come out by index;
+    float16/32 inputs, ``‖q‖²`` dropped as it does not change the order); the returned
+    distances are then recomputed directly from the vectors, so they carry no cancellation
+    error (and are never negative). Equal distances come out by index;
     which of several tied rows makes the cut at rank k is unspecified.
 
     Returns:
@@ -95,7 +96,6 @@ def nearest_neighbors(
     q_all = queries.to(device, dtype)
     if metric == "cosine":
         q_all = torch.nn.functional.normalize(q_all, dim=1)
-    q_norms = q_all.square().sum(1, keepdim=True)
     n_queries = q_all.shape[0]
     best_d = torch.full((n_queries, k), float("inf"), device=device, dtype=dtype)
     best_i = torch.zeros((n_queries, k), device=device, dtype=torch.long)
@@ -104,14 +104,14 @@ def nearest_neighbors(
         x = features[start:start + chunk_size].to(device, dtype, non_blocking=True)
         if metric == "cosine":
             x = torch.nn.functional.normalize(x, dim=1)
-        x_norms = x.square().sum(1)
+        # Ranking key per query: ‖x‖² − 2 q·x for l2 (‖q‖² is the same for every x, so it is
+        # left out), −q̂·x̂ for cosine; one matrix product per block either way.
+        bias = torch.linalg.vector_norm(x, dim=1).square_() if metric == "l2" else x.new_zeros(x.shape[0])
+        alpha = -2 if metric == "l2" else -1
         take = min(k, x.shape[0])
         for q0 in range(0, n_queries, query_chunk_size):
             q = q_all[q0:q0 + query_chunk_size]
-            if metric == "l2":  # ‖q‖² − 2 q·x + ‖x‖², as one fused addmm
-                scores = torch.addmm(x_norms.unsqueeze(0), q, x.T, alpha=-2).add_(q_norms[q0:q0 + len(q)])
-            else:  # 1 − cos = −q̂·x̂ + 1
-                scores = torch.addmm(torch.ones((), device=device, dtype=dtype), q, x.T, alpha=-1)
+            scores = torch.addmm(bias, q, x.T, alpha=alpha)
             if exclude_self:
                 self_col = rows[q0:q0 + len(q)] - start
                 inside = (self_col >= 0) & (self_col < x.shape[0])
