@@ -166,7 +166,7 @@ def occlude(
     N, C, H, W = images.shape
     masks = occlusion_masks(H, W, window, stride, first, count, images.device)
     base = base.expand(N, C, H, W)
-    return torch.where(masks[None, :, None], base[:, None], images[:, None])
+    return torch.where(masks[None, :, None], base[:, None], images[:, None]).contiguous()
 
 
 def _check_accumulate_args(deltas, H, W, window, stride):
@@ -275,10 +275,13 @@ def _check_features(features: Tensor) -> Tuple[int, int, int]:
 
 
 def gram(features: Tensor) -> Tensor:
-    """Reference for :func:`cnnviz_fast.ops.gram`: ``bmm(F, F^T) / S`` in float32/64."""
+    """Reference for :func:`cnnviz_fast.ops.gram`: ``bmm(F, F^T) / S`` in float32/64 (upper
+    triangle mirrored)."""
     N, C, S = _check_features(features)
     f = features.reshape(N, C, S).to(_opmath_dtype(features.dtype))
-    return (torch.bmm(f, f.transpose(1, 2)) / S).to(features.dtype)
+    g = torch.bmm(f, f.transpose(1, 2))
+    g = torch.triu(g) + torch.triu(g, 1).transpose(1, 2)  # exactly symmetric, like the kernels
+    return (g / S).to(features.dtype)
 
 
 def _check_target(features: Tensor, target: Tensor) -> None:
