@@ -122,18 +122,20 @@ def adversarial(
             start = pixels + (2 * noise - 1) * eps
         image = PixelImage(start, low=low, high=high)
 
-        def success(output):
+        def success(output, wanted):
             predicted = output.argmax(1)
-            return predicted == labels if targeted else predicted != labels
+            return predicted == wanted if targeted else predicted != wanted
 
-        def loss(features, output):
+        def loss(features, output, index):
+            wanted = labels[index]
             if method == "ascent":  # the lecture: push the class score itself
-                score = output.gather(1, labels[:, None])[:, 0]
+                score = output.gather(1, wanted[:, None])[:, 0]
                 return -score if targeted else score
-            cross_entropy = F.cross_entropy(output, labels, reduction="none")
+            cross_entropy = F.cross_entropy(output, wanted, reduction="none")
             return cross_entropy if targeted else -cross_entropy
 
-        objective = Objective(loss=loss, needs_output=True, done=lambda features, output: success(output))
+        objective = Objective(loss=loss, needs_output=True,
+                              done=lambda features, output, index: success(output, labels[index]))
         # eps = 0: the ball is a single point, so any step size is projected back onto it
         result = optimize(model, objective, image, normalize=normalize, steps=steps,
                           lr=step_size if step_size > 0 else 1.0, optimizer="sgd",
@@ -141,11 +143,10 @@ def adversarial(
                           progress=progress, callback=callback, description=f"adversarial ({method})")
         images = result.images
         with torch.no_grad():
-            predictions = model(as_model_input(images)).argmax(1)
+            output = model(as_model_input(images))
         delta = (images - pixels).flatten(1)
         return AdversarialResult(
             images=images, history=result.history, linf=delta.abs().amax(1), l2=delta.norm(dim=1),
-            predictions=predictions,
-            success=predictions == labels if targeted else predictions != labels,
+            predictions=output.argmax(1), success=success(output, labels),
         )
 

@@ -66,7 +66,7 @@ def deep_dream(
         jitter = max(1, min(height, width) // 16) if jitter is None else jitter
         generator = make_generator(seed)
 
-        def loss(features, output):
+        def loss(features, output, index):
             return -0.5 * features[layer].flatten(1).pow(2).sum(1)
 
         objective = Objective(loss=loss, layers=(layer,))

@@ -38,28 +38,31 @@ class Objective:
     """What to minimise.
 
     Attributes:
-        loss: ``loss(features, output) -> Tensor[N]``, one value per image; ``features``
-            maps each name in ``layers`` to its activation, ``output`` is the model
-            output when ``needs_output`` (else None).
+        loss: ``loss(features, output, index) -> Tensor[M]``, one value per image of the
+            batch that ran: ``index`` (``LongTensor[M]``) says which of the N images they
+            are (all of them unless ``done`` took some out); ``features`` maps each name in
+            ``layers`` to its activation ``[M, ...]``, ``output`` is the model output
+            when ``needs_output`` (else None).
         layers: the layers ``loss`` reads; the forward pass stops at the deepest one
             unless ``needs_output``.
         needs_output: run the whole model and pass its output.
-        done: optional ``done(features, output) -> Bool[N]``: images that are finished
-            (e.g. an attack that succeeded); their gradients are zeroed from then on and
-            the loop ends when every image is done.
+        done: optional ``done(features, output, index) -> Bool[M]``: images that are
+            finished (e.g. an attack that succeeded). They stay as they are and leave the
+            batch from the next step on (use a momentum-free optimiser: SGD); the loop
+            ends when every image is done.
     """
 
-    loss: Callable[[Features, Optional[Tensor]], Tensor]
+    loss: Callable[[Features, Optional[Tensor], Tensor], Tensor]
     layers: Sequence[str] = ()
     needs_output: bool = False
-    done: Optional[Callable[[Features, Optional[Tensor]], Tensor]] = None
+    done: Optional[Callable[[Features, Optional[Tensor], Tensor], Tensor]] = None
 
 
 @dataclass
 class SynthesisResult:
     """``images``: ``Tensor[N, C, H, W]`` in pixel space [0, 1], on the model's device.
     ``history``: ``Tensor[steps, N]`` (CPU), each image's loss (objective plus
-    penalties) before each step."""
+    penalties) before each step (a finished image keeps its last value)."""
 
     images: Tensor
     history: Tensor = field(repr=False)
@@ -164,30 +167,38 @@ def optimize(
     native_grad_needed = any(getattr(op, "needs_grad", False) for op in step_ops)
     n = image.shape[0]
     done = torch.zeros(n, dtype=torch.bool, device=params[0].device)
+    all_images = torch.arange(n, device=done.device)
+    last_losses = torch.zeros(n, dtype=torch.float32, device=done.device)
     history: List[Tensor] = []
     record: dict = {}
 
     def closure() -> Tensor:
+        # finished images leave the batch: only the others are run through the model
+        index = all_images if objective.done is None else (~done).nonzero()[:, 0]
         native = image.native()
         pixels = image.upsample(native)
-        x = pixels
+        selected = pixels if len(index) == n else pixels[index]
+        x = selected
         for transform in transforms:
             x = transform(x, generator)
         features, output = _forward(model, normalize(x) if normalize is not None else x, objective)
-        losses = objective.loss(features, output)
+        losses = objective.loss(features, output, index)
         for penalty in penalties:
-            losses = losses + penalty(pixels)
+            losses = losses + penalty(selected)
         wrt = params + [native] if native_grad_needed else params
         grads = list(torch.autograd.grad(losses.sum(), wrt))
         if objective.done is not None:
             with torch.no_grad():
-                done.logical_or_(objective.done(features, output))
-            keep = (~done).to(grads[0].dtype)
-            grads[:len(params)] = [g * keep.view(-1, *[1] * (g.dim() - 1)) for g in grads[:len(params)]]
+                finished = index[objective.done(features, output, index)]
+            if len(finished):  # they stay where they are
+                done[finished] = True
+                for g in grads[:len(params)]:
+                    g[finished] = 0
         for p, g in zip(params, _normalise_steps(grads[:len(params)], step_norm)):
             p.grad = g
         if "losses" not in record:  # the first evaluation of this step
-            record.update(losses=losses.detach(), pixels=pixels.detach(),
+            last_losses[index] = losses.detach()
+            record.update(losses=last_losses.clone(), pixels=pixels.detach(),
                           native_grad=grads[-1] if native_grad_needed else None)
         return losses.detach().sum()
 
@@ -197,13 +208,14 @@ def optimize(
             opt.step(closure)
         else:
             closure()
-            if bool(done.all()):
-                history.append(record["losses"].cpu())
-                break
-            opt.step()
+            if not bool(done.all()):
+                opt.step()
         history.append(record["losses"].cpu())
+        if bool(done.all()):
+            break
         with torch.no_grad():
-            image.project()
+            if optimizer != "lbfgs":
+                image.project()
             if step_ops:
                 native, changed = image.native(), False
                 for op in step_ops:
@@ -214,11 +226,10 @@ def optimize(
                     image.set_native(native)
         if callback is not None and callback(step, record["pixels"], record["losses"]):
             break
-        if bool(done.all()):
-            break
     for p in params:
         p.grad = None
     with torch.no_grad():
+        image.project()
         images = image().detach().clone()
     history_tensor = torch.stack(history) if history else torch.zeros(0, n)
     return SynthesisResult(images=images, history=history_tensor)

@@ -73,8 +73,8 @@ def invert_features(
         target = probe(model, as_model_input(pixels), "inputs", layers=[layer])[layer].detach()
         target_norm = target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
-        def loss(features, output):
-            return (features[layer] - target).flatten(1).pow(2).sum(1) / target_norm
+        def loss(features, output, index):
+            return (features[layer] - target[index]).flatten(1).pow(2).sum(1) / target_norm[index]
 
         penalties = []
         if tv:

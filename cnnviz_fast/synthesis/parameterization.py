@@ -51,7 +51,8 @@ def check_shape(shape, argument: str = "input_shape") -> Tuple[int, int, int, in
 class ImageParameterization:
     """Base class: ``parameters()`` are optimised; ``native()`` gives the pixels at the
     parameterization's own resolution, ``upsample(native)`` the model-size pixels
-    ``Tensor[N, C, H, W]`` in [0, 1]; ``project()`` runs after every optimiser step."""
+    ``Tensor[N, C, H, W]`` in [0, 1]; ``project()`` runs after every optimiser step (with L-BFGS
+    only at the end: a projection between iterations would break its curvature pairs)."""
 
     shape: Tuple[int, int, int, int]   # model-size (N, C, H, W)
     resolution: Tuple[int, int]        # native (h, w)
@@ -78,7 +79,8 @@ class ImageParameterization:
 
 
 class PixelImage(ImageParameterization):
-    """Raw pixels, clamped into ``[low, high]`` (default [0, 1]) after every step.
+    """Raw pixels in ``[low, high]`` (default [0, 1]): clamped in the forward pass and
+    projected into the bounds after every step (at the end only with L-BFGS).
 
     Args:
         init: starting pixels ``Tensor[N, C, h, w]`` (copied); ``h, w`` is the native
@@ -100,7 +102,11 @@ class PixelImage(ImageParameterization):
         return [self.pixels]
 
     def native(self) -> Tensor:
-        return self.pixels
+        # Clamped here too, so pixels are valid between projections (L-BFGS). Pixels on a
+        # bound keep their gradient (torch.clamp's would be 0 there and they would stick).
+        x = self.pixels
+        outside = (x < self.low) | (x > self.high)
+        return torch.where(outside, torch.clamp(x, self.low, self.high).detach(), x)
 
     def set_native(self, pixels: Tensor) -> None:
         with torch.no_grad():

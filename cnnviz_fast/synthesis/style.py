@@ -9,7 +9,7 @@ stops at the deepest layer needed.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,21 +37,34 @@ def _layer_weights(weights, layers: Sequence[str], argument: str) -> List[float]
     return [check_number(w, argument) for w in weights]
 
 
-def _style_grams(model, pixels, normalize, layers, argument) -> Dict[str, Tensor]:
+def _style_grams(model, pixels, normalize, layers, argument) -> Dict[str, Tuple[Tensor, List[float]]]:
+    """``{layer: (Gram matrices [N, C, C], their mean squares as N floats)}`` of ``pixels``."""
     features = probe(model, normalize(pixels) if normalize is not None else pixels, argument,
                      layers=layers, layer_argument="style_layers" if argument == "style" else "layers")
-    return {name: ops.gram(features[name]).detach() for name in layers}
+    grams = {}
+    for name in layers:
+        gram = ops.gram(features[name]).detach()
+        grams[name] = (gram, gram.pow(2).flatten(1).mean(1).clamp_min(1e-30).tolist())
+    return grams
 
 
-def _gram_losses(features: Dict[str, Tensor], grams: Dict[str, Tensor], layers, weights) -> Tensor:
-    """Per-image Gram loss ``sum_l w_l mean((G_l - T_l)^2)`` as ``Tensor[N]``, one fused
-    ``gram_loss`` call (all layers) per image."""
-    n = features[layers[0]].shape[0]
+def _gram_losses(features: Dict[str, Tensor], grams: Dict[str, Tensor], layers, weights, index) -> Tensor:
+    """Per-image Gram loss ``sum_l w_l mean((G_l - T_l)^2) / mean(T_l^2)`` as ``Tensor[M]``
+    for the images ``index``: one fused ``gram_loss`` call (all layers) per image.
+
+    Dividing by the target's mean square makes each layer count by its weight whatever
+    the magnitude of its features (deep layers of a random network are tiny) and the
+    loss scale-free (L-BFGS's curvature test has an absolute threshold)."""
     losses = []
-    for i in range(n):
-        feats = [features[name][i:i + 1] for name in layers]
-        targets = [grams[name][i] if grams[name].shape[0] > 1 else grams[name][0] for name in layers]
-        losses.append(ops.gram_loss(feats, targets, weights))
+    for row, i in enumerate(index.tolist()):
+        feats, targets, scaled = [], [], []
+        for name, weight in zip(layers, weights):
+            gram, scale = grams[name]
+            j = i if gram.shape[0] > 1 else 0
+            feats.append(features[name][row:row + 1])
+            targets.append(gram[j])
+            scaled.append(weight / scale[j])
+        losses.append(ops.gram_loss(feats, targets, scaled))
     return torch.stack(losses)
 
 
@@ -72,6 +85,9 @@ def synthesize_texture(
     callback=None,
 ) -> SynthesisResult:
     """New images with the Gram statistics of ``texture`` at ``layers``.
+
+    Minimises, per image, ``sum_l w_l mean((G_l(x) - G_l(texture))^2) / mean(G_l(texture)^2)``
+    from Gaussian noise around grey.
 
     Args:
         model: a convolutional network (random weights work: Ustyuzhaninov et al. 2017).
@@ -101,8 +117,10 @@ def synthesize_texture(
         shape = (pixels.shape[0], pixels.shape[1], height, width)
         image = make_image(parameterization, shape, generator=generator, device=device, dtype=dtype,
                            init_std=0.1 if parameterization == "pixels" else 0.01)
-        objective = Objective(loss=lambda features, output: _gram_losses(features, grams, layers, weights),
-                              layers=tuple(layers))
+        def loss(features, output, index):
+            return _gram_losses(features, grams, layers, weights, index)
+
+        objective = Objective(loss=loss, layers=tuple(layers))
         return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
                         generator=generator, progress=progress, callback=callback,
                         description="synthesize_texture")
@@ -117,7 +135,7 @@ def style_transfer(
     *,
     normalize: Optional[nn.Module] = None,
     content_weight: float = 1.0,
-    style_weight: float = 1e3,
+    style_weight: float = 1.0,
     layer_weights: Optional[Sequence[float]] = None,
     steps: int = 200,
     optimizer: str = "lbfgs",
@@ -129,8 +147,9 @@ def style_transfer(
 ) -> SynthesisResult:
     """Paint ``content`` in the style of ``style`` (Gatys et al. 2016).
 
-    Minimises ``content_weight * mean((F_c(x) - F_c(content))^2) + style_weight *
-    sum_l w_l mean((G_l(x) - G_l(style))^2)`` per image.
+    Minimises, per image, ``content_weight * mean((F(x) - F(content))^2) / mean(F(content)^2)
+    + style_weight * sum_l w_l mean((G_l(x) - G_l(style))^2) / mean(G_l(style)^2)``: both
+    terms relative to their targets, so the weights do not depend on the network's scale.
 
     Args:
         model: a convolutional network.
@@ -164,11 +183,12 @@ def style_transfer(
         grams = _style_grams(model, style, normalize, style_layers, "style")
         target = probe(model, normalize(content) if normalize is not None else content, "content",
                        layers=[content_layer], layer_argument="content_layer")[content_layer].detach()
+        content_scale = target.pow(2).flatten(1).mean(1).clamp_min(1e-30)
 
-        def loss(features, output):
-            content_loss = (features[content_layer] - target).pow(2).flatten(1).mean(1)
-            return content_weight * content_loss + style_weight * _gram_losses(features, grams, style_layers,
-                                                                               weights)
+        def loss(features, output, index):
+            content_loss = (features[content_layer] - target[index]).pow(2).flatten(1).mean(1) / content_scale[index]
+            style_loss = _gram_losses(features, grams, style_layers, weights, index)
+            return content_weight * content_loss + style_weight * style_loss
 
         generator = make_generator(seed)
         image = make_image("pixels", content.shape, generator=generator, device=device, dtype=dtype,

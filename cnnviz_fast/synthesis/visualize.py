@@ -151,8 +151,8 @@ def visualize_class(
         if int(indices.min()) < 0 or int(indices.max()) >= classes:
             raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")
 
-        def loss(features, output):
-            return -output.gather(1, indices[:, None])[:, 0]
+        def loss(features, output, index):
+            return -output.gather(1, indices[index, None])[:, 0]
 
         return _ascend(model, loss, (), True, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
                        parameterization=parameterization, resolution=resolution, l2=l2, tv=tv,
@@ -220,8 +220,9 @@ def visualize_neuron(
             except ValueError as error:
                 raise ValueError(f"neuron: {error}") from None
 
-        def loss(features, output):
-            return -torch.stack([item.value(features[item.layer][i:i + 1])[0] for i, item in enumerate(neurons)])
+        def loss(features, output, index):
+            return -torch.stack([neurons[i].value(features[neurons[i].layer][row:row + 1])[0]
+                                 for row, i in enumerate(index.tolist())])
 
         return _ascend(model, loss, layers, False, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
                        parameterization=parameterization, resolution=resolution, l2=l2, tv=tv,
