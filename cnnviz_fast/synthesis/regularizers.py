@@ -188,11 +188,16 @@ class RandomAffine:
         self.scale, self.degrees = (float(low), float(high)), float(degrees)
 
     def __call__(self, pixels: Tensor, generator: torch.Generator) -> Tensor:
-        u = torch.rand(2, generator=generator, dtype=torch.float64)
-        factor = self.scale[0] + float(u[0]) * (self.scale[1] - self.scale[0])
-        angle = math.radians((2 * float(u[1]) - 1) * self.degrees)
-        if factor == 1 and angle == 0:
+        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        factor = self.scale[0] + u[0] * (self.scale[1] - self.scale[0])
+        return self.apply(pixels, factor, (2 * u[1] - 1) * self.degrees)
+
+    @staticmethod
+    def apply(pixels: Tensor, factor: float, degrees: float) -> Tensor:
+        """Scale the batch by ``factor`` and rotate it by ``degrees`` about its centre."""
+        if factor == 1 and degrees == 0:
             return pixels
+        angle = math.radians(degrees)
         cos, sin = math.cos(angle) / factor, math.sin(angle) / factor
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=pixels.dtype, device=pixels.device)
         grid = F.affine_grid(theta.expand(pixels.shape[0], 2, 3), list(pixels.shape), align_corners=False)
