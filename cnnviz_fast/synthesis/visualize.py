@@ -1,12 +1,14 @@
 """Activation maximisation: the image a class score or a unit likes most,
 ``argmax_I f(I) - R(I)`` (Simonyan et al. 2014; Yosinski et al. 2015; Olah et al. 2017).
 
-Default prior (each piece can be switched off): Lucid's Fourier parameterization,
-random jitter, scaling and rotation of the image on every step, an L2 penalty and a
-total-variation penalty. For small, blurry data (the zoo digits are 8×8 scans
-upsampled to 32×32) parameterising at the data's own resolution
-(``resolution=8``) and pulling pixels towards the dark background (``center=0``)
-gives images an independent classifier reads as the intended digits.
+Default prior (Olah et al. 2017): Lucid's Fourier parameterization and random jitter,
+scaling and rotation of the image on every step. Explicit penalties (L2, total
+variation, α-norm) and Yosinski's step operations are off by default because their
+weights are in units of the objective (a class score of ~10 needs other weights than
+a channel mean of ~0.1). For small, blurry data such as the zoo digits (8×8 scans
+upsampled to 32×32), parameterising at the data's own resolution (``resolution=8``),
+``l2=10, tv=5`` and pulling pixels towards the dark background (``center=0``) gives
+images an independent classifier reads as the intended digits.
 """
 from __future__ import annotations
 
@@ -107,8 +109,8 @@ def visualize_class(
     optimizer: str = "adam",
     parameterization: str = "fourier",
     resolution: Optional[Size] = None,
-    l2: float = 10.0,
-    tv: float = 5.0,
+    l2: float = 0.0,
+    tv: float = 0.0,
     alpha_norm: float = 0.0,
     alpha: float = 6.0,
     center=None,
@@ -173,8 +175,8 @@ def visualize_neuron(
     optimizer: str = "adam",
     parameterization: str = "fourier",
     resolution: Optional[Size] = None,
-    l2: float = 10.0,
-    tv: float = 5.0,
+    l2: float = 0.0,
+    tv: float = 0.0,
     alpha_norm: float = 0.0,
     alpha: float = 6.0,
     center=None,
@@ -197,6 +199,8 @@ def visualize_neuron(
         neuron: a :class:`~cnnviz_fast.core.Neuron` (one image) or a sequence of them
             (one image each, in one batch); the forward pass stops at the deepest of
             their layers. A Neuron without ``y``/``x`` is its channel's spatial mean.
+            Prefer the layer before a ReLU (``conv5`` over ``relu5``): a unit behind a
+            ReLU that is 0 on the starting image has no gradient and never moves.
         input_shape: ``(C, H, W)`` of one model input.
         normalize: as in :func:`visualize_class`.
     {prior}
