@@ -267,3 +267,15 @@ def test_cuda_matches_cpu(model, test_digits):
     adv = cv.adversarial(gpu_model, pixels[:50].cuda(), labels[:50].cuda(), "pgd", eps=64 / 255, steps=20,
                          step_size=8 / 255, normalize=NORM, progress=False)
     assert adv.images.is_cuda and adv.success.float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("parameterization", ["fourier", "pixels"])
+def test_batch_of_classes_equals_one_call_per_class(model, parameterization):
+    init = 0.3 + 0.05 * torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    init = init.clamp(0, 1)
+    kwargs = dict(normalize=NORM, parameterization=parameterization, steps=15, l2=1.0, tv=1.0, seed=5,
+                  progress=False)
+    batch = cv.visualize_class(model, [2, 4, 8], (1, 32, 32), init=init, **kwargs)
+    for i, target in enumerate([2, 4, 8]):
+        alone = cv.visualize_class(model, target, (1, 32, 32), init=init[i:i + 1], **kwargs)
+        torch.testing.assert_close(alone.images[0], batch.images[i], atol=1e-4, rtol=0)

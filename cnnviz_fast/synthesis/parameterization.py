@@ -145,8 +145,12 @@ class FourierImage(ImageParameterization):
         freq = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2)
         self.scale = (1.0 / freq.clamp_min(1.0 / max(h, w)) ** decay_power).to(device, dtype)
         self.color = COLOR_DECORRELATION.to(device, dtype) if decorrelate and c == 3 else None
-        noise = torch.randn((n, c, h, w // 2 + 1, 2), generator=generator, dtype=dtype) * std
-        self.spectrum = noise.to(device).requires_grad_(True)
+        spectrum_shape = (n, c, h, w // 2 + 1, 2)
+        if init is None:
+            spectrum = torch.randn(spectrum_shape, generator=generator, dtype=dtype) * std
+        else:  # no random draw, so the generator's later draws (transforms) do not depend on N
+            spectrum = torch.zeros(spectrum_shape, dtype=dtype)
+        self.spectrum = spectrum.to(device).requires_grad_(True)
         if init is not None:
             self.set_native(init)
 

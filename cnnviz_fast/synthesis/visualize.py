@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from ..core import Neuron, model_guard
 from ..core.targets import check_target
 from . import regularizers as R
-from ._common import check_normalize, check_number, make_generator, model_device_dtype, neutral_pixel, probe
+from ._common import (check_normalize, check_number, check_pixels, make_generator, model_device_dtype, neutral_pixel,
+                      probe)
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import Size, check_shape, make_image
 
@@ -34,7 +35,7 @@ def _input_shape(input_shape, n: int) -> Tuple[int, int, int, int]:
 
 def _ascend(model: nn.Module, loss: Callable, layers: Sequence[str], needs_output: bool,
             shape: Tuple[int, int, int, int], normalize, *, steps, lr, optimizer, parameterization,
-            resolution, l2, tv, alpha_norm, alpha, center, jitter, scale, degrees, blur_every,
+            resolution, init, l2, tv, alpha_norm, alpha, center, jitter, scale, degrees, blur_every,
             blur_sigma, decay, clip_norm, clip_contribution, seed, progress, callback,
             description) -> SynthesisResult:
     """Build the prior from the keyword knobs and run the engine."""
@@ -63,7 +64,11 @@ def _ascend(model: nn.Module, loss: Callable, layers: Sequence[str], needs_outpu
     if scale is not None or degrees:
         transforms.append(R.RandomAffine(scale or (1.0, 1.0), degrees or 0.0))
     generator = make_generator(seed)
-    image = make_image(parameterization, shape, resolution=resolution, generator=generator,
+    if init is not None:
+        init = check_pixels(init, "init", device, dtype)
+        if tuple(init.shape) != tuple(shape):
+            raise ValueError(f"init must have the shape of the images {tuple(shape)}, got {tuple(init.shape)}")
+    image = make_image(parameterization, shape, resolution=resolution, init=init, generator=generator,
                        device=device, dtype=dtype, center=center)
     objective = Objective(loss=loss, layers=tuple(layers), needs_output=needs_output)
     return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
@@ -78,6 +83,9 @@ _DOC_PRIOR = """
             spectrum with a sigmoid) or ``"pixels"`` (raw pixels, clamped to [0, 1]).
         resolution: ``(h, w)`` or int: optimise at this resolution and upsample
             bilinearly to ``(H, W)``; default the input size.
+        init: starting pixels ``Tensor[N, C, H, W]`` in [0, 1] (default: grey with a
+            little seeded noise). With ``init`` and the same ``seed`` (the transforms),
+            a batch gives the same images as one call per image.
         l2: weight of ``mean((I - center)^2)``; tv: weight of the total variation;
             alpha_norm, alpha: weight and exponent of ``mean(|I - center|^alpha)``.
         center: the neutral pixel value (a float or one per channel) the L2/α-norm
@@ -109,6 +117,7 @@ def visualize_class(
     optimizer: str = "adam",
     parameterization: str = "fourier",
     resolution: Optional[Size] = None,
+    init: Optional[Tensor] = None,
     l2: float = 0.0,
     tv: float = 0.0,
     alpha_norm: float = 0.0,
@@ -157,7 +166,7 @@ def visualize_class(
             return -output.gather(1, indices[index, None])[:, 0]
 
         return _ascend(model, loss, (), True, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
-                       parameterization=parameterization, resolution=resolution, l2=l2, tv=tv,
+                       parameterization=parameterization, resolution=resolution, init=init, l2=l2, tv=tv,
                        alpha_norm=alpha_norm, alpha=alpha, center=center, jitter=jitter, scale=scale,
                        degrees=degrees, blur_every=blur_every, blur_sigma=blur_sigma, decay=decay,
                        clip_norm=clip_norm, clip_contribution=clip_contribution, seed=seed,
@@ -175,6 +184,7 @@ def visualize_neuron(
     optimizer: str = "adam",
     parameterization: str = "fourier",
     resolution: Optional[Size] = None,
+    init: Optional[Tensor] = None,
     l2: float = 0.0,
     tv: float = 0.0,
     alpha_norm: float = 0.0,
@@ -229,7 +239,7 @@ def visualize_neuron(
                                  for row, i in enumerate(index.tolist())])
 
         return _ascend(model, loss, layers, False, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
-                       parameterization=parameterization, resolution=resolution, l2=l2, tv=tv,
+                       parameterization=parameterization, resolution=resolution, init=init, l2=l2, tv=tv,
                        alpha_norm=alpha_norm, alpha=alpha, center=center, jitter=jitter, scale=scale,
                        degrees=degrees, blur_every=blur_every, blur_sigma=blur_sigma, decay=decay,
                        clip_norm=clip_norm, clip_contribution=clip_contribution, seed=seed,
