@@ -118,6 +118,25 @@ def test_inputs_untouched(method):
     assert not y.requires_grad and y.grad is None
 
 
+class WritesIntoItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x.mul_(2)  # legal when x does not require grad
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+def test_grad_cam_protects_inputs_from_a_model_writing_into_them():
+    model = WritesIntoItsInput().eval()
+    x = torch.randn(2, 3, 8, 8)
+    copy = x.clone()
+    cv.grad_cam(model, x, 1, "conv")
+    assert torch.equal(x, copy)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_same_result_under_no_grad_and_inference_mode(method):
     model = prepared_model(False)

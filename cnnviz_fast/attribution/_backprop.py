@@ -32,13 +32,18 @@ def autograd_on() -> Iterator[None]:
         yield
 
 
-def prepare_inputs(inputs, target, argument: str = "inputs") -> Tensor:
-    """Checked inputs, detached from the caller's graph (never written to: autograd
-    refuses in-place writes into a leaf that requires grad). Call inside :func:`autograd_on`."""
+def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs") -> Tensor:
+    """Checked inputs, detached from the caller's graph. Call inside :func:`autograd_on`.
+
+    Without ``copy`` they share the caller's memory, which is safe when they become a
+    leaf that requires grad (autograd refuses in-place writes into it); a method whose
+    inputs do not require grad asks for a ``copy`` so a model that writes into its input
+    cannot change the caller's tensor.
+    """
     check_images(inputs, argument)
     check_target(target, inputs.shape[0])
-    # an inference tensor (made under inference_mode) cannot enter autograd: copy it
-    return inputs.clone() if inputs.is_inference() else inputs.detach()
+    # an inference tensor (made under inference_mode) cannot enter autograd: copy it too
+    return inputs.detach().clone() if copy or inputs.is_inference() else inputs.detach()
 
 
 def check_nonnegative(value, argument: str) -> float:
@@ -49,7 +54,7 @@ def check_nonnegative(value, argument: str) -> float:
 
 def rows_target(target, images: Tensor):
     """The target for a batch whose row ``r`` is a copy of image ``images[r]``."""
-    if isinstance(target, (int, Neuron)) or (callable(target) and not isinstance(target, Tensor)):
+    if isinstance(target, (int, Neuron)) or callable(target):
         return target
     return torch.as_tensor(target, device=images.device)[images]
 

@@ -93,7 +93,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
     """
     _check_interpolate(interpolate)
     with model_guard(model), autograd_on():
-        return _grad_cam(model, prepare_inputs(inputs, target), target, layer, interpolate)
+        return _grad_cam(model, prepare_inputs(inputs, target, copy=True), target, layer, interpolate)
 
 
 def guided_grad_cam(
@@ -107,7 +107,7 @@ def guided_grad_cam(
     """
     _check_interpolate(interpolate)
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
+        x = prepare_inputs(inputs, target, copy=True)
         cam = _grad_cam(model, x, target, layer, interpolate)
         guided, _ = input_gradients(model, x, target, relu_mode="guided")
     return guided * cam[:, None]

@@ -83,6 +83,8 @@ def smoothgrad(
         x = prepare_inputs(inputs, target)
         if seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
+        elif generator is not None and generator.device.type != x.device.type:
+            raise ValueError(f"generator must be on the inputs' device {x.device}, got {generator.device}")
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
 
         def noisy(image: Tensor, copy: Tensor) -> Tensor:
