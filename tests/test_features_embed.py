@@ -73,6 +73,10 @@ def test_missing_tsne_backend_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "openTSNE", None)
     with pytest.raises(ImportError, match="openTSNE"):
         embed(torch.randn(50, 3), "tsne", backend="opentsne", perplexity=5)
+    pytest.importorskip("sklearn.manifold")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(1):  # the default falls back to scikit-learn
+        assert embed(torch.randn(50, 3), "tsne", perplexity=5, max_iter=250).shape == (50, 2)
 
 
 def test_bad_arguments_name_the_argument():

@@ -64,6 +64,17 @@ def test_every_kind_of_data_gives_the_same_features(kind):
     assert not features.is_inference(), "the result must be usable outside inference mode"
 
 
+def test_a_loader_with_a_subset_sampler_or_drop_last(tmp_path):
+    model = small_model()
+    x = torch.randn(20, 2, 6, 6)
+    subset = DataLoader(x, batch_size=4, sampler=list(range(3, 14)))
+    torch.testing.assert_close(extract_features(model, subset, "1", out=tmp_path / "a.npy", progress=False),
+                               reference(model, x[3:14], 1))
+    dropping = DataLoader(x, batch_size=6, drop_last=True)
+    torch.testing.assert_close(extract_features(model, dropping, "1", progress=False),
+                               reference(model, x[:18], 1))
+
+
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_global_pooling(pool):
     model = small_model()

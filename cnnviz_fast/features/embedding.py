@@ -2,6 +2,7 @@
 scikit-learn) and pictures of them (scatter plots and thumbnail maps)."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -74,14 +75,18 @@ def pca(features: torch.Tensor, dim: int = 2, solver: str = "auto",
     return out.to(features.device)
 
 
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
 def _tsne(points: np.ndarray, dim: int, backend: Optional[str], seed: int, perplexity: float,
           n_jobs: Optional[int], **kwargs) -> np.ndarray:
     if backend is None:
-        try:
-            import openTSNE  # noqa: F401
-            backend = "opentsne"
-        except ImportError:
-            backend = "sklearn"
+        backend = "opentsne" if _installed("openTSNE") else "sklearn"
     if backend == "opentsne":
         try:
             import openTSNE

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..core import forward_to_layers, get_layer, model_guard
 from ..core.data import data_length, iter_batches
@@ -38,6 +39,19 @@ def _flatten(activation: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _known_length(data) -> Optional[int]:
+    """Inputs ``data`` will yield, when known without iterating. A DataLoader yields what
+    its sampler draws (fewer than its dataset with a subset sampler or ``drop_last``)."""
+    if isinstance(data, DataLoader):
+        if data.drop_last and data.batch_size is not None:
+            return None
+        try:
+            return len(data.sampler) if data.batch_size is not None else None
+        except TypeError:
+            return None
+    return data_length(data)
 
 
 class _NpyWriter:
@@ -135,7 +149,7 @@ def extract_features(
         raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
     if length is not None:
         check_positive_int(length, "length", minimum=0)
-    known = data_length(data)
+    known = _known_length(data)
     if known is not None and length is not None and known != length:
         raise ValueError(f"length={length} but data holds {known} inputs")
     total = known if known is not None else length

@@ -37,7 +37,7 @@ def filter_grid(model: nn.Module, layer: Optional[str] = None, per_channel: Opti
     if layer is None:
         convs = _conv_layers(model)
         if not convs:
-            raise ValueError(f"model has no nn.Conv2d layer; pass layer=")
+            raise ValueError("layer: model has no nn.Conv2d layer; pass the name of one")
         layer, conv = convs[0]
     else:
         conv = get_layer(model, layer)

@@ -147,6 +147,8 @@ def max_activating_patches(
     try:
         with model_guard(model):
             for inputs in iter_batches(data, batch_size):
+                if inputs.dim() != 4:
+                    raise ValueError(f"data must yield image batches [B, C, H, W], got shape {tuple(inputs.shape)}")
                 inputs = inputs.to(device, non_blocking=True)
                 with torch.inference_mode():
                     activation = forward_to_layers(model, inputs, [layer])[layer]
@@ -177,7 +179,8 @@ def max_activating_patches(
         x=(within % width).to(result_device), patches=top.patches.to(result_device),
         inside=top.inside.to(result_device), receptive_field=rf)
     if guided:
-        result.guided = _guided_patches(model, data, result, spatial_layer, device).to(result_device)
+        with model_guard(model):
+            result.guided = _guided_patches(model, data, result, spatial_layer, device).to(result_device)
     return result
 
 

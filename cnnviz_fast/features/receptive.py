@@ -10,9 +10,8 @@ the union over their inputs, so a residual block gets the larger extent of its b
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
