@@ -189,3 +189,22 @@ def test_pictures_of_guided_backprop_on_digits(digits):
     stroke = (zoo.DIGITS_NORMALIZE.inverse(x) > 0.3).float()
     share = lambda m: ((m * stroke).sum((1, 2, 3)) / m.sum((1, 2, 3))).mean()  # noqa: E731
     assert share(guided) > share(rows[1])
+
+
+def test_integer_relus_pass_through():
+    class CountsPositives(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            positives = torch.relu(torch.sign(x).long()).sum(dim=(1, 2, 3))  # an integer ReLU
+            return self.fc(F.relu(x).mean(dim=(2, 3))) * positives[:, None]
+
+    model = CountsPositives().eval()
+    x = torch.randn(2, 4, 3, 3)
+    xr = x.clone().requires_grad_(True)
+    positives = (x > 0).sum(dim=(1, 2, 3))
+    out = model.fc(_ReferenceReLU.apply(xr, "guided").mean(dim=(2, 3))) * positives[:, None]
+    expected = torch.autograd.grad(out[:, 1].sum(), xr)[0]
+    torch.testing.assert_close(cv.guided_backprop(model, x, 1), expected)

@@ -65,8 +65,9 @@ def rows_target(target, images: Tensor):
 # The functions a forward pass can reach a ReLU through. ``nn.ReLU`` modules call
 # ``F.relu``, which the mode sees first; inside ``__torch_function__`` the mode is
 # off, so the replacement is applied exactly once per ReLU.
-_OUT_OF_PLACE = (F.relu, torch.relu, torch.Tensor.relu)
-_IN_PLACE = (torch.relu_, torch.Tensor.relu_)  # F.relu_ is torch.relu_
+# Each maps to whether it works in place (F.relu decides by its ``inplace`` argument;
+# F.relu_ is torch.relu_).
+_RELUS = {F.relu: False, torch.relu: False, torch.Tensor.relu: False, torch.relu_: True, torch.Tensor.relu_: True}
 
 
 def _guided_relu_backward(grad: Tensor, out: Tensor, mode: str) -> Tensor:
@@ -104,13 +105,14 @@ class _GuidedReLUMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _OUT_OF_PLACE and not kwargs.get("inplace", False):
-            return ops.guided_relu(args[0], self.mode)
-        if func in _OUT_OF_PLACE or func in _IN_PLACE:
-            # keep the caller's aliasing: x itself now holds relu(x), its history runs
-            # through the guided backward
+        in_place = _RELUS.get(func)
+        if in_place is None or not args[0].is_floating_point():
+            return func(*args, **kwargs)  # not a ReLU, or one on integers (no gradient)
+        if in_place or kwargs.get("inplace", False):
+            # x itself now holds relu(x) (the caller's aliasing holds) and its history
+            # runs through the guided backward
             return _GuidedReLUInPlace.apply(args[0], self.mode)
-        return func(*args, **kwargs)
+        return ops.guided_relu(args[0], self.mode)
 
 
 @contextmanager
