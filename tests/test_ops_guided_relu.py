@@ -155,3 +155,22 @@ def test_kernel_bad_arguments():
         torch.ops.cnnviz._guided_relu_backward(torch.randn(3).double(), torch.randn(3), "guided")
     with pytest.raises(RuntimeError, match="x must be a floating-point"):
         torch.ops.cnnviz.guided_relu(torch.ones(3, dtype=torch.long), "guided")
+
+
+@needs_cuda
+def test_compile_reduce_overhead_cuda_streams():
+    # CUDA graphs replay on a side stream: kernels launched on the wrong stream show up here
+    conv = torch.nn.Conv2d(3, 4, 3).cuda()
+    target = torch.randn(4, 4, device="cuda")
+
+    def f(x):
+        feats = ops.guided_relu(conv(x))
+        occluded = ops.occlude(x, 3, 3, 0.0)
+        deltas = occluded.flatten(2).sum(-1)
+        acc = ops.occlusion_accumulate(deltas, x.shape[2], x.shape[3], 3, 3)
+        return ops.gram_loss(feats, target) + acc.sum()
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(2, 3, 9, 9, device="cuda")
+        torch.testing.assert_close(compiled(x), f(x))

@@ -103,6 +103,7 @@ def occlusion_accumulate(deltas: Tensor, H: int, W: int, window: IntPair, stride
         float64 input). Differentiable w.r.t. ``deltas``.
     """
     reference._check_accumulate_args(deltas, H, W, window, stride)
+    H, W = int(H), int(W)
     if not _USE_EXT:
         return reference.occlusion_accumulate(deltas, H, W, window, stride)
     return torch.ops.cnnviz.occlusion_accumulate(deltas, H, W, _pair(window, "window"), _pair(stride, "stride"))

@@ -9,6 +9,7 @@ Every function here takes the same arguments as its public counterpart in
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -50,6 +51,15 @@ def _pair(value: IntPair, name: str) -> Tuple[int, int]:
     if pair[0] <= 0 or pair[1] <= 0:
         raise ValueError(f"{name} must be positive, got {pair}")
     return pair
+
+
+def _index(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,11 +130,13 @@ def _check_occlude_args(images, window, stride, first, count):
     if H == 0 or W == 0:
         raise ValueError(f"images must have a non-empty image plane, got H={H}, W={W}")
     rows, cols = occlusion_grid(H, W, window, stride)
-    if not isinstance(first, int) or first < 0:
+    first = _index(first, "first")
+    if first < 0:
         raise ValueError(f"first must be a non-negative int, got {first!r}")
     if count is None:
         count = rows * cols - first
-    if not isinstance(count, int) or count < 0:
+    count = _index(count, "count")
+    if count < 0:
         raise ValueError(f"count must be a non-negative int, got {count!r}")
     if first + count > rows * cols:
         raise ValueError(
@@ -174,7 +186,7 @@ def _check_accumulate_args(deltas, H, W, window, stride):
     if deltas.dim() != 2:
         raise ValueError(f"deltas must be a 2-D tensor [N, P], got {deltas.dim()}-D")
     for name, v in (("H", H), ("W", W)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if _index(v, name) <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     rows, cols = occlusion_grid(H, W, window, stride)
     if deltas.shape[1] != rows * cols:
