@@ -135,12 +135,16 @@ def test_affine_geometry():
 
 
 # ----------------------------------------------------------------------------- the loop
-def test_model_parameters_never_get_gradients_and_model_is_restored():
+def test_model_parameters_never_get_gradients():
     model = small_model().train()
     flags = [p.requires_grad for p in model.parameters()]
     image = PixelImage(torch.full((2, 3, 8, 8), 0.5))
     result = optimize(model, class_objective([1, 2]), image, steps=3, progress=False)
     assert all(p.grad is None for p in model.parameters())
+    for p in model.parameters():  # gradients a user accumulated are left alone
+        p.grad = torch.ones_like(p)
+    optimize(model, class_objective([1, 2]), PixelImage(torch.full((2, 3, 8, 8), 0.5)), steps=2, progress=False)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
     assert result.images.shape == (2, 3, 8, 8) and result.history.shape == (3, 2)
     # optimize itself does not guard; the public methods do (tested in test_synthesis_methods)
     assert [p.requires_grad for p in model.parameters()] == flags

@@ -108,7 +108,8 @@ def _normalise_steps(grads: Sequence[Tensor], step_norm: Optional[str]) -> List[
 
 
 def _steps(steps: int, progress: Optional[bool], description: str):
-    show = sys.stderr.isatty() if progress is None else progress
+    # None: a bar only in interactive use (a terminal, or a Jupyter kernel)
+    show = (sys.stderr.isatty() or "ipykernel" in sys.modules) if progress is None else progress
     if not show:
         return range(steps)
     from tqdm.auto import tqdm
@@ -151,7 +152,8 @@ def optimize(
         step_norm: None, ``"sign"``, ``"l2"`` or ``"mean_abs"``: per-image gradient
             normalisation before each optimiser step.
         generator: the random generator of the transforms.
-        progress: tqdm bar; None shows it only when stderr is a terminal.
+        progress: tqdm bar; None shows it only in interactive use (stderr a terminal,
+            or a Jupyter kernel).
         callback: ``callback(step, pixels, losses)`` after each step (``pixels`` the
             images before the step, ``losses`` ``Tensor[N]``); returning True stops.
     """

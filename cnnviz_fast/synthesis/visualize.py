@@ -98,7 +98,7 @@ _DOC_PRIOR = """
             pixels with the smallest norm / contribution set to ``center`` every step
             (Yosinski et al. 2015).
         seed: initialisation and transforms (same seed, same images); None: random.
-        progress: tqdm bar (None: only on a terminal); callback: ``callback(step,
+        progress: tqdm bar (None: only in interactive use); callback: ``callback(step,
             pixels, losses)``, returning True stops.
 
     The model runs in eval mode for the call and is left as it was (``model_guard``);
@@ -151,6 +151,9 @@ def visualize_class(
         model's device, ``history`` ``Tensor[steps, N]`` of ``-score + R``.
     """
     with model_guard(model):
+        if isinstance(target, Neuron) or callable(target) or target is None:
+            raise ValueError(f"target must be a class index or a sequence of them (use visualize_neuron for "
+                             f"a Neuron), got {target!r}")
         n = 1 if isinstance(target, int) and not isinstance(target, bool) else len(torch.as_tensor(target).reshape(-1))
         check_target(target, n)
         shape = _input_shape(input_shape, n)
