@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..core.validation import check_positive_int
 from .neighbors import _check_matrix
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 _METHODS = ("pca", "tsne")
 _PCA_SOLVERS = ("auto", "covariance", "svd", "lowrank")
@@ -229,7 +232,7 @@ def _scatter(points: np.ndarray, labels, size: int, class_names, title, point_si
 def plot_embedding(points: torch.Tensor, labels: Optional[torch.Tensor] = None,
                    images: Optional[torch.Tensor] = None, path: Union[str, Path, None] = None,
                    size: int = 1000, thumbnail: int = 32, class_names: Optional[Sequence[str]] = None,
-                   title: Optional[str] = None, point_size: float = 8.0):
+                   title: Optional[str] = None, point_size: float = 8.0) -> "PIL.Image.Image":
     """Picture of a 2-D embedding, saved as PNG when ``path`` is given; returns the
     ``PIL.Image`` (``size`` × ``size`` pixels).
 
