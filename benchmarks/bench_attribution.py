@@ -213,11 +213,14 @@ def bench_smoothgrad_ig(quick: bool, device: str) -> List[dict]:
     ]
 
 
+from _bench_occlusion_section import bench_occlusion  # noqa: E402  (benchmarks/ is on sys.path)
+
 SECTIONS = {
     "saliency": bench_saliency,
     "guided": bench_guided_backprop,
     "gradcam": bench_grad_cam,
     "smoothgrad_ig": bench_smoothgrad_ig,
+    "occlusion": bench_occlusion,
 }
 
 

@@ -21,8 +21,10 @@ def data_length(data) -> Optional[int]:
     if isinstance(data, torch.Tensor):
         return data.shape[0]
     if isinstance(data, DataLoader):
+        if data.drop_last:
+            return None
         try:
-            return len(data.dataset)
+            return len(data.sampler)
         except TypeError:
             return None
     if isinstance(data, Dataset):
