@@ -31,6 +31,10 @@ def cpu_model() -> str:
 def machine() -> Dict[str, Any]:
     """CPU model, cores, torch threads/version and the GPU (if any)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        load = round(os.getloadavg()[0], 2)  # other work on the machine skews timings
+    except OSError:
+        load = None
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -38,13 +42,17 @@ def machine() -> Dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": gpu,
+        "load_avg_1min": load,
     }
 
 
 def machine_description(m: Optional[Dict[str, Any]] = None) -> str:
     m = m or machine()
     s = f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
-    return s + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU")
+    s += f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
+    if m.get("load_avg_1min") is not None:
+        s += f" (1-min load average at start: {m['load_avg_1min']})"
+    return s
 
 
 def machine_tag(m: Optional[Dict[str, Any]] = None) -> str:

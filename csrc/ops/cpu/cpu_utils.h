@@ -11,14 +11,16 @@
 namespace cnnviz {
 namespace cpu {
 
-// Large fresh outputs (e.g. a whole occlusion batch, hundreds of MB) spend most of their
-// time in first-touch page faults; asking for transparent huge pages on the aligned
-// interior of the buffer (before it is written) cuts that cost several-fold. A no-op
-// where THP is unavailable or disabled.
+// Large fresh outputs (a whole occlusion batch is hundreds of MB; activations are MBs)
+// spend much of their time in first-touch page faults: malloc hands out freshly mapped
+// (or trimmed-and-regrown) memory. Asking for transparent huge pages on the aligned
+// interior of the buffer before it is written cuts that cost several-fold (measured:
+// 729x3x224x224 float batch 660 -> 140 ms). Only a hint: a no-op where THP is
+// unavailable or disabled, and harmless on memory that is already mapped.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;  // 2 MiB
-  constexpr size_t kMinBytes = size_t(32) << 20;
+  constexpr size_t kMinBytes = size_t(4) << 20;
   const size_t bytes = t.nbytes();
   if (bytes < kMinBytes) {
     return;

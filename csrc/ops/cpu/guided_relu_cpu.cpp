@@ -7,6 +7,7 @@
 
 #include "../common/guided_relu_host.h"
 #include "../common/guided_relu_math.h"
+#include "cpu_utils.h"
 
 namespace cnnviz {
 namespace ops {
@@ -17,23 +18,82 @@ using guided_relu::Mode;
 
 constexpr int64_t kGrain = 32768;
 
+// The loops are memory-bound but an AVX2 build of them is still ~5-10% faster than the
+// baseline x86-64 (SSE2) one: compile both and pick at run time.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CNNVIZ_AVX2_CLONE 1
+#endif
+
+#define CNNVIZ_FORWARD_LOOP                     \
+  for (int64_t i = begin; i < end; ++i) {       \
+    out[i] = guided_relu::forward(x[i]);        \
+  }
+
+#define CNNVIZ_BACKWARD_LOOP                                   \
+  for (int64_t i = begin; i < end; ++i) {                      \
+    grad_in[i] = guided_relu::backward<M>(grad[i], out[i]);    \
+  }
+
+template <typename scalar_t>
+void forward_loop(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t begin, int64_t end) {
+  CNNVIZ_FORWARD_LOOP
+}
+
+template <Mode M, typename scalar_t>
+void backward_loop(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
+    scalar_t* __restrict__ grad_in, int64_t begin, int64_t end) {
+  CNNVIZ_BACKWARD_LOOP
+}
+
+#ifdef CNNVIZ_AVX2_CLONE
+template <typename scalar_t>
+__attribute__((target("avx2"))) void forward_loop_avx2(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t begin, int64_t end) {
+  CNNVIZ_FORWARD_LOOP
+}
+
+template <Mode M, typename scalar_t>
+__attribute__((target("avx2"))) void backward_loop_avx2(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
+    scalar_t* __restrict__ grad_in, int64_t begin, int64_t end) {
+  CNNVIZ_BACKWARD_LOOP
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* x, scalar_t* out, int64_t numel) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      out[i] = guided_relu::forward(x[i]);
+#ifdef CNNVIZ_AVX2_CLONE
+    if (cpu_has_avx2()) {
+      forward_loop_avx2(x, out, begin, end);
+      return;
     }
+#endif
+    forward_loop(x, out, begin, end);
   });
 }
 
 template <Mode M, typename scalar_t>
 void backward_kernel(const scalar_t* grad, const scalar_t* out, scalar_t* grad_in, int64_t numel) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      grad_in[i] = guided_relu::backward<M>(grad[i], out[i]);
+#ifdef CNNVIZ_AVX2_CLONE
+    if (cpu_has_avx2()) {
+      backward_loop_avx2<M>(grad, out, grad_in, begin, end);
+      return;
     }
+#endif
+    backward_loop<M>(grad, out, grad_in, begin, end);
   });
 }
+
+#undef CNNVIZ_FORWARD_LOOP
+#undef CNNVIZ_BACKWARD_LOOP
 
 at::Tensor guided_relu_cpu(const at::Tensor& x, c10::string_view mode) {
   guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
@@ -46,6 +106,7 @@ at::Tensor guided_relu_cpu(const at::Tensor& x, c10::string_view mode) {
   if (out.numel() == 0) {
     return out;
   }
+  cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "guided_relu_cpu", [&] {
         forward_kernel<scalar_t>(
@@ -65,6 +126,7 @@ at::Tensor guided_relu_backward_cpu(
   if (grad_in.numel() == 0) {
     return grad_in;
   }
+  cpu::advise_huge_pages(grad_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, out.scalar_type(),
       "guided_relu_backward_cpu", [&] {
