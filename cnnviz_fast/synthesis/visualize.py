@@ -221,7 +221,7 @@ def visualize_neuron(
         :class:`SynthesisResult` (``history`` holds ``-activation + R``).
     """
     with model_guard(model):
-        neurons = [neuron] if isinstance(neuron, Neuron) else list(neuron) if isinstance(neuron, (list, tuple)) else None
+        neurons = [neuron] if isinstance(neuron, Neuron) else list(neuron) if isinstance(neuron, (list, tuple)) else []
         if not neurons or not all(isinstance(item, Neuron) for item in neurons):
             raise ValueError(f"neuron must be a Neuron or a non-empty sequence of Neurons, got {neuron!r}")
         shape = _input_shape(input_shape, len(neurons))
