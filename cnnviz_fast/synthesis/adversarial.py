@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import model_guard
+from ..core import Neuron, model_guard
 from ..core.targets import check_target, select_scores
 from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
@@ -89,8 +89,8 @@ def adversarial(
         pixels = check_pixels(inputs, "inputs", device, dtype)
         n = pixels.shape[0]
         check_target(target, n)
-        if callable(target) and not isinstance(target, (int, Tensor)):
-            raise ValueError("target must be an int or N ints for adversarial examples")
+        if isinstance(target, Neuron) or (callable(target) and not isinstance(target, Tensor)):
+            raise ValueError(f"target must be an int or N ints (classes) for adversarial examples, got {target!r}")
         normalize = check_normalize(normalize, pixels.shape[1])
         eps = check_number(eps, "eps", allow_none=True)
         if eps is None and method != "ascent":
@@ -103,7 +103,6 @@ def adversarial(
         elif step_size is None:
             step_size = 2.5 * eps / steps if method == "pgd" else 0.02 * pixels[0].numel() ** 0.5
         step_size = check_number(step_size, "step_size")
-
         if method == "ascent" and not step_size > 0:
             raise ValueError(f"step_size must be > 0 for method='ascent', got {step_size}")
 

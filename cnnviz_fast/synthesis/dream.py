@@ -72,7 +72,7 @@ def deep_dream(
         objective = Objective(loss=loss, layers=(layer,))
         sizes = [(max(8, round(height / octave_scale ** k)), max(8, round(width / octave_scale ** k)))
                  for k in reversed(range(octaves))]
-        detail = torch.zeros_like(pixels[..., :sizes[0][0], :sizes[0][1]])
+        detail = pixels.new_zeros(pixels.shape[:2] + sizes[0])  # what dreaming added, carried up the octaves
         histories = []
         for size in sizes:
             base = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)

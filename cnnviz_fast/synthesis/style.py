@@ -18,7 +18,7 @@ from .. import ops
 from ..core import model_guard
 from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
-from .parameterization import Size, _size_pair, make_image
+from .parameterization import Size, make_image, size_pair
 
 
 def _layers(layers, argument: str) -> List[str]:
@@ -48,7 +48,7 @@ def _style_grams(model, pixels, normalize, layers, argument) -> Dict[str, Tuple[
     return grams
 
 
-def _gram_losses(features: Dict[str, Tensor], grams: Dict[str, Tensor], layers, weights, index) -> Tensor:
+def _gram_losses(features: Dict[str, Tensor], grams, layers, weights, index) -> Tensor:
     """Per-image Gram loss ``sum_l w_l mean((G_l - T_l)^2) / mean(T_l^2)`` as ``Tensor[M]``
     for the images ``index``: one fused ``gram_loss`` call (all layers) per image.
 
@@ -111,7 +111,7 @@ def synthesize_texture(
         layers = _layers(layers, "layers")
         weights = _layer_weights(layer_weights, layers, "layer_weights")
         normalize = check_normalize(normalize, pixels.shape[1])
-        height, width = _size_pair(size, "size") if size is not None else pixels.shape[-2:]
+        height, width = size_pair(size, "size") if size is not None else pixels.shape[-2:]
         grams = _style_grams(model, pixels, normalize, layers, "texture")
         generator = make_generator(seed)
         shape = (pixels.shape[0], pixels.shape[1], height, width)
