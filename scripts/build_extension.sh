@@ -2,7 +2,9 @@
 # Builds cnnviz_fast._C with CPU + CUDA kernels (editable install), on machines with or
 # without a GPU. Usage: scripts/build_extension.sh [python]   (default: /work/venv/bin/python,
 # else python3). Override CUDA_HOME / TORCH_CUDA_ARCH_LIST / MAX_JOBS in the environment;
-# CPU_ONLY=1 skips the CUDA kernels.
+# CPU_ONLY=1 skips the CUDA kernels; INPLACE=1 rebuilds incrementally with
+# `setup.py build_ext --inplace` in build/ext-{cuda,cpu} (for an already installed checkout)
+# instead of `pip install --no-build-isolation -e .` (which recompiles everything).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,5 +35,9 @@ else
   echo "build_extension: CPU only, MAX_JOBS=${MAX_JOBS}"
 fi
 
-"${PY}" -m pip install --no-build-isolation --no-deps -e .
+if [[ "${INPLACE:-0}" == "1" ]]; then
+  "${PY}" setup.py build_ext --inplace --build-temp "build/ext-$([[ "${FORCE_CUDA}" == 1 ]] && echo cuda || echo cpu)"
+else
+  "${PY}" -m pip install --no-build-isolation --no-deps -e .
+fi
 "${PY}" -c "import cnnviz_fast._C, torch; print('cnnviz_fast._C loaded:', torch.ops.cnnviz.occlude)"
