@@ -17,8 +17,9 @@ TOL = {
     torch.bfloat16: (2e-2, 1e-2),
 }
 LAYOUTS = ["contiguous", "noncontiguous", "channels_last"]
-# C > 64 exercises the blocked symmetric product (several row blocks, ragged last block)
-SHAPES = [(2, 5, 3, 4), (1, 150, 6, 5), (3, 130, 1, 1)]
+# the symmetric product halves C recursively while blocks keep >= 64 channels:
+# C=5, 70: one full GEMM; 130, 150: 1 level; 256: 2 levels; 512: 3 levels
+SHAPES = [(2, 5, 3, 4), (1, 150, 6, 5), (3, 130, 1, 1), (2, 256, 2, 3), (1, 512, 3, 1)]
 
 
 def layout(x, kind):
@@ -83,9 +84,9 @@ def test_gram_loss_and_gradients(device, dtype, kind, shape, target_dims):
 
 
 def test_gradcheck(device):
-    # C = 70 > 64: several row blocks of the symmetric product (fast mode keeps it quick)
-    f = torch.randn(1, 70, 3, dtype=torch.float64, device=device, requires_grad=True)
-    t = torch.randn(70, 70, dtype=torch.float64, device=device, requires_grad=True)
+    # C = 128: blocked symmetric product (fast mode keeps it quick)
+    f = torch.randn(1, 128, 3, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randn(128, 128, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.gram_loss(a, b, 1.3), (f, t), fast_mode=True)
     assert torch.autograd.gradcheck(ops.gram, (f,), fast_mode=True)
     f = torch.randn(2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)

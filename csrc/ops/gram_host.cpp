@@ -47,37 +47,53 @@ at::Tensor prepare_target(
 }
 
 int64_t tile_size(int64_t C) {
-  // CNNVIZ_GRAM_TILE overrides the row-block size (for tuning benchmarks).
+  // CNNVIZ_GRAM_TILE overrides the smallest block size (for tuning benchmarks).
   static const int64_t forced = [] {
     const char* env = std::getenv("CNNVIZ_GRAM_TILE");
     return env ? std::atoll(env) : int64_t(0);
   }();
-  if (forced > 0) {
-    return forced;
-  }
-  // ~4 row blocks: (1 + 1/4) / 2 = 0.625 of a full product in 4 large GEMMs; more, smaller
-  // blocks save little more work and lose GEMM efficiency (and pay per-call overhead).
-  constexpr int64_t kMinTile = 64;
-  int64_t tile = (C + 3) / 4;
-  tile = (tile + 15) / 16 * 16;
-  return tile < kMinTile ? kMinTile : tile;
+  // Blocks of fewer than 64 channels make GEMMs inefficient for little saved work.
+  return forced > 0 ? forced : 64;
 }
 
-at::Tensor symmetric_product(const at::Tensor& f, int64_t tile) {
-  const int64_t N = f.size(0), C = f.size(1);
+at::Tensor symmetric_product(const at::Tensor& f, int64_t min_block) {
+  const int64_t N = f.size(0), C = f.size(1), S = f.size(2);
   auto R = at::empty({N, C, C}, f.options());
-  if (C <= tile) {
+  // Recursive halving, L levels deep (blocks of C / 2^L >= min_block channels):
+  //   - every finest diagonal block F_i F_i^T, all in ONE batched GEMM over a view of F;
+  //   - per level l, the upper off-diagonal block of each pair of sibling blocks,
+  //     F_2k F_2k+1^T, again in ONE batched GEMM.
+  // Work: (1/2 + 1/2^(L+1)) of a full product (0.625 for L = 2, 0.5625 for L = 3) in L + 1
+  // large GEMMs. Only the upper triangle (j >= i) of R is written.
+  constexpr int kMaxLevels = 3;
+  int L = 0;
+  while (L < kMaxLevels && C % (int64_t(2) << L) == 0 && C / (int64_t(2) << L) >= min_block) {
+    ++L;
+  }
+  if (L == 0) {
     at::bmm_out(R, f, f.transpose(1, 2));
     return R;
   }
-  // row block [r, r+rows) x columns [r, C) of every image: one batched GEMM per block,
-  // copied into R (bmm_out into the strided view takes a slow path on CPU). The upper
-  // triangle of R is complete afterwards.
-  for (int64_t r = 0; r < C; r += tile) {
-    const int64_t rows = std::min(tile, C - r);
-    R.slice(1, r, r + rows)
-        .slice(2, r, C)
-        .copy_(at::bmm(f.slice(1, r, r + rows), f.slice(1, r, C).transpose(1, 2)));
+  const int64_t nb = int64_t(1) << L, b = C / nb;
+  {
+    const auto fd = f.view({N * nb, b, S});
+    const auto diag = at::bmm(fd, fd.transpose(1, 2)).view({N, nb, b, b});
+    // diagonal block i of R is R5[:, i, :, i, :]
+    R.view({N, nb, b, nb, b}).diagonal(0, 1, 3).permute({0, 3, 1, 2}).copy_(diag);
+  }
+  for (int l = 1; l <= L; ++l) {
+    const int64_t bl = C >> l, pairs = int64_t(1) << (l - 1);
+    const auto fl = f.view({N, pairs, 2, bl, S});
+    const auto A = fl.select(2, 0).reshape({N * pairs, bl, S});  // views: no copy
+    const auto B = fl.select(2, 1).reshape({N * pairs, bl, S});
+    const auto off = at::bmm(A, B.transpose(1, 2)).view({N, pairs, bl, bl});
+    // block (row block 2k, column block 2k+1) of R, for every pair k
+    R.view({N, pairs, 2, bl, pairs, 2, bl})
+        .select(5, 1)
+        .select(2, 0)
+        .diagonal(0, 1, 3)
+        .permute({0, 3, 1, 2})
+        .copy_(off);
   }
   return R;
 }

@@ -19,12 +19,12 @@ Features prepare_features(const at::Tensor& features);
 // contiguous in opmath dtype.
 at::Tensor prepare_target(const at::Tensor& target, const at::Tensor& features, int64_t N, int64_t C);
 
-// Row-block size for the symmetric product.
+// Smallest channel block of the symmetric product (64; CNNVIZ_GRAM_TILE overrides it).
 int64_t tile_size(int64_t C);
 
-// R[n] = F[n] F[n]^T computed only on the row blocks' upper part (see gram_math.h):
-// ~(1 + 1/B)/2 of a full product for B = ceil(C / tile) blocks.
-at::Tensor symmetric_product(const at::Tensor& f, int64_t tile);
+// R[n] = F[n] F[n]^T on its upper triangle only (j >= i; the rest is left unset), by
+// recursive halving into batched GEMMs: ~(1/2 + 1/2^(L+1)) of a full product.
+at::Tensor symmetric_product(const at::Tensor& f, int64_t min_block);
 
 } // namespace gram
 } // namespace cnnviz

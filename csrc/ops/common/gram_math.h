@@ -7,9 +7,9 @@
 namespace cnnviz {
 namespace gram {
 
-// The raw product R = F F^T is computed by row blocks, each only from its diagonal
-// block rightwards, so the upper triangle (j >= i) is always valid. Entry (i, j) of the
-// full product is read from there: the result is exactly symmetric.
+// Only the upper triangle (j >= i) of the raw product R = F F^T is computed (see
+// gram_host.h). Entry (i, j) of the full product is read from there: the result is
+// exactly symmetric.
 template <typename acc_t>
 CNNVIZ_HOST_DEVICE inline acc_t symmetric_entry(const acc_t* R, int64_t C, int64_t i, int64_t j) {
   return j >= i ? R[i * C + j] : R[j * C + i];

@@ -8,6 +8,7 @@
 
 #include "../common/gram_host.h"
 #include "../common/gram_math.h"
+#include "cpu_utils.h"
 
 namespace cnnviz {
 namespace ops {
@@ -153,7 +154,9 @@ at::Tensor gram_loss_backward_cpu(
         static_cast<scalar_t>(coef));
   });
   // the one GEMM of the backward: dF = M F
-  auto grad = at::bmm(M, F.f);
+  auto grad = at::empty({F.N, F.C, F.S}, F.f.options());
+  cpu::advise_huge_pages(grad);
+  at::bmm_out(grad, M, F.f);
   return grad.to(features.scalar_type()).reshape(features.sizes());
 }
 
