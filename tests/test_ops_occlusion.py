@@ -48,7 +48,7 @@ def layout(x, kind):
 def brute_occlude(images, window, stride, baseline, first, count):
     N, C, H, W = images.shape
     (kh, kw), (sh, sw) = window, stride
-    rows, cols = -(-(H - kh) // sh) + 1, -(-(W - kw) // sw) + 1
+    cols = -(-(W - kw) // sw) + 1
     base = (baseline if torch.is_tensor(baseline) else torch.tensor(baseline)).to(images).expand(N, C, H, W)
     out = []
     for p in range(first, first + count):

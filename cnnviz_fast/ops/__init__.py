@@ -13,7 +13,7 @@ autograd formulas are registered below, so the ops work under
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
