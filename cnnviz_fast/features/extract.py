@@ -1,9 +1,6 @@
 """Activations of one layer for every input of a dataset, in memory or streamed to disk."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..core import forward_to_layers, get_layer, model_guard
 from ..core.data import data_length, iter_batches
+from ..core.npy_writer import NpyWriter
 from ..core.validation import check_positive_int
 
 _POOLS = (None, "avg", "max")
@@ -54,60 +52,6 @@ def _known_length(data) -> Optional[int]:
     return data_length(data)
 
 
-class _NpyWriter:
-    """Rows appended to ``<path>.partial`` with plain file writes, renamed on success.
-
-    Plain writes (not stores into a memory map) keep resident memory constant: dirty pages
-    of a mapping count in the process's RSS until it is unmapped, page-cache pages of
-    written files do not. With an unknown length the rows go to a temporary file first and
-    are copied behind the ``.npy`` header at the end.
-    """
-
-    def __init__(self, path: Path, length: Optional[int], dim: int, dtype: np.dtype):
-        self.path, self.length, self.dim, self.dtype = path, length, dim, dtype
-        self.partial = path.with_name(path.name + ".partial")
-        self.raw: Optional[Path] = None
-        self.rows = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if length is not None:
-            self.file = self._open_npy(length)
-        else:
-            handle, raw = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".rows")
-            self.raw = Path(raw)
-            self.file = os.fdopen(handle, "wb")
-
-    def _open_npy(self, length: int):
-        """Create ``<path>.partial`` (header, file sized) and return it opened after the header."""
-        array = np.lib.format.open_memmap(self.partial, "w+", dtype=self.dtype, shape=(length, self.dim))
-        header = array.offset
-        del array
-        handle = open(self.partial, "r+b")
-        handle.seek(header)
-        return handle
-
-    def write(self, rows: np.ndarray) -> None:
-        if self.length is not None and self.rows + len(rows) > self.length:
-            raise ValueError(f"data yielded more than length={self.length} inputs")
-        self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self.rows += len(rows)
-
-    def finish(self) -> None:
-        self.file.close()
-        if self.length is not None and self.rows != self.length:
-            raise ValueError(f"data yielded {self.rows} inputs, expected length={self.length}")
-        if self.raw is not None:
-            with open(self.raw, "rb") as source, self._open_npy(self.rows) as target:
-                shutil.copyfileobj(source, target, 1 << 20)
-            self.raw.unlink()
-        os.replace(self.partial, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        for leftover in (self.partial, self.raw):
-            if leftover is not None:
-                leftover.unlink(missing_ok=True)
-
-
 def extract_features(
     model: nn.Module, data, layer: str, batch_size: int = 256,
     out: Union[str, Path, None] = None, pool: Optional[str] = None,
@@ -132,8 +76,7 @@ def extract_features(
         pool: ``None`` (flatten the activation: D = C·h·w), ``"avg"`` or ``"max"`` (global
             pooling over the spatial dims: D = C).
         length: number of inputs, for an iterable whose length is unknown (a Tensor,
-            Dataset or DataLoader knows its own). Without it, rows stream to a temporary
-            file in ``out``'s directory and are copied into the ``.npy`` at the end.
+            Dataset or DataLoader knows its own); checked when given.
         progress: show a tqdm bar (``None``: only on a terminal).
         num_workers: DataLoader workers for a Dataset.
 
@@ -160,7 +103,7 @@ def extract_features(
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="input", desc=f"features of {layer}",
                disable=None if progress is None else not progress)
-    writer: Optional[_NpyWriter] = None
+    writer: Optional[NpyWriter] = None
     chunks, filled = [], 0
     features = None
     try:
@@ -174,7 +117,7 @@ def extract_features(
                     rows = rows.float()
                 if path is not None:
                     if writer is None:
-                        writer = _NpyWriter(path, total, rows.shape[1], _numpy_dtype(rows.dtype))
+                        writer = NpyWriter(path, rows.shape[1:], _numpy_dtype(rows.dtype), length=total)
                     writer.write(rows.cpu().numpy())
                 elif total is not None:
                     if features is None:
