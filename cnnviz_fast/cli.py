@@ -1,7 +1,8 @@
 """The ``cnnviz`` command line.
 
     cnnviz demo [--out DIR] [--quick]          every method on the embedded default model
-    cnnviz saliency --method M --data D --out F   dataset-scale saliency (torchrun-ready)
+    cnnviz saliency --method M --data D --out DIR  dataset-scale saliency (resumable, torchrun-ready)
+    cnnviz merge OUT DIR...                     join a multi-node run's folders
     cnnviz info                                 version, compiled kernels, devices
     cnnviz train-digits                         retrain the embedded digits model
 """
@@ -93,41 +94,6 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_saliency(args) -> int:
-    from .pictures import colorize, heatmap_overlay, image_grid, save_png
-    from .pipeline import init_distributed, saliency_maps
-
-    rank, world, device = init_distributed()
-    model, normalize, size = load_model(args.model, args.weights)
-    size = args.size or size
-    channels = normalize.channels
-    pixels, names = load_images(args.data, size, channels)
-    kwargs = {}
-    if args.layer:
-        kwargs["layer"] = args.layer
-    if args.method == "occlusion":
-        kwargs.update(window=args.window, stride=args.stride)
-    if args.method in ("integrated_gradients",) and args.steps:
-        kwargs["steps"] = args.steps
-    if args.method == "smoothgrad" and args.samples:
-        kwargs["samples"] = args.samples
-    target = "predicted" if args.target == "predicted" else int(args.target)
-    result = saliency_maps(model, normalize(pixels), args.method, target=target, out=args.out,
-                           batch_size=args.batch_size, device=args.device or device,
-                           progress=not args.quiet, **kwargs)
-    if rank == 0:
-        print(f"wrote {result.path} [{len(pixels)}, {size}, {size}] ({args.method}, {world} rank(s))")
-        if args.pictures:
-            folder = Path(args.out).with_suffix("")
-            for index in range(min(args.pictures, len(pixels))):
-                image, heat = pixels[index].expand(3, -1, -1), result.maps[index]
-                panel = image_grid([image, colorize(heat), heatmap_overlay(image, heat)], nrow=3, scale=False)
-                save_png(panel, folder / f"{names[index]}-pred{int(result.predictions[index])}.png",
-                         upscale=max(1, 128 // size))
-            print(f"wrote {min(args.pictures, len(pixels))} overlays to {folder}/")
-    return 0
-
-
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -144,7 +110,7 @@ def _cmd_train_digits(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import METHODS
+    from .pipeline.cli import add_merge_parser, add_saliency_parser
 
     parser = argparse.ArgumentParser(prog="cnnviz", description="Visualize and understand CNNs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,24 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer optimisation steps (smoke test)")
     demo.set_defaults(run=_cmd_demo)
 
-    sal = commands.add_parser("saliency", help="attribution maps for a whole dataset (use torchrun for many GPUs)")
-    sal.add_argument("--model", default="digits", help=f"{', '.join(BUILTIN_MODELS)} or package.module:factory")
-    sal.add_argument("--weights", help="state dict for --model")
-    sal.add_argument("--data", default="digits", help="digits[:split], samples, an image file or a folder")
-    sal.add_argument("--method", default="saliency", choices=sorted(METHODS))
-    sal.add_argument("--out", required=True, help="output .npy file [M, H, W]")
-    sal.add_argument("--target", default="predicted", help="'predicted' or a class index")
-    sal.add_argument("--layer", help="layer for grad_cam / guided_grad_cam")
-    sal.add_argument("--window", type=int, nargs=2, default=(16, 16), help="occlusion window")
-    sal.add_argument("--stride", type=int, nargs=2, default=(8, 8), help="occlusion stride")
-    sal.add_argument("--steps", type=int, help="integrated_gradients steps")
-    sal.add_argument("--samples", type=int, help="smoothgrad samples")
-    sal.add_argument("--size", type=int, help="input size (default: the model's)")
-    sal.add_argument("--batch-size", type=int, default=64)
-    sal.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when present)")
-    sal.add_argument("--pictures", type=int, default=0, help="also save this many overlays as PNG")
-    sal.add_argument("--quiet", action="store_true")
-    sal.set_defaults(run=_cmd_saliency)
+    add_saliency_parser(commands)
+    add_merge_parser(commands)
 
     info = commands.add_parser("info", help="version, compiled kernels, devices")
     info.set_defaults(run=_cmd_info)

@@ -1,5 +1,8 @@
-"""Dataset-scale saliency: streamed file output, interruption safety, torchrun sharding, CLI."""
+"""Dataset-scale saliency: every source kind, equality with the attribution API, bad files,
+kill-and-resume (one process and two torchrun ranks), settings refusal, merge, the reader."""
+import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,111 +10,342 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from cnnviz_fast import zoo
-from cnnviz_fast.pipeline import saliency_maps
+from cnnviz_fast import attribution, zoo
+from cnnviz_fast.core.npy_writer import NpyWriter
+from cnnviz_fast.pipeline import decode_image, merge, open_results, saliency_maps, to_map
+from cnnviz_fast.pipeline.sources import decode_on_device
+from cnnviz_fast.pipeline.writer import KILL_AFTER_SHARDS, KILL_RANK, finished_shards
 
 ROOT = Path(__file__).resolve().parents[1]
+CLOSE = dict(rtol=1e-4, atol=1e-6)  # float32 maps; batch composition may change the last bits
+N_FILES = 20
 
 
 @pytest.fixture(scope="module")
-def digits_inputs():
-    pixels, labels = zoo.digits("test")
-    return zoo.DIGITS_NORMALIZE(pixels[:20]), labels[:20]
+def model():
+    return zoo.digits_cnn()
 
 
-def reference_saliency_maps(model, inputs):
-    """Max |d score_pred / d x| over channels, one image at a time, by plain autograd."""
-    maps, preds = [], []
-    for image in inputs:
-        x = image[None].clone().requires_grad_(True)
-        out = model(x)
-        pred = int(out.argmax(1))
-        (grad,) = torch.autograd.grad(out[0, pred], x)
-        maps.append(grad.abs().amax(1)[0])
-        preds.append(pred)
-    return torch.stack(maps), torch.tensor(preds)
+@pytest.fixture(scope="module")
+def pixels():
+    return zoo.digits("test")[0][:30]
 
 
-def test_in_memory_matches_plain_autograd(digits_inputs):
-    inputs, labels = digits_inputs
-    model = zoo.digits_cnn()
-    result = saliency_maps(model, inputs, "saliency", batch_size=7, progress=False)
-    expected_maps, expected_preds = reference_saliency_maps(model, inputs)
-    assert result.path is None and result.maps.shape == (20, 32, 32)
-    torch.testing.assert_close(result.maps, expected_maps, rtol=1e-4, atol=1e-6)
-    assert torch.equal(result.predictions, expected_preds)
-    assert (result.predictions == labels).float().mean() > 0.9
+@pytest.fixture(scope="module")
+def inputs(pixels):
+    return zoo.DIGITS_NORMALIZE(pixels)
 
 
-def test_streams_to_npy_and_leaves_no_partial(tmp_path, digits_inputs):
-    inputs, _ = digits_inputs
-    out = tmp_path / "maps.npy"
-    result = saliency_maps(zoo.digits_cnn(), inputs, "grad_cam", layer="features.conv4", out=out,
-                           batch_size=8, progress=False)
-    assert result.path == out and out.exists()
-    assert not list(tmp_path.glob("*.partial"))
-    on_disk = np.load(out)
-    assert on_disk.shape == (20, 32, 32) and np.array_equal(on_disk, result.maps.numpy())
-    assert np.load(tmp_path / "maps.predictions.npy").shape == (20,)
+def expected(model, inputs):
+    """Maps, predictions and scores straight from the attribution API."""
+    maps, output = attribution.saliency(model, inputs, "predicted", return_output=True)
+    predicted = output.argmax(1)
+    return to_map(maps), predicted, output.gather(1, predicted[:, None])[:, 0]
 
 
-def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, digits_inputs):
-    inputs, _ = digits_inputs
-    model = zoo.digits_cnn()
-    calls = {"n": 0}
+def run(model, data, out, **kwargs):
+    kwargs.setdefault("map_dtype", "float32")
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("shard_size", 8)
+    return saliency_maps(model, data, out, normalize=zoo.DIGITS_NORMALIZE, size=32, **kwargs)
 
-    def flaky(output):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return output[:, 0]
 
-    import cnnviz_fast.pipeline as pipeline
-    original = pipeline.METHODS["saliency"]
-    pipeline.METHODS["saliency"] = lambda m, x, t, **k: original(m, x, flaky, **k)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            saliency_maps(model, inputs, "saliency", out=tmp_path / "maps.npy", batch_size=8, progress=False)
-    finally:
-        pipeline.METHODS["saliency"] = original
-    assert list(tmp_path.iterdir()) == []
+def as_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image[0].numpy() * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, pixels):
+    """Digits as files of many kinds, in nested folders, plus files that cannot be decoded."""
+    root = tmp_path_factory.mktemp("images")
+    for k in range(N_FILES):
+        gray = Image.fromarray(as_uint8(pixels[k]), "L")
+        sub = root / ("a" if k % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        kind = k % 7
+        if kind == 0:
+            gray.save(sub / f"{k:02d} gray, spaced.png")
+        elif kind == 1:
+            gray.convert("RGB").save(sub / f"{k:02d}-rgb.jpg", quality=95)
+        elif kind == 2:
+            gray.convert("RGBA").save(sub / f"{k:02d}-rgba.png")
+        elif kind == 3:
+            gray.convert("P").save(sub / f"{k:02d}-palette.png")
+        elif kind == 4:
+            gray.convert("CMYK").save(sub / f"{k:02d}-cmyk.jpg", quality=95)
+        elif kind == 5:
+            sixteen = (np.asarray(gray).astype(np.uint16) * 257)
+            Image.fromarray(sixteen).save(sub / f"{k:02d}-16bit.png")
+        else:
+            gray.resize((64, 48)).save(sub / f"{k:02d}-ü-large.png")
+    (root / "b" / "zero.png").write_bytes(b"")
+    (root / "a" / "not-an-image.jpg").write_text("hello")
+    data = (root / "a" / "01-rgb.jpg").read_bytes()
+    (root / "b" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "notes.txt").write_text("not listed: wrong suffix")
+    return root
+
+
+BAD = {"b/zero.png", "a/not-an-image.jpg", "b/truncated.jpg"}
+
+
+def test_decode_converts_every_mode(folder, pixels):
+    """Each kind decodes to the digit's pixels (exactly for lossless files, closely for JPEG)."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix not in (".png", ".jpg") or path.relative_to(folder).as_posix() in BAD:
+            continue
+        k = int(path.name[:2])
+        decoded = decode_image(path, 32, 1)[:, :, 0].astype(int)
+        truth = as_uint8(pixels[k]).astype(int)
+        if "large" in path.name:
+            continue  # resized twice: only the shape is checked
+        error = np.abs(decoded - truth)
+        if path.suffix == ".png":
+            assert error.max() <= 1, path.name
+        else:
+            assert error.mean() < 4, path.name
+    assert decode_image(folder / "a" / "01-rgb.jpg", 16, 3).shape == (16, 16, 3)
+
+
+def test_tensor_source_equals_attribution_api(tmp_path, model, inputs):
+    summary = run(model, inputs, tmp_path / "out", batch_size=7)
+    assert summary.complete and summary.images == 30 and summary.skipped == 0
+    results = open_results(tmp_path / "out")
+    maps, predicted, scores = expected(model, inputs)
+    assert len(results) == 30 and [r["item"] for r in results] == list(range(30))
+    torch.testing.assert_close(torch.from_numpy(results.maps()), maps, **CLOSE)
+    assert np.array_equal(results.predicted, predicted.numpy())
+    assert np.array_equal(results.targets, predicted.numpy())
+    np.testing.assert_allclose(results.scores, scores.detach().numpy(), rtol=1e-5)
+    assert len(finished_shards(tmp_path / "out")) == 4  # 30 items, shards of 8
+    # float16 by default, close to the float32 maps; a class target is kept as given
+    run(model, inputs[:10], tmp_path / "half", map_dtype="float16", target=3)
+    half = open_results(tmp_path / "half")
+    assert half[0]["map"].dtype == np.float16 and set(half.targets) == {3}
+    torch.testing.assert_close(torch.from_numpy(half.maps()).float(),
+                               to_map(attribution.saliency(model, inputs[:10], 3)), rtol=1e-3, atol=1e-5)
+
+
+class Stream(IterableDataset):
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def __iter__(self):
+        return iter(self.inputs)
+
+
+def test_dataset_iterable_and_dataloader_sources(tmp_path, model, inputs):
+    maps = expected(model, inputs)[0]
+    labelled = TensorDataset(inputs, torch.arange(30))
+    for name, data in [("dataset", labelled), ("iterable", Stream(inputs)),
+                       ("loader", DataLoader(labelled, batch_size=4))]:
+        summary = run(model, data, tmp_path / name, batch_size=5, num_workers=1 if name == "dataset" else 0)
+        assert summary.complete and summary.images == 30, name
+        torch.testing.assert_close(torch.from_numpy(open_results(tmp_path / name).maps()), maps, **CLOSE)
+
+
+def test_folder_and_list_sources_with_bad_files(tmp_path, model, folder):
+    summary = run(model, folder, tmp_path / "out", batch_size=6, num_workers=2, overlays=3)
+    assert summary.complete and (summary.images, summary.skipped) == (N_FILES, len(BAD))
+    results = open_results(tmp_path / "out")
+    errors = results.errors()
+    assert {e["path"] for e in errors} == BAD and all(e["reason"] for e in errors)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*")
+                   if p.suffix in (".png", ".jpg") and p.relative_to(folder).as_posix() not in BAD)
+    assert results.paths == names  # sorted relative paths, skips left out
+    decoded = torch.stack([torch.from_numpy(decode_image(folder / n, 32, 1)).permute(2, 0, 1) for n in names])
+    maps = expected(model, zoo.DIGITS_NORMALIZE(decoded.float() / 255))[0]
+    torch.testing.assert_close(torch.from_numpy(results.maps()), maps, **CLOSE)
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
+    # a text file of paths (relative to it, or absolute) gives the same maps for those files
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / names[4]}\n{os.path.relpath(folder / names[1], tmp_path)}\n")
+    run(model, listing, tmp_path / "listed")
+    listed = open_results(tmp_path / "listed")
+    torch.testing.assert_close(torch.from_numpy(listed.maps()), maps[[4, 1]], **CLOSE)
+    assert listed.get(str(folder / names[4]))["item"] == 0
+
+
+def test_reader(tmp_path, model, inputs, folder):
+    run(model, folder, tmp_path / "out", batch_size=8)
+    results = open_results(tmp_path / "out")
+    first, last = results[0], results[-1]
+    assert results.get(first["path"])["item"] == first["item"] and last["item"] == results[len(results) - 1]["item"]
+    assert np.array_equal(results.get(last["path"])["map"], last["map"]) and last["map"].shape == (32, 32)
+    assert [r["path"] for r in results] == results.paths
+    with pytest.raises(IndexError):
+        results[len(results)]
+    with pytest.raises(KeyError):
+        results.get("missing.png")
+    # the index is plain CSV and the maps plain .npy: no cnnviz_fast needed to read them
+    with open(tmp_path / "out" / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    row = rows[5]
+    shard = np.load(tmp_path / "out" / "shards" / f"{int(row['shard']):06d}.npy")
+    assert np.array_equal(shard[int(row["row"])], results[5]["map"]) and row["path"] == results.paths[5]
+    with pytest.raises(ValueError, match="no index.csv"):
+        open_results(tmp_path)
+
+
+def test_refuses_other_settings(tmp_path, model, inputs):
+    run(model, inputs[:8], tmp_path / "out")
+    run(model, inputs[:8], tmp_path / "out")  # the same settings: nothing to do, accepted
+    with pytest.raises(ValueError, match="other settings.*method: 'saliency' in the folder, 'grad_cam' now"):
+        saliency_maps(model, inputs[:8], tmp_path / "out", "grad_cam", layer="features.conv4",
+                      map_dtype="float32", shard_size=8, progress=False, normalize=zoo.DIGITS_NORMALIZE, size=32)
+    with pytest.raises(ValueError, match="map_dtype"):
+        run(model, inputs[:8], tmp_path / "out", map_dtype="float16")
+    other = zoo.digits_cnn()
+    with torch.no_grad():
+        other.features.conv1.weight.add_(1)
+    with pytest.raises(ValueError, match="model"):
+        run(other, inputs[:8], tmp_path / "out")
+    with pytest.raises(ValueError, match="source"):
+        run(model, inputs[:9], tmp_path / "out")
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "magic"}, "method must be one of"),
     ({"target": "best"}, "target must be 'predicted'"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"batch_size": 0}, "batch_size must be"),
+    ({"data": [1, 2]}, "data must be a folder"),
+    ({"data": "/no/such/folder"}, "no such folder"),
 ])
-def test_bad_arguments(kwargs, message, digits_inputs):
+def test_bad_arguments(tmp_path, model, inputs, kwargs, message):
+    kwargs = {"data": inputs[:4], **kwargs}
     with pytest.raises(ValueError, match=message):
-        saliency_maps(zoo.digits_cnn(), digits_inputs[0], **kwargs)
+        run(model, out=tmp_path / "out", **kwargs)
 
 
-def _run(args, **env):
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_decode_without_gpu_is_a_clear_error(tmp_path, model, folder):
+    with pytest.raises(ValueError, match="decode='gpu' needs a CUDA device.*no GPU is present"):
+        run(model, folder, tmp_path / "out", decode="gpu")
 
 
-def test_torchrun_two_ranks_equal_one_process(tmp_path):
-    """Two CPU ranks (gloo) shard the digits and write one file equal to a single-process run."""
-    out = tmp_path / "dist.npy"
-    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                "-m", "cnnviz_fast", "saliency", "--data", "digits", "--method", "saliency",
-                "--out", str(out), "--batch-size", "32", "--quiet"], OMP_NUM_THREADS="1")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 rank(s)" in run.stdout
-    pixels, _ = zoo.digits("test")
-    single = saliency_maps(zoo.digits_cnn(), zoo.DIGITS_NORMALIZE(pixels), "saliency", progress=False)
-    torch.testing.assert_close(torch.from_numpy(np.load(out)), single.maps, rtol=1e-4, atol=1e-6)
-    assert np.array_equal(np.load(tmp_path / "dist.predictions.npy"), single.predictions.numpy())
+def test_decode_on_device_keeps_good_files_and_reports_bad(folder):
+    """The GPU decoder's logic, run on the CPU: JPEG batch, PNG fallback, one bad file."""
+    names = ["a/01-rgb.jpg", "b/c/00 gray, spaced.png", "b/truncated.jpg", "a/not-an-image.jpg"]
+    raw = [torch.from_numpy(np.frombuffer((folder / n).read_bytes(), np.uint8).copy()) for n in names]
+    kept, images, failed = decode_on_device(raw, 32, 1, torch.device("cpu"))
+    assert kept[:2] == [0, 1] and images.shape[1:] == (1, 32, 32) and images.dtype == torch.uint8
+    assert 3 in [i for i, _ in failed]
+    for k, name in zip(kept[:2], names[:2]):
+        pillow = torch.from_numpy(decode_image(folder / name, 32, 1)).permute(2, 0, 1).int()
+        assert (images[kept.index(k)].int() - pillow).abs().float().mean() < 4
 
 
-def test_cli_info_and_saliency_pictures(tmp_path):
-    info = _run([sys.executable, "-m", "cnnviz_fast", "info"])
-    assert info.returncode == 0 and "compiled kernels" in info.stdout
-    run = _run([sys.executable, "-m", "cnnviz_fast", "saliency", "--data", "digits", "--method",
-                "guided_backprop", "--out", str(tmp_path / "g.npy"), "--pictures", "2", "--quiet"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert len(list((tmp_path / "g").glob("*.png"))) == 2
-    bad = _run([sys.executable, "-m", "cnnviz_fast", "saliency", "--model", "alexnet", "--out", "x.npy"])
-    assert bad.returncode != 0 and "--model must be one of" in bad.stderr
+def _python(*args, **env):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_kill_and_resume_matches_python_api(tmp_path, model, folder):
+    """SIGKILL after 2 of 4 shards; the same command resumes, and the result equals a
+    fresh run of the Python API."""
+    out = tmp_path / "cli"
+    command = ["-m", "cnnviz_fast", "saliency", "--data", str(folder), "--out", str(out), "--shard-size", "6",
+               "--batch-size", "4", "--map-dtype", "float32", "--num-workers", "1", "--quiet"]
+    killed = _python(*command, **{KILL_AFTER_SHARDS: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert finished_shards(out) == [0, 1] and not (out / "index.csv").exists()
+    for leftover in (out / "shards").iterdir():  # whatever was in flight is visibly unfinished
+        assert leftover.name.endswith(".partial") or int(leftover.name[:6]) in (0, 1)
+    resumed = _python(*command)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "2 shards already done" in resumed.stdout
+    fresh = tmp_path / "fresh"
+    run(model, folder, fresh, shard_size=6, batch_size=4)
+    cli, api = open_results(out), open_results(fresh)
+    assert cli.paths == api.paths and np.array_equal(cli.predicted, api.predicted)
+    torch.testing.assert_close(torch.from_numpy(cli.maps()), torch.from_numpy(api.maps()), **CLOSE)
+    assert cli.errors() == api.errors()
+    assert not [p for p in out.rglob("*.partial")]
+    bad = _python("-m", "cnnviz_fast", "saliency", "--data", str(folder), "--out", str(out), "--method",
+                  "guided_backprop", "--quiet")
+    assert bad.returncode != 0 and "other settings" in bad.stderr
+
+
+def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model, inputs):
+    """2 gloo ranks; rank 1 is killed after its first shard; the rerun finishes the rest and
+    the result equals a single-process run, nothing lost or duplicated."""
+    out = tmp_path / "dist"
+    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+               "-m", "cnnviz_fast", "saliency", "--data", "digits", "--out", str(out), "--shard-size", "64",
+               "--batch-size", "32", "--map-dtype", "float32", "--quiet"]
+    killed = _python(*command, **{KILL_AFTER_SHARDS: "1", KILL_RANK: "1"})
+    assert killed.returncode != 0 and not (out / "index.csv").exists()
+    assert 1 in finished_shards(out)
+    done_before = len(finished_shards(out))
+    resumed = _python(*command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "2 rank(s)" in resumed.stdout and f"{done_before} shards already done" in resumed.stdout
+    results = open_results(out)
+    digits = zoo.DIGITS_NORMALIZE(zoo.digits("test")[0])
+    assert [r["item"] for r in results] == list(range(len(digits)))
+    fresh = tmp_path / "one"
+    saliency_maps(model, digits, fresh, normalize=zoo.DIGITS_NORMALIZE, size=32, shard_size=64, batch_size=32,
+                  map_dtype="float32", progress=False)
+    single = open_results(fresh)
+    assert np.array_equal(results.predicted, single.predicted)
+    torch.testing.assert_close(torch.from_numpy(results.maps()), torch.from_numpy(single.maps()), **CLOSE)
+    # the same run split over two "nodes" without a shared folder, joined by `cnnviz merge`
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    for node, keep in ((node0, 0), (node1, 1)):
+        (node / "shards").mkdir(parents=True)
+        (node / "run.json").write_bytes((fresh / "run.json").read_bytes())
+        for shard in finished_shards(fresh)[keep::2]:
+            for suffix in (".npy", ".csv"):
+                name = f"{shard:06d}{suffix}"
+                (node / "shards" / name).write_bytes((fresh / "shards" / name).read_bytes())
+    with pytest.raises(ValueError, match="not finished here"):
+        merge(tmp_path / "partial", [node0])
+    joined = _python("-m", "cnnviz_fast", "merge", str(tmp_path / "merged"), str(node0), str(node1))
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    merged = open_results(tmp_path / "merged")
+    assert merged.paths == single.paths and np.array_equal(merged.maps(), single.maps())
+
+
+def test_output_names_never_escape_out(tmp_path, model, pixels):
+    """Input names with separators, dots, commas, quotes, unicode and absolute paths only ever
+    appear inside index.csv; every file written lies under out."""
+    images = tmp_path / "in"
+    names = ["unused", "..x.png", 'q"uote,comma.png', "é ü.png", "-rf.png", "$(x).png"]
+    (images / "sub").mkdir(parents=True)
+    written = []
+    for k, name in enumerate(names[1:]):
+        path = images / "sub" / name
+        Image.fromarray(as_uint8(pixels[k]), "L").save(path, format="PNG")
+        written.append(path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([str(written[0]), f"in/sub/../sub/{names[2]}", "../../../../etc/passwd.png"]))
+    before = set(tmp_path.rglob("*"))
+    for data, out in ((images, tmp_path / "o1"), (listing, tmp_path / "o2")):
+        run(model, data, out, overlays=5)
+    created = set(tmp_path.rglob("*")) - before
+    assert created and all(p.is_relative_to(tmp_path / "o1") or p.is_relative_to(tmp_path / "o2") for p in created)
+    assert open_results(tmp_path / "o1").paths == sorted(f"sub/{n}" for n in names[1:])
+    assert open_results(tmp_path / "o2").errors()[0]["path"] == "../../../../etc/passwd.png"
+
+
+def test_npy_writer_commits_atomically(tmp_path):
+    rows = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    writer = NpyWriter(tmp_path / "a.npy", (2, 3), np.float16)  # length unknown
+    writer.write(rows[:3])
+    writer.write(rows[3:])
+    assert not (tmp_path / "a.npy").exists() and (tmp_path / "a.npy.partial").exists()
+    writer.finish()
+    assert np.array_equal(np.load(tmp_path / "a.npy"), rows.astype(np.float16))
+    assert not (tmp_path / "a.npy.partial").exists()
+    sized = NpyWriter(tmp_path / "b.npy", (2, 3), np.float32, length=5, durable=True)
+    sized.write(rows)
+    with pytest.raises(ValueError, match="yielded 4 inputs, expected length=5"):
+        sized.finish()
+    assert list(tmp_path.glob("b.npy*")) == []
+    with pytest.raises(ValueError, match="rows must have shape"):
+        NpyWriter(tmp_path / "c.npy", (2, 3), np.float32).write(rows[:, :1])

@@ -1,0 +1,252 @@
+"""The run loop: decode in workers, one forward + backward per batch in the main thread,
+shards written by a background thread; resumable and sharded across torchrun ranks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import attribution
+from ..core.targets import is_predicted, resolve_target
+from ..core.validation import check_positive_int
+from . import distributed
+from .results import check_settings, write_index
+from .sources import FileSource, StreamSource, PositionBatches, make_source
+from .writer import BackgroundWriter, finished_shards, write_atomic
+
+# name -> attribution function; each takes (model, inputs, target, ..., return_output=True).
+METHODS: Dict[str, Callable] = {
+    "saliency": attribution.saliency,
+    "smoothgrad": attribution.smoothgrad,
+    "integrated_gradients": attribution.integrated_gradients,
+    "guided_backprop": attribution.guided_backprop,
+    "deconvnet": attribution.deconvnet,
+    "grad_cam": attribution.grad_cam,
+    "guided_grad_cam": attribution.guided_grad_cam,
+    "occlusion": attribution.occlusion,
+}
+AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAP_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class RunSummary:
+    """What one call did (summed over ranks): ``images`` explained and ``skipped`` now,
+    ``resumed_shards`` found finished at the start, ``seconds``; ``complete``: the index
+    is written (``open_results(out)`` reads it)."""
+
+    out: Path
+    images: int
+    skipped: int
+    seconds: float
+    resumed_shards: int
+    complete: bool
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.images} images, {self.skipped} skipped, {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+                + (f" ({self.resumed_shards} shards already done)" if self.resumed_shards else "")
+                + ("" if self.complete else "; index not written (shards missing here: see above)"))
+
+
+def to_map(attributions: torch.Tensor) -> torch.Tensor:
+    """One map per image: ``[N, H, W]`` as is; ``[N, C, H, W]`` by max |·| over channels
+    (Simonyan et al.'s saliency map)."""
+    return attributions.abs().amax(1) if attributions.dim() == 4 else attributions
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Class and a hash of every parameter and buffer: a resumed run must use the same model."""
+    digest = hashlib.sha1(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=repr))
+
+
+def saliency_maps(
+    model: nn.Module, data, out: Union[str, Path], method: str = "saliency",
+    target: Union[str, int] = "predicted", *, normalize: Optional[nn.Module] = None, size: Optional[int] = None,
+    batch_size: int = 64, num_workers: Optional[int] = None, device: Union[str, torch.device, None] = None,
+    dtype: Optional[str] = None, channels_last: bool = False, map_dtype: str = "float16",
+    shard_size: int = 1024, overlays: int = 0, decode: str = "pil", progress: bool = True,
+    **method_kwargs,
+) -> RunSummary:
+    """Attribution maps for every input of ``data`` with one method, streamed to the folder ``out``.
+
+    Args:
+        model: the network (moved to ``device``; left in its mode, hooks and memory format).
+        data: a folder of images (recursive), a text file of image paths, a ``Tensor[M, C, H,
+            W]``, a map-style ``Dataset``, an ``IterableDataset`` or a ``DataLoader``. Files are
+            decoded to ``size``² pixels and passed through ``normalize``; tensors and dataset
+            items are model inputs already.
+        out: output folder (see :mod:`cnnviz_fast.pipeline.results`); read it with
+            :func:`~cnnviz_fast.pipeline.open_results`. Rerunning into it resumes; other
+            settings against it raise ``ValueError``.
+        method: one of :data:`METHODS`; ``method_kwargs`` go to it (``layer=``, ``window=``, …).
+        target: ``"predicted"`` (each input's top class, from the same forward pass) or a class.
+        batch_size: inputs per forward + backward; ``shard_size``: items per output shard.
+        num_workers: decoding processes (default: up to 4 for files, 0 for a tensor).
+        device: default the model's (under torchrun: ``cuda:LOCAL_RANK`` when GPUs exist).
+        dtype: ``"bf16"`` / ``"fp16"`` to run under autocast; ``channels_last``: NHWC layout.
+        map_dtype: ``"float16"`` (default) or ``"float32"`` on disk.
+        overlays: also write PNG overlays of the first ``overlays`` items.
+        decode: ``"pil"`` (Pillow in the workers) or ``"gpu"`` (nvJPEG on the device).
+        progress: a progress bar and a summary line on rank 0.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if not (is_predicted(target) or (isinstance(target, int) and not isinstance(target, bool))):
+        raise ValueError(f"target must be 'predicted' or a class index, got {target!r}")
+    if dtype not in AUTOCAST:
+        raise ValueError(f"dtype must be one of {list(AUTOCAST)}, got {dtype!r}")
+    if map_dtype not in MAP_DTYPES:
+        raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(shard_size, "shard_size")
+    check_positive_int(overlays, "overlays", minimum=0)
+    rank, world = distributed.rank_world()
+    device = torch.device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    if decode == "gpu" and device.type != "cuda":
+        raise ValueError(f"decode='gpu' needs a CUDA device, got device={str(device)!r}"
+                         + ("" if torch.cuda.is_available() else " (no GPU is present)"))
+    channels = normalize.channels if normalize is not None else None
+    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size)
+    if source.pixels and normalize is None:
+        raise ValueError("normalize is required to turn decoded pixels into model inputs")
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1) if isinstance(source, FileSource) else 0
+    check_positive_int(num_workers, "num_workers", minimum=0)
+
+    out = Path(out)
+    settings = _jsonable({
+        "method": method, "method_kwargs": method_kwargs, "target": target, "model": model_fingerprint(model),
+        "normalize": None if normalize is None else [normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()],
+        "size": size, "dtype": dtype, "map_dtype": map_dtype, "shard_size": shard_size, "source": source.describe(),
+    })
+    check_settings(out, settings)
+    done = set(finished_shards(out))
+    writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays)
+    function = METHODS[method]
+    on_gpu = device.type == "cuda"
+    autocast = (torch.autocast(device.type, AUTOCAST[dtype]) if dtype else contextlib.nullcontext)
+
+    if isinstance(source, StreamSource):
+        batches, total = source.batches(num_workers, on_gpu), None
+        mine = lambda shard: shard % world == rank and shard not in done  # noqa: E731
+    else:
+        shards = -(-source.length // shard_size)
+        pending = [k for k in range(shards) if k % world == rank and k not in done]
+        sampler = PositionBatches(pending, shard_size, source.length, batch_size)
+        batches = source.batches(sampler, num_workers, on_gpu)
+        total = sum(min((k + 1) * shard_size, source.length) - k * shard_size for k in pending)
+        mine = None
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="img", desc=f"{method} (rank {rank} of {world})", file=sys.stderr,
+               disable=not progress or rank != 0, smoothing=0.1)
+    model = model.to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    formats = {name: p.is_contiguous(memory_format=torch.channels_last) for name, p in model.named_parameters()}
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    images = skipped = seen = 0
+    start = time.perf_counter()
+    try:
+        for batch in batches:
+            seen = max(seen, int(batch.positions[-1]) + 1) if len(batch.positions) else seen
+            if mine is not None:  # a stream: keep this rank's unfinished shards
+                keep = [k for k, p in enumerate(batch.positions) if mine(int(p) // shard_size)]
+                if not keep:
+                    continue
+                if len(keep) < len(batch.positions):
+                    batch.positions, batch.ids = batch.positions[keep], [batch.ids[k] for k in keep]
+                    batch.inputs = batch.inputs[keep]
+            if isinstance(batch.inputs, list):  # raw bytes: decode on the GPU
+                batch = source.decode_batch(batch, device)
+            skipped += len(batch.skipped)
+            if not len(batch.positions):
+                writer.put((batch.positions, [], np.empty((0, 0, 0)), [], [], [], None, batch.skipped, None))
+                bar.update(len(batch.skipped))
+                continue
+            x = batch.inputs.to(device, non_blocking=True)
+            if source.pixels:
+                x = normalize.to(device)(x.float().div_(255))
+            x = x.contiguous(memory_format=layout)
+            with autocast():
+                attributions, output = function(model, x, target, return_output=True, **method_kwargs)
+            output = output.float()
+            classes = resolve_target(target, output) if is_predicted(target) else torch.full(
+                (output.shape[0],), target, dtype=torch.long, device=output.device)
+            columns = [to_map(attributions).to(getattr(torch, map_dtype)), output.argmax(1), classes,
+                       output.gather(1, classes[:, None])[:, 0]]
+            pixels = None
+            if int(batch.positions[0]) < overlays:
+                first = int(np.searchsorted(batch.positions, overlays))
+                pixels = (batch.inputs[:first].float() / 255 if source.pixels else
+                          normalize.inverse(x[:first].float()).clamp(0, 1) if normalize is not None else
+                          _unit(x[:first].float())).cpu()
+            if on_gpu:  # copies into pinned memory; the writer waits on the event
+                host = [torch.empty(c.shape, dtype=c.dtype, pin_memory=True) for c in columns]
+                for h, c in zip(host, columns):
+                    h.copy_(c.detach(), non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host, ready = [c.detach() for c in columns], None
+            writer.put((batch.positions, batch.ids, host[0], host[1].numpy(), host[2].numpy(), host[3].numpy(),
+                        ready, batch.skipped, pixels))
+            images += len(batch.positions)
+            bar.update(len(batch.positions) + len(batch.skipped))
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
+    finally:
+        bar.close()
+        if channels_last:
+            for name, p in model.named_parameters():
+                if not formats[name]:
+                    p.data = p.data.contiguous()
+    seconds = time.perf_counter() - start
+    if isinstance(source, StreamSource):
+        length = int(distributed.all_max([seen])[0])
+        write_atomic(out / "length.json", json.dumps({"length": length}) + "\n")
+    images, skipped = distributed.all_sum([images, skipped])
+    seconds = distributed.all_max([seconds])[0]
+    distributed.barrier()
+    complete = False
+    if rank == 0:
+        try:
+            write_index(out)
+            complete = True
+        except ValueError as error:
+            print(f"cnnviz saliency: {error}", file=sys.stderr)
+    summary = RunSummary(out, int(images), int(skipped), seconds, len(done), complete)
+    if progress and rank == 0:
+        print(f"{method}: {summary.line()}", file=sys.stderr)
+    return summary
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1)
+    low, high = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
+    return (x - low) / (high - low).clamp_min(1e-12)
