@@ -111,7 +111,13 @@ def test_decode_converts_every_mode(folder, pixels):
 
 
 def test_tensor_source_equals_attribution_api(tmp_path, model, inputs):
-    summary = run(model, inputs, tmp_path / "out", batch_size=7)
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, output: forwards.append(len(args[0])))
+    try:
+        summary = run(model, inputs, tmp_path / "out", batch_size=7)
+    finally:
+        handle.remove()
+    assert forwards == [7, 1] * 3 + [6]  # one forward per batch; batches stop at shard ends
     assert summary.complete and summary.images == 30 and summary.skipped == 0
     results = open_results(tmp_path / "out")
     maps, predicted, scores = expected(model, inputs)
@@ -294,7 +300,14 @@ def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model
     single = open_results(fresh)
     assert np.array_equal(results.predicted, single.predicted)
     torch.testing.assert_close(torch.from_numpy(results.maps()), torch.from_numpy(single.maps()), **CLOSE)
-    # the same run split over two "nodes" without a shared folder, joined by `cnnviz merge`
+
+
+def test_merge_joins_node_folders(tmp_path, model, inputs, capsys):
+    """A run split over two "nodes" without a shared folder, joined by `cnnviz merge`."""
+    from cnnviz_fast.cli import main
+
+    fresh = tmp_path / "one"
+    run(model, inputs, fresh)
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     for node, keep in ((node0, 0), (node1, 1)):
         (node / "shards").mkdir(parents=True)
@@ -303,12 +316,16 @@ def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model
             for suffix in (".npy", ".csv"):
                 name = f"{shard:06d}{suffix}"
                 (node / "shards" / name).write_bytes((fresh / "shards" / name).read_bytes())
-    with pytest.raises(ValueError, match="not finished here"):
+    with pytest.raises(ValueError, match="2 of 4 shards are not finished here"):
         merge(tmp_path / "partial", [node0])
-    joined = _python("-m", "cnnviz_fast", "merge", str(tmp_path / "merged"), str(node0), str(node1))
-    assert joined.returncode == 0, joined.stderr[-2000:]
-    merged = open_results(tmp_path / "merged")
+    assert main(["merge", str(node0), str(node0), str(node1)]) == 0  # into one of them
+    assert "index of 30 images, 0 skipped" in capsys.readouterr().out
+    merged, single = open_results(node0), open_results(fresh)
     assert merged.paths == single.paths and np.array_equal(merged.maps(), single.maps())
+    other = tmp_path / "other"
+    run(model, inputs[:5], other)
+    with pytest.raises(ValueError, match="differs"):
+        merge(tmp_path / "x", [node1, other])
 
 
 def test_output_names_never_escape_out(tmp_path, model, pixels):
