@@ -67,7 +67,7 @@ def decode_image(data, size: int, channels: int) -> np.ndarray:
         image = image.convert("RGB" if channels == 3 else "L")
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
+        array = np.array(image, dtype=np.uint8)  # a writable copy, as torch wants
     return array if array.ndim == 3 else array[:, :, None]
 
 
