@@ -350,6 +350,30 @@ def test_output_names_never_escape_out(tmp_path, model, pixels):
     assert open_results(tmp_path / "o2").errors()[0]["path"] == "../../../../etc/passwd.png"
 
 
+def test_error_mid_run_commits_only_whole_shards(tmp_path, model, inputs):
+    """An exception in the main loop leaves finished shards, no partial shard, and a
+    rerun completes the same result."""
+    calls = []
+
+    def fail_on_fourth(module, args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("boom")
+
+    handle = model.register_forward_pre_hook(fail_on_fourth)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            run(model, inputs[:24], tmp_path / "out", batch_size=4)
+    finally:
+        handle.remove()
+    assert finished_shards(tmp_path / "out") == [0]  # shard 1 had only half its items
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["000000.csv", "000000.npy"]
+    summary = run(model, inputs[:24], tmp_path / "out", batch_size=4)
+    assert summary.resumed_shards == 1 and summary.images == 16 and summary.complete
+    torch.testing.assert_close(torch.from_numpy(open_results(tmp_path / "out").maps()),
+                               expected(model, inputs[:24])[0], **CLOSE)
+
+
 def test_npy_writer_commits_atomically(tmp_path):
     rows = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
     writer = NpyWriter(tmp_path / "a.npy", (2, 3), np.float16)  # length unknown

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -66,12 +65,12 @@ def write_index(out: Path) -> Tuple[int, int]:
                          "rerun the same command to finish them, or `cnnviz merge` the other nodes' folders")
     images = skipped = 0
     index_partial, errors_partial = out / "index.csv.partial", out / "errors.jsonl.partial"
-    with open(index_partial, "w", encoding="utf-8", newline="") as index, \
-            open(errors_partial, "w", encoding="utf-8") as errors:
+    with open(index_partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as index, \
+            open(errors_partial, "w", encoding="utf-8", errors="surrogateescape") as errors:
         table = csv.writer(index)
         table.writerow(INDEX_COLUMNS)
         for shard in range(total):
-            with open(shard_paths(out, shard)[1], encoding="utf-8", newline="") as lines:
+            with open(shard_paths(out, shard)[1], encoding="utf-8", errors="surrogateescape", newline="") as lines:
                 for line in csv.DictReader(lines):
                     if line["error"]:
                         errors.write(json.dumps({"item": int(line["position"]), "path": line["id"],
@@ -137,7 +136,7 @@ class Results:
             raise ValueError(f"{out}: no index.csv (the run has not finished, or it ran on several nodes "
                              "without a shared folder: `cnnviz merge` their folders)")
         self.settings = json.loads((self.out / "run.json").read_text())
-        with open(self.out / "index.csv", encoding="utf-8", newline="") as lines:
+        with open(self.out / "index.csv", encoding="utf-8", errors="surrogateescape", newline="") as lines:
             rows = list(csv.reader(lines))[1:]
         self.paths = [row[1] for row in rows]
         numbers = np.array([[row[0], row[2], row[3], row[4], row[5]] for row in rows], dtype=np.int64).reshape(-1, 5)

@@ -3,6 +3,7 @@ shards written by a background thread; resumable and sharded across torchrun ran
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -147,7 +148,8 @@ def saliency_maps(
     writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays)
     function = METHODS[method]
     on_gpu = device.type == "cuda"
-    autocast = (torch.autocast(device.type, AUTOCAST[dtype]) if dtype else contextlib.nullcontext)
+    autocast = (lambda: torch.autocast(device.type, AUTOCAST[dtype])) if dtype else contextlib.nullcontext
+    to_inputs = copy.deepcopy(normalize).to(device) if source.pixels else None
 
     if isinstance(source, StreamSource):
         batches, total = source.batches(num_workers, on_gpu), None
@@ -189,7 +191,7 @@ def saliency_maps(
                 continue
             x = batch.inputs.to(device, non_blocking=True)
             if source.pixels:
-                x = normalize.to(device)(x.float().div_(255))
+                x = to_inputs(x.float().div_(255))
             x = x.contiguous(memory_format=layout)
             with autocast():
                 attributions, output = function(model, x, target, return_output=True, **method_kwargs)

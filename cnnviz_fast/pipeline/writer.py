@@ -46,8 +46,8 @@ def finished_shards(out: Path) -> List[int]:
 
 def write_atomic(path: Path, text: str) -> None:
     """``path`` replaced by ``text`` all at once (temporary name, fsync, rename)."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8", newline="") as handle:
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # ranks may write the same file
+    with open(partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -106,6 +106,7 @@ class BackgroundWriter:
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
         self.queue: "queue.Queue" = queue.Queue(depth)
         self.error: Optional[BaseException] = None
+        self.abandoned = False
         self.current: Optional[ShardWriter] = None
         self.committed = 0
         kill = os.environ.get(KILL_AFTER_SHARDS)
@@ -132,12 +133,16 @@ class BackgroundWriter:
             raise RuntimeError("the shard writer failed") from self.error
 
     def abandon(self) -> None:
-        """Stop after an error in the main thread: the shard in flight stays unfinished."""
-        try:
-            self.queue.put_nowait(None)
-        except queue.Full:
-            self.error = self.error or RuntimeError("abandoned")
-        self.thread.join(timeout=60)
+        """Stop after an error in the main thread: the shard in flight is not committed (some
+        of its items never arrived), its partial files are removed."""
+        self.abandoned = True
+        while self.thread.is_alive():
+            try:
+                self.queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
         if self.current is not None:
             self.current.abort()
 
@@ -145,10 +150,10 @@ class BackgroundWriter:
         try:
             while True:
                 item = self.queue.get()
-                if item is None or self.error is not None:
+                if item is None or self.abandoned:
                     break
                 self._write(*item)
-            if self.error is None and self.current is not None:
+            if not self.abandoned and self.current is not None:
                 self._commit()
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             self.error = error
