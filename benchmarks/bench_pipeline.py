@@ -14,7 +14,8 @@ Digits model only (fast enough for thousands of images on a CPU):
                       largest / smallest                                           target <= 1.10
   resume              wall time of the same command rerun after a SIGKILL at ~50% of the shards,
                       over a full uninterrupted run (both subprocesses)            target <= 0.60
-Throughputs are timed once each (one pass over the images, after a warm-up batch); the
+Throughputs: one pass over the images each (end to end for the pipeline and Captum: listing,
+worker start, decoding, writing), in --rounds interleaved rounds, medians reported; the
 machine's load average is recorded, as other work on a shared machine skews them.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--resnet-images", type=int, default=128, help="224 px JPEGs for ResNet-18")
     parser.add_argument("--rss", type=int, nargs=2, default=(1000, 5000), help="sizes for the peak-RSS check")
     parser.add_argument("--resume-images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--only", default="throughput,rss,resume")
@@ -161,11 +164,16 @@ def main() -> None:
                 factory, normalize, size, jpeg, channels = MODELS[name]
                 model = factory().eval()
                 folder = make_jpegs(work / f"{name}-jpegs", count, jpeg, channels)
-                bare = bare_throughput(model, decoded(folder, size, channels, normalize), args.batch_size)
-                ours = pipeline_throughput(model, folder, size, normalize, args.batch_size, args.num_workers,
-                                           work / f"{name}-out")
-                captum = captum_loop(model, folder, size, channels, normalize, args.batch_size, args.num_workers,
-                                     work / f"{name}-captum")
+                tensors = decoded(folder, size, channels, normalize)
+                speeds = {"bare": [], "cnnviz": [], "captum": []}
+                for round_ in range(args.rounds):  # interleaved: load changes hit all three alike
+                    speeds["bare"].append(bare_throughput(model, tensors, args.batch_size))
+                    speeds["cnnviz"].append(pipeline_throughput(model, folder, size, normalize, args.batch_size,
+                                                                args.num_workers, work / f"{name}-out{round_}"))
+                    speeds["captum"].append(captum_loop(model, folder, size, channels, normalize, args.batch_size,
+                                                        args.num_workers, work / f"{name}-captum{round_}"))
+                    print(name, {k: round(v[-1], 1) for k, v in speeds.items()})
+                bare, ours, captum = (statistics.median(speeds[k]) for k in ("bare", "cnnviz", "captum"))
                 for task, anchor, value, target, ok in (
                         ("pipeline_vs_bare", bare, ours / bare, ">= 0.9", ours / bare >= 0.9),
                         ("pipeline_vs_captum", captum, ours / captum, ">= 1.5x", ours / captum >= 1.5)):

@@ -211,6 +211,11 @@ def test_refuses_other_settings(tmp_path, model, inputs):
         run(other, inputs[:8], tmp_path / "out")
     with pytest.raises(ValueError, match="source"):
         run(model, inputs[:9], tmp_path / "out")
+    # a run that stopped before finishing any shard holds nothing to protect: replaced
+    with pytest.raises(ValueError, match="layer"):
+        run(model, inputs[:8], tmp_path / "new", method="grad_cam", layer="no.such.layer")
+    run(model, inputs[:8], tmp_path / "new", method="grad_cam", layer="features.conv4")
+    assert open_results(tmp_path / "new").settings["method_kwargs"] == {"layer": "features.conv4"}
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -372,6 +377,19 @@ def test_error_mid_run_commits_only_whole_shards(tmp_path, model, inputs):
     assert summary.resumed_shards == 1 and summary.images == 16 and summary.complete
     torch.testing.assert_close(torch.from_numpy(open_results(tmp_path / "out").maps()),
                                expected(model, inputs[:24])[0], **CLOSE)
+
+
+def test_autocast_and_channels_last(tmp_path, model, inputs):
+    maps, predicted, _ = expected(model, inputs)
+    run(model, inputs, tmp_path / "nhwc", channels_last=True, batch_size=8)
+    torch.testing.assert_close(torch.from_numpy(open_results(tmp_path / "nhwc").maps()), maps, **CLOSE)
+    assert all(p.is_contiguous() for p in model.parameters())  # layout restored
+    run(model, inputs, tmp_path / "bf16", dtype="bf16", batch_size=8)
+    low = open_results(tmp_path / "bf16")
+    assert low.settings["dtype"] == "bf16" and np.isfinite(low.maps()).all()
+    assert (low.predicted == predicted.numpy()).mean() >= 0.9
+    correlation = np.corrcoef(low.maps().ravel(), maps.numpy().ravel())[0, 1]
+    assert correlation > 0.9
 
 
 def test_npy_writer_commits_atomically(tmp_path):

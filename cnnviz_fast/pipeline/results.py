@@ -25,16 +25,18 @@ INDEX_COLUMNS = ["item", "path", "shard", "row", "predicted", "target", "score"]
 
 
 def check_settings(out: Path, settings: dict) -> None:
-    """Record ``settings`` in ``out/run.json``, or refuse if the folder holds another run's."""
+    """Record ``settings`` in ``out/run.json``, or refuse if the folder holds another run's
+    finished shards (a run that failed before finishing any shard is simply replaced)."""
     path = out / "run.json"
     if path.exists():
         before = json.loads(path.read_text())
-        if before != settings:
+        if before != settings and finished_shards(out):
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             detail = "; ".join(f"{k}: {before.get(k)!r} in the folder, {settings.get(k)!r} now" for k in changed)
             raise ValueError(f"out {str(out)!r} holds a run with other settings ({detail}). "
                              "Rerun with the same settings to resume, or choose another out folder.")
-        return
+        if before == settings:
+            return
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
