@@ -133,8 +133,9 @@ class BackgroundWriter:
             raise RuntimeError("the shard writer failed") from self.error
 
     def abandon(self) -> None:
-        """Stop after an error in the main thread: the shard in flight is not committed (some
-        of its items never arrived), its partial files are removed."""
+        """Stop after an error in the main thread: what was queued is written (shards it
+        completes are committed), the shard in flight is not (some of its items never
+        arrived) and its partial files are removed."""
         self.abandoned = True
         while self.thread.is_alive():
             try:
@@ -150,7 +151,7 @@ class BackgroundWriter:
         try:
             while True:
                 item = self.queue.get()
-                if item is None or self.abandoned:
+                if item is None:  # after every batch queued before it, also when abandoned
                     break
                 self._write(*item)
             if not self.abandoned and self.current is not None:
