@@ -267,6 +267,7 @@ def test_cli_kill_and_resume_matches_python_api(tmp_path, model, folder):
     assert finished_shards(out) == [0, 1] and not (out / "index.csv").exists()
     for leftover in (out / "shards").iterdir():  # whatever was in flight is visibly unfinished
         assert leftover.name.endswith(".partial") or int(leftover.name[:6]) in (0, 1)
+    (out / "shards" / "000003.csv.999.partial").write_text("left by a kill during a CSV write")
     resumed = _python(*command)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "2 shards already done" in resumed.stdout

@@ -61,6 +61,8 @@ class ShardWriter:
     def __init__(self, out: Path, shard: int, map_dtype: np.dtype):
         self.shard, self.map_dtype = shard, map_dtype
         self.npy_path, self.csv_path = shard_paths(out, shard)
+        for leftover in self.npy_path.parent.glob(f"{shard:06d}.*partial"):  # from a killed attempt
+            leftover.unlink(missing_ok=True)
         self.npy: Optional[NpyWriter] = None
         self.lines: List[list] = []  # one shard's metadata: small, kept in memory until commit
 
