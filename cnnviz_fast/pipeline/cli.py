@@ -104,7 +104,7 @@ def add_saliency_parser(commands) -> argparse.ArgumentParser:
     sal.add_argument("--seed", type=int, default=0, help="smoothgrad noise seed (default 0)")
     sal.add_argument("--size", type=int, help="input size (default: the model's)")
     sal.add_argument("--batch-size", type=int, default=64)
-    sal.add_argument("--num-workers", type=int, help="decoding processes (default: min(4, cores))")
+    sal.add_argument("--num-workers", type=int, help="decoding processes (default: up to 8 with a GPU, 1 on a CPU)")
     sal.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when present)")
     sal.add_argument("--dtype", choices=["bf16", "fp16"], help="run under autocast")
     sal.add_argument("--channels-last", action="store_true", help="NHWC memory layout")

@@ -104,7 +104,8 @@ def saliency_maps(
         method: one of :data:`METHODS`; ``method_kwargs`` go to it (``layer=``, ``window=``, …).
         target: ``"predicted"`` (each input's top class, from the same forward pass) or a class.
         batch_size: inputs per forward + backward; ``shard_size``: items per output shard.
-        num_workers: decoding processes (default: up to 4 for files, 0 for a tensor).
+        num_workers: decoding processes (default for files: up to 8 next to a GPU, 1 on a
+            CPU; 0 for other sources).
         device: default the model's (under torchrun: ``cuda:LOCAL_RANK`` when GPUs exist).
         dtype: ``"bf16"`` / ``"fp16"`` to run under autocast; ``channels_last``: NHWC layout.
         map_dtype: ``"float16"`` (default) or ``"float32"`` on disk.
@@ -133,8 +134,9 @@ def saliency_maps(
     source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size)
     if source.pixels and normalize is None:
         raise ValueError("normalize is required to turn decoded pixels into model inputs")
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1) if isinstance(source, FileSource) else 0
+    if num_workers is None:  # on a CPU, decoding processes take cores from the compute
+        num_workers = 0 if not isinstance(source, FileSource) else (
+            min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     check_positive_int(num_workers, "num_workers", minimum=0)
 
     out = Path(out)
