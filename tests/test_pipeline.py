@@ -393,6 +393,24 @@ def test_autocast_and_channels_last(tmp_path, model, inputs):
     assert correlation > 0.9
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pinned_overlapped_and_gpu_decode(tmp_path, model, folder):
+    """On a GPU: pinned batches, non-blocking copies both ways, nvJPEG decode; same maps as the CPU."""
+    cpu = open_results(run(model, folder, tmp_path / "cpu").out)
+    gpu_model = zoo.digits_cnn().cuda()
+    for decode in ("pil", "gpu"):
+        summary = run(gpu_model, folder, tmp_path / decode, device="cuda", decode=decode, num_workers=2)
+        assert summary.complete and summary.skipped == len(BAD)
+        result = open_results(tmp_path / decode)
+        assert result.paths == cpu.paths
+        if decode == "pil":
+            torch.testing.assert_close(torch.from_numpy(result.maps()), torch.from_numpy(cpu.maps()),
+                                       rtol=1e-3, atol=1e-5)
+        else:  # another JPEG decoder and resize: close pixels, so mostly the same predictions
+            assert (result.predicted == cpu.predicted).mean() >= 0.8
+
+
 def test_npy_writer_commits_atomically(tmp_path):
     rows = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
     writer = NpyWriter(tmp_path / "a.npy", (2, 3), np.float16)  # length unknown

@@ -32,6 +32,12 @@ class Batch:
     inputs: torch.Tensor           # [B, C, H, W]: uint8 pixels (files) or model inputs
     skipped: List[Tuple[int, str, str]] = field(default_factory=list)  # (position, id, reason)
 
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread (``pin_memory=True``, next to a GPU)."""
+        if isinstance(self.inputs, torch.Tensor):
+            self.inputs = self.inputs.pin_memory()
+        return self
+
 
 # ---------------------------------------------------------------------------- decoding
 
