@@ -411,6 +411,22 @@ def test_gpu_pinned_overlapped_and_gpu_decode(tmp_path, model, folder):
             assert (result.predicted == cpu.predicted).mean() >= 0.8
 
 
+def test_cli_data_factory_gives_model_inputs(tmp_path, model, inputs, monkeypatch, capsys):
+    """`--data module:factory` (a Dataset here) is used as model inputs, as from Python."""
+    from cnnviz_fast.cli import main
+
+    (tmp_path / "my_factory.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        f"def data():\n    return TensorDataset(torch.load({str(tmp_path / 'x.pt')!r}))\n")
+    torch.save(inputs[:6].clone(), tmp_path / "x.pt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["saliency", "--data", "my_factory:data", "--out", str(tmp_path / "out"),
+                 "--map-dtype", "float32", "--quiet"]) == 0
+    assert "6 images, 0 skipped" in capsys.readouterr().out
+    torch.testing.assert_close(torch.from_numpy(open_results(tmp_path / "out").maps()),
+                               expected(model, inputs[:6])[0], **CLOSE)
+
+
 def test_npy_writer_commits_atomically(tmp_path):
     rows = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
     writer = NpyWriter(tmp_path / "a.npy", (2, 3), np.float16)  # length unknown

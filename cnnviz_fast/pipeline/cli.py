@@ -14,20 +14,20 @@ import sys
 from .run import METHODS
 
 
-def _load_data(spec: str, size: int, channels: int):
+def _load_data(spec: str, size: int, channels: int, normalize):
     """``--data``: a folder or a text file of paths (decoded by the pipeline), ``digits[:split]`` /
-    ``samples`` (built-in images), or ``package.module:factory`` returning a Tensor, Dataset,
-    IterableDataset or DataLoader of model inputs."""
+    ``samples`` (built-in images, normalised here), or ``package.module:factory`` returning a
+    Tensor, Dataset, IterableDataset or DataLoader of model inputs (used as they are)."""
     from ..cli import load_images
 
     if os.path.exists(spec):
-        return spec, True
+        return spec
     if spec.split(":")[0] in ("digits", "samples"):
-        return load_images(spec, size, channels)[0], False
+        return normalize(load_images(spec, size, channels)[0])
     if ":" in spec:
         module, _, attr = spec.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)(), False
+            return getattr(importlib.import_module(module), attr)()
         except (ImportError, AttributeError) as error:
             raise SystemExit(f"--data {spec!r}: cannot load factory ({error})")
     raise SystemExit(f"--data {spec!r}: no such folder or file, and not digits[:split], samples or module:factory")
@@ -41,9 +41,7 @@ def _cmd_saliency(args) -> int:
     rank, world, device = init_distributed()
     model, normalize, size = load_model(args.model, args.weights)
     size = args.size or size
-    data, are_pixels = _load_data(args.data, size, normalize.channels)
-    if not are_pixels:
-        data = normalize(data) if hasattr(data, "dim") else data
+    data = _load_data(args.data, size, normalize.channels, normalize)
     kwargs = {}
     if args.layer:
         kwargs["layer"] = args.layer
