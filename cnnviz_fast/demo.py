@@ -19,6 +19,7 @@ import torch
 from . import attribution, features, ops, synthesis, zoo
 from .core import Neuron
 from .pictures import colorize, heatmap_overlay, image_grid, save_png
+from .pipeline import to_map
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Demo:
         for name, method in methods.items():
             start = time.perf_counter()
             maps = method()
-            maps = maps.abs().amax(1) if maps.dim() == 4 else maps
+            maps = to_map(maps)
             rows.append(torch.stack([colorize(m) for m in maps]))
             s.notes.append(f"row {len(rows)}: {name} ({time.perf_counter() - start:.2f} s for 10 digits)")
         self.save(s, "attribution.png", image_grid(torch.cat(rows), nrow=10, scale=False), upscale=3)
