@@ -174,13 +174,17 @@ def main() -> None:
                     speeds["captum"].append(captum_loop(model, folder, size, channels, normalize, args.batch_size,
                                                         args.num_workers, work / f"{name}-captum{round_}"))
                     print(name, {k: round(v[-1], 1) for k, v in speeds.items()})
-                bare, ours, captum = (statistics.median(speeds[k]) for k in ("bare", "cnnviz", "captum"))
-                for task, anchor, value, target, ok in (
-                        ("pipeline_vs_bare", bare, ours / bare, ">= 0.9", ours / bare >= 0.9),
-                        ("pipeline_vs_captum", captum, ours / captum, ">= 1.5x", ours / captum >= 1.5)):
+                ours = statistics.median(speeds["cnnviz"])
+                for task, anchor, limit in (("pipeline_vs_bare", "bare", 0.9), ("pipeline_vs_captum", "captum", 1.5)):
+                    # the ratio within each round (same load on both sides), median over rounds
+                    ratios = [a / b for a, b in zip(speeds["cnnviz"], speeds[anchor])]
+                    ratio = statistics.median(ratios)
                     rows.append({"task": task, "model": name, "images": count, "batch": args.batch_size,
-                                 "workers": args.num_workers, "anchor_img_s": anchor, "cnnviz_img_s": ours,
-                                 "ratio": value, "target": target, "result": "PASS" if ok else "MISS"})
+                                 "workers": args.num_workers, "anchor_img_s": statistics.median(speeds[anchor]),
+                                 "cnnviz_img_s": ours, "ratio": ratio,
+                                 "round_ratios": " ".join(f"{r:.2f}" for r in ratios),
+                                 "target": f">= {limit}" + ("x" if limit > 1 else ""),
+                                 "result": "PASS" if ratio >= limit else "MISS"})
                     print(rows[-1])
         if "rss" in args.only:
             peaks = {}
@@ -213,9 +217,11 @@ def main() -> None:
                 resumes.append(resumed)
                 print(f"resume round {round_}: full {full:.1f} s, resumed {resumed:.1f} s")
             full, resumed = statistics.median(fulls), statistics.median(resumes)
-            ratio = resumed / full
+            ratios = [b / a for a, b in zip(fulls, resumes)]
+            ratio = statistics.median(ratios)
             rows.append({"task": "resume", "model": "digits", "images": count, "anchor_s": full,
-                         "cnnviz_s": resumed, "ratio": ratio, "target": "<= 0.60",
+                         "cnnviz_s": resumed, "ratio": ratio, "round_ratios": " ".join(f"{r:.2f}" for r in ratios),
+                         "target": "<= 0.60",
                          "result": "PASS" if ratio <= 0.6 else "MISS",
                          "note": f"killed after {half} of {-(-count // shard)} shards; whole commands "
                                  "(process start included)"})
@@ -224,9 +230,13 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     if not args.no_write:
         notes = (f"Generated JPEGs: digits {args.images} (32 px gray), ResNet-18 {args.resnet_images} "
-                 f"(256 px colour, resized to 224); batch {args.batch_size}, {args.num_workers} decode worker(s). "
-                 "Throughput ratios on a CPU share its cores between decoding workers and compute, so the "
-                 "pipeline cannot hide decoding there as it does next to a GPU.")
+                 f"(256 px colour, resized to 224); batch {args.batch_size}, {args.num_workers} decode worker(s); "
+                 f"{args.rounds} interleaved rounds, ratio = median of the per-round ratios. On a CPU the decoding "
+                 "worker, the writer thread and the compute share the same cores (and on this shared machine, "
+                 "other jobs' too: small ops that torch parallelises stall when a thread is descheduled), so "
+                 "decoding cannot be hidden as it is next to a GPU. Against Captum the saving is one forward of "
+                 "three passes (forward + backward ~ 3 forwards), so ~1.33x is the compute-bound ceiling on a CPU; "
+                 "beyond it only decode/writing overlap helps.")
         print(write_results("pipeline", rows, notes=notes, title="Dataset-scale saliency pipeline"))
 
 
