@@ -93,8 +93,7 @@ def bench_tsne(rows, quick):
     def sklearn():
         results["sklearn"] = TSNE(random_state=0).fit_transform(points_np)
 
-    # no warm-up call: one call takes tens of seconds at 10k (a second --quick round drops first-call costs)
-    times = interleaved({"cnnviz": ours, "sklearn": sklearn}, rounds=2 if quick else 1, warmup=False)
+    times = interleaved({"cnnviz": ours, "sklearn": sklearn}, rounds=1)  # tens of seconds a call at 10k
     accuracy = {name: knn_accuracy(results[name], labels) for name in results}
     print(f"  5-NN accuracy of the 2-D embeddings: cnnviz {accuracy['cnnviz']:.3f}, "
           f"scikit-learn {accuracy['sklearn']:.3f}")
@@ -168,7 +167,7 @@ def main(argv=None):
         SECTIONS[name](rows, args.quick)
     finish(args, "features", rows, title="Feature-space suite benchmarks",
            notes="ratio = anchor / ours (speedup). Timed on a shared machine (other engineers' jobs running): "
-                 "ratios are indicative. t-SNE: one call each, no warm-up call.")
+                 "ratios are indicative. t-SNE: one round.")
 
 
 if __name__ == "__main__":

@@ -80,19 +80,19 @@ def machine_tag(m: Optional[Dict[str, Any]] = None) -> str:
 # time, so each contender's fastest round is its least disturbed one; interleaving the
 # contenders round by round makes a slow spell hit them alike. (A median would still carry
 # the load of the rounds it picks.)
-TIMING = ("torch.utils.benchmark.Timer (CUDA synchronised); one warm-up call each, then the "
-          "contenders timed in turn, round after round; statistic: the minimum over rounds.")
+TIMING = ("torch.utils.benchmark.Timer (CUDA synchronised, all torch threads); the contenders timed "
+          "in turn, round after round, each measurement after Timer's own 2 untimed warm-up calls; "
+          "statistic: the minimum over rounds.")
 
 
-def interleaved(contenders: Dict[str, Callable[[], Any]], rounds: int, number: int = 1,
-                warmup: bool = True) -> Dict[str, float]:
+def interleaved(contenders: Dict[str, Callable[[], Any]], rounds: int, number: int = 1) -> Dict[str, float]:
     """Seconds per call of each contender: in each of ``rounds`` rounds every contender in
-    turn makes ``number`` calls (their mean is the round's time); the minimum over rounds.
-    ``warmup=False`` skips the first untimed call (for calls of tens of seconds)."""
-    if warmup:
-        for fn in contenders.values():
-            fn()
-    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in contenders.items()}
+    turn makes ``number`` timed calls (their mean is the round's time); the minimum over
+    rounds. ``Timer.timeit`` first makes max(number // 100, 2) untimed calls, so each
+    contender is timed warm even right after another one ran (a call costs 3x its time)."""
+    # Timer runs with 1 thread unless told: time with the threads machine() reports
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+              for name, fn in contenders.items()}
     times: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, timer in timers.items():
