@@ -198,11 +198,7 @@ SECTIONS = {"style": lambda rows, quick: bench_gatys(rows, quick, texture=False)
 
 
 def main():
-    parser = argument_parser(__doc__, SECTIONS)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = argument_parser(__doc__, SECTIONS).parse_args()
     print(machine_description(), flush=True)
     rows = []
     for name in args.only:

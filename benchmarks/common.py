@@ -1,7 +1,7 @@
 """The benchmark harness shared by every ``bench_*.py``: time, build rows, describe the
 machine, write results.
 
-    python benchmarks/bench_<suite>.py [--quick] [--no-write] [--results-dir DIR]
+    python benchmarks/bench_<suite>.py [--quick] [--no-write] [--results-dir DIR] [--threads N]
 
     from common import argument_parser, finish, interleaved, row   # before importing cnnviz_fast
     t = interleaved({"ours": ours, "anchor": anchor}, rounds=5)     # seconds per call
@@ -139,6 +139,8 @@ def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.Argument
                         help="small sizes, few rounds: a smoke run (written as <name>-quick)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="where to write (default: benchmarks/results)")
+    parser.add_argument("--threads", type=int, action=_SetThreads,
+                        help="torch intra-op threads, set at once (default: torch's; 1 steadies timings on a busy machine)")
     if sections:
         def only(text: str) -> List[str]:
             chosen = [s for s in text.split(",") if s]
@@ -149,6 +151,14 @@ def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.Argument
         parser.add_argument("--only", type=only, default=list(sections),
                             help=f"comma-separated subset of {','.join(sections)}")
     return parser
+
+
+class _SetThreads(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value < 1:
+            parser.error(f"--threads must be >= 1, got {value}")
+        torch.set_num_threads(value)  # before anything is timed; machine() then reports it
+        setattr(namespace, self.dest, value)
 
 
 def finish(args: argparse.Namespace, name: str, rows: List[Dict[str, Any]], notes: str = "",

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
 _spec = importlib.util.spec_from_file_location("benchmarks_common", _PATH)
@@ -45,3 +46,12 @@ def test_quick_runs_never_replace_full_results(tmp_path):
     assert record["rows"][0]["result"] == "PASS" and "minimum" in record["timing"]
     with pytest.raises(SystemExit):
         common.argument_parser("doc", ["one"]).parse_args(["--only", "three"])
+
+
+def test_threads_option_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        common.argument_parser("doc").parse_args(["--threads", "1"])
+        assert torch.get_num_threads() == 1 and common.machine()["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
