@@ -23,7 +23,7 @@ import cnnviz_fast.ops as ops
 from cnnviz_fast.ops import reference as ref
 
 
-def race(name, anchor, ours, reference, target, rounds):
+def op_row(name, anchor, ours, reference, target, rounds):
     """The row of one op: ours against the anchor, timed in the same rounds as the op's
     pure-PyTorch reference (reported beside it)."""
     t = interleaved({"anchor": anchor, "ours": ours, "reference": reference}, rounds)
@@ -54,8 +54,8 @@ def bench_gram_loss(shape, device, rounds):
     (la, ga), (lo, go) = anchor(), ours()
     torch.testing.assert_close(lo, la, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(go, ga, rtol=1e-3, atol=1e-6 * ga.abs().max().item())
-    return race(f"{device} gram_loss fwd+bwd [{N},{C},{S}] vs bmm + mse_loss (autograd)", anchor, ours, reference,
-                ">= 1.6x", rounds)
+    return op_row(f"{device} gram_loss fwd+bwd [{N},{C},{S}] vs bmm + mse_loss (autograd)", anchor, ours, reference,
+                  ">= 1.6x", rounds)
 
 
 # --------------------------------------------------------------------------- occlusion
@@ -95,8 +95,8 @@ def bench_occlude(device, rounds):
         return ref.occlude(x, window, stride, baseline).reshape(P, 3, 224, 224)
 
     torch.testing.assert_close(ours(), anchor(), rtol=0, atol=0)
-    rows_out = [race(f"{device} occlude {P} x [3,224,224] vs Captum full-size masks", anchor, ours, reference,
-                     ">= 3x", rounds)]
+    rows_out = [op_row(f"{device} occlude {P} x [3,224,224] vs Captum full-size masks", anchor, ours, reference,
+                       ">= 3x", rounds)]
 
     deltas = torch.randn(1, P, device=device)
     m = captum_masks(x, window, stride)[:, 0, 0].to(x.dtype)  # [P, H, W], prebuilt (favours the anchor)
@@ -111,8 +111,8 @@ def bench_occlude(device, rounds):
         return ref.occlusion_accumulate(deltas, 224, 224, window, stride)
 
     torch.testing.assert_close(acc_ours(), acc_anchor(), rtol=1e-5, atol=1e-5)
-    rows_out.append(race(f"{device} occlusion_accumulate {P} deltas -> [224,224] vs mask sums (masks prebuilt)",
-                         acc_anchor, acc_ours, acc_reference, "", rounds))
+    rows_out.append(op_row(f"{device} occlusion_accumulate {P} deltas -> [224,224] vs mask sums (masks prebuilt)",
+                           acc_anchor, acc_ours, acc_reference, "", rounds))
     return rows_out
 
 
@@ -134,8 +134,8 @@ def bench_guided_relu(shape, device, rounds):
 
     torch.testing.assert_close(ours(), anchor(), rtol=0, atol=0)
     shape = str(list(shape)).replace(" ", "")
-    return race(f"{device} guided_relu fwd+bwd {shape} vs nn.ReLU + full backward hook", anchor, ours, reference,
-                ">= 1.3x", rounds)
+    return op_row(f"{device} guided_relu fwd+bwd {shape} vs nn.ReLU + full backward hook", anchor, ours, reference,
+                  ">= 1.3x", rounds)
 
 
 SECTIONS = ("gram", "occlusion", "guided")

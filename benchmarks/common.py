@@ -140,7 +140,7 @@ def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.Argument
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="where to write (default: benchmarks/results)")
     parser.add_argument("--threads", type=int, action=_SetThreads,
-                        help="torch intra-op threads, set at once (default: torch's; 1 steadies timings on a busy machine)")
+                        help="torch intra-op threads (default: torch's; 1 steadies timings on a busy machine)")
     if sections:
         def only(text: str) -> List[str]:
             chosen = [s for s in text.split(",") if s]
