@@ -16,20 +16,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
+from ..core.grad_mode import autograd_on  # noqa: F401  (re-exported for the methods)
 from ..core.targets import Neuron, check_target
 from .. import ops
 
 # --------------------------------------------------------------------------- #
 # inputs and grad mode
 # --------------------------------------------------------------------------- #
-
-
-@contextmanager
-def autograd_on() -> Iterator[None]:
-    """Gradients on for the duration of a method, also when the caller is in
-    ``torch.no_grad()`` or ``torch.inference_mode()``."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
 
 
 def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs") -> Tensor:
