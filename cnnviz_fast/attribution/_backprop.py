@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
 from ..core.grad_mode import autograd_on  # noqa: F401  (re-exported for the methods)
+from ..core.validation import check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
 from .. import ops
 
@@ -25,15 +26,19 @@ from .. import ops
 # --------------------------------------------------------------------------- #
 
 
-def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs") -> Tensor:
+def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs",
+                   model: Optional[nn.Module] = None) -> Tensor:
     """Checked inputs, detached from the caller's graph. Call inside :func:`autograd_on`.
 
     Without ``copy`` they share the caller's memory, which is safe when they become a
     leaf that requires grad (autograd refuses in-place writes into it); a method whose
     inputs do not require grad asks for a ``copy`` so a model that writes into its input
-    cannot change the caller's tensor.
+    cannot change the caller's tensor. With ``model``, inputs it cannot take are refused
+    clearly (:func:`~cnnviz_fast.core.validation.check_model_inputs`).
     """
     check_images(inputs, argument)
+    if model is not None:
+        check_model_inputs(model, inputs, argument)
     check_target(target, inputs.shape[0])
     # an inference tensor (made under inference_mode) cannot enter autograd: copy it too
     return inputs.detach().clone() if copy or inputs.is_inference() else inputs.detach()
