@@ -9,6 +9,8 @@ from torch import nn
 import cnnviz_fast as cv
 from cnnviz_fast import Explainer, Explanation, Neuron, zoo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NORM = zoo.DIGITS_NORMALIZE
 
 

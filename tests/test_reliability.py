@@ -9,6 +9,8 @@ from torch import nn
 import cnnviz_fast as cv
 from cnnviz_fast import Neuron, ops
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def small_cnn():
     torch.manual_seed(0)

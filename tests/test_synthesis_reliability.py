@@ -9,6 +9,8 @@ import cnnviz_fast as cv
 from cnnviz_fast import Neuron
 from cnnviz_fast.synthesis import Objective, PixelImage, optimize
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Net(nn.Module):
     """conv, ReLU, conv, ReLU, global pool, linear: any image size works.
