@@ -189,6 +189,17 @@ def test_a_model_writing_into_its_input_leaves_the_callers_data_alone(model, x):
     torch.testing.assert_close(cv.extract_features(writer, x, "model.2"), cv.extract_features(plain, x, "model.2"))
     torch.testing.assert_close(cv.extract_features(writer, [x[:1], x[1:]], "model.2"),
                                cv.extract_features(plain, x, "model.2"))
+    gradient_methods = {
+        "saliency": lambda m: cv.saliency(m, x, 1),
+        "smoothgrad": lambda m: cv.smoothgrad(m, x, 1, samples=3, seed=0),
+        "integrated_gradients": lambda m: cv.integrated_gradients(m, x, 1, steps=3),
+        "guided_backprop": lambda m: cv.guided_backprop(m, x, "predicted"),
+        "deconvnet": lambda m: cv.deconvnet(m, x, 1),
+        "grad_cam": lambda m: cv.grad_cam(m, x, 1, "model.2"),
+        "guided_grad_cam": lambda m: cv.guided_grad_cam(m, x, 1, "model.2"),
+    }
+    for name, call in gradient_methods.items():
+        torch.testing.assert_close(call(writer), call(plain), msg=name)
     for data in (x, [x[:1], x[1:]]):
         ours, theirs = (cv.max_activating_patches(m, data, "model.2", k=3) for m in (writer, plain))
         assert torch.equal(ours.patches, theirs.patches)  # cut from the unmodified inputs

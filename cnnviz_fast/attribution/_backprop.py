@@ -129,13 +129,16 @@ def input_gradients(
     ``keep_output``, else None (a Neuron target then stops the pass at its layer).
     """
     x = inputs.detach().requires_grad_(True)
+    # the model gets a copy inside the graph: a model that writes into its input
+    # (x.mul_ in forward) then works, and x (the caller's memory) is never written
+    seen = x.clone()
     output = None
     with intercept_relus(relu_mode):
         if keep_output:
-            scores, output = target_scores(model, x, target, keep_output=True)
+            scores, output = target_scores(model, seen, target, keep_output=True)
             output = detach_output(output)
         else:
-            scores = target_scores(model, x, target)
+            scores = target_scores(model, seen, target)
     if not scores.requires_grad:
         raise ValueError("target does not depend on inputs (its score has no gradient)")
     (grads,) = torch.autograd.grad(scores.sum(), x)
