@@ -70,6 +70,16 @@ def test_non_finite_data_is_refused_by_the_feature_methods(model, x, value):
         cv.max_activating_patches(model, bad, "2", k=2)
 
 
+def test_feature_data_must_be_floating_point_and_out_a_file(model, x, tmp_path):
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        with pytest.raises(ValueError, match=r"data \(inputs 0 to 1\) must be floating-point model inputs"):
+            cv.extract_features(model, x.to(dtype), "2")
+        with pytest.raises(ValueError, match="must be floating-point model inputs"):
+            cv.max_activating_patches(model, x.to(dtype), "2", k=2)
+    with pytest.raises(ValueError, match="out must be the path of a .npy file, got the directory"):
+        cv.extract_features(model, x, "2", out=tmp_path)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_features_or_queries_are_refused(value):
     features = torch.rand(6, 3)

@@ -147,6 +147,8 @@ def extract_features(
     device = torch.device(device) if device is not None else model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
     path = Path(out) if out is not None else None
+    if path is not None and path.is_dir():  # found now, not after all the work at the final rename
+        raise ValueError(f"out must be the path of a .npy file, got the directory {str(path)!r}")
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="input", desc=f"features of {layer}",
