@@ -148,3 +148,16 @@ def test_mistakes_are_found_at_construction():
         Explainer(model, "saliency", target=Neuron("nope", 0))
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
         Explainer("resnet", "saliency")
+
+
+def test_a_function_as_the_method(pixels):
+    model = zoo.digits_cnn()
+    x = NORM(pixels[:2])
+    output, maps = Explainer(model, cv.saliency, abs=False)(x)
+    torch.testing.assert_close(maps, cv.saliency(model, x, output.argmax(1), abs=False))
+
+    def no_output(model, inputs, target):
+        return inputs
+
+    with pytest.raises(ValueError, match="arguments do not fit no_output"):
+        Explainer(model, no_output)
