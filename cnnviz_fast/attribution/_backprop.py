@@ -29,9 +29,9 @@ def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs",
                    model: Optional[nn.Module] = None) -> Tensor:
     """Checked inputs, detached from the caller's graph. Call inside :func:`autograd_on`.
 
-    Without ``copy`` they share the caller's memory, which is safe when they become a
-    leaf that requires grad (autograd refuses in-place writes into it); a method whose
-    inputs do not require grad asks for a ``copy`` so a model that writes into its input
+    Without ``copy`` they share the caller's memory, which is safe when the model only sees
+    them through :func:`input_gradients` (it hands the model a copy); a method that runs
+    the model on them itself asks for a ``copy`` so a model that writes into its input
     cannot change the caller's tensor. With ``model``, inputs it cannot take are refused
     clearly (:func:`~cnnviz_fast.core.validation.check_model_inputs`).
     """
