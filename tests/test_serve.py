@@ -128,3 +128,21 @@ def test_health_and_unknown_paths(server):
         assert json.loads(reply.read())["status"] == "ok"
     status, reply = post(server[0] + "/nowhere", b"x", "image/png")
     assert status == 404
+
+
+def test_the_script_starts_and_answers():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, str(SERVE), "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()  # "serving Explainer(...) on http://127.0.0.1:PORT/explain"
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/explain", line)
+        assert match, line
+        data, pixels = png_bytes(zoo.digits("test")[0][0])
+        status, reply = post(match.group(1) + "/explain", data, "image/png")
+        assert status == 200 and reply["method"] == "saliency" and reply["label"] == str(reply["class"])
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
