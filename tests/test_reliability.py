@@ -105,6 +105,10 @@ def test_meta_tensors_are_refused_with_a_clear_message(model):
         cv.extract_features(model, meta, "2")
     with pytest.raises(ValueError, match="queries is a meta tensor"):
         cv.nearest_neighbors(torch.rand(4, 2), torch.empty(1, 2, device="meta"), k=1)
+    with pytest.raises(ValueError, match="saliency is a meta tensor"):
+        cv.saliency_to_mask(torch.rand(1, 3, 8, 8), torch.empty(1, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match="image is a meta tensor"):
+        cv.saliency_to_mask(meta, torch.rand(1, 8, 8))
     with torch.device("meta"):
         meta_model = small_cnn()
     with pytest.raises(ValueError, match="model has parameters on the meta device"):
