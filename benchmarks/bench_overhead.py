@@ -8,40 +8,18 @@ package adds per call: input checks, ``model_guard`` (snapshot and restore of th
 state), the ReLU interception, hooks, target selection.
 
 Anchor: a bare forward + ``torch.autograd.grad`` w.r.t. the input of ResNet-18 (random
-weights) at 1x3x224x224 on this CPU. Target (issue 9): overhead < 5% of the anchor.
-Every contender is timed in interleaved rounds; each figure is the minimum over rounds of
-the mean of ``number`` calls (the least disturbed round on a shared machine).
+weights) at 1x3x224x224 on this CPU. Target (issue 9): overhead <= 5% of the anchor.
+Every contender is timed by ``common.interleaved``: the minimum over rounds of the mean of
+``number`` calls. Rows: ours = the overhead, anchor = the ResNet-18 anchor, ratio = their share.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from typing import Callable, Dict
-
 import torch
-from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, write_results  # noqa: E402
+from common import argument_parser, finish, interleaved, machine_description, row
 
-import cnnviz_fast as cv  # noqa: E402
-from cnnviz_fast import zoo  # noqa: E402
-
-TARGET = 0.05
-
-
-def interleaved(contenders: Dict[str, Callable], rounds: int, number: int) -> Dict[str, float]:
-    """Seconds per call: ``number`` calls of each contender per round, in turn; min over rounds."""
-    for fn in contenders.values():
-        fn()
-        fn()  # warm-up (first calls allocate)
-    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in contenders.items()}
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            times[name].append(timer.timeit(number).mean)
-    return {name: min(values) for name, values in times.items()}
+import cnnviz_fast as cv
+from cnnviz_fast import zoo
 
 
 def bare_gradient(model, x, target: int):
@@ -82,10 +60,8 @@ def small_models():
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--no-write", action="store_true", help="print only, do not write results/")
-    args = parser.parse_args(argv)
+    args = argument_parser(__doc__).parse_args(argv)
+    print(machine_description(), flush=True)
     rounds, number = (3, 20) if args.quick else (10, 40)
 
     resnet = zoo.resnet18().eval()
@@ -93,7 +69,7 @@ def main(argv=None) -> None:
     anchor = interleaved({"resnet18": bare_gradient(resnet, image, 1)}, rounds=max(3, rounds // 3), number=3)
     anchor = anchor["resnet18"]
 
-    rows = [{"model": "ResNet-18, 1x3x224x224", "case": "anchor: forward + autograd.grad (bare)", "ms": anchor * 1e3}]
+    rows = []
     for model_name, small, x, layer in small_models():
         target = int(small(x).argmax())
         explain_saliency = cv.Explainer(small, "saliency")
@@ -112,22 +88,14 @@ def main(argv=None) -> None:
         for name, (ours, bare) in cases.items():
             contenders[name], contenders[name + " (bare)"] = ours, bare
         times = interleaved(contenders, rounds, number)
-        for name in cases:
-            overhead = times[name] - times[name + " (bare)"]
-            rows.append({
-                "model": model_name, "case": name, "ms": times[name] * 1e3, "bare ms": times[name + " (bare)"] * 1e3,
-                "overhead ms": overhead * 1e3, "overhead / anchor": overhead / anchor,
-                "target": f"< {TARGET:.0%}", "met": "yes" if overhead / anchor < TARGET else "NO",
-            })
-    for row in rows:
-        print(row)
-    notes = (f"Batch 1: a tiny CNN (conv 1->4, ReLU, pool, linear on 1x1x8x8: the fixed cost alone) and the zoo's "
-             f"digits CNN; anchor ResNet-18 at 1x3x224x224, random weights. "
-             f"Min over {rounds} interleaved rounds of the mean of {number} calls. "
-             f"Overhead = ours - the same work written bare; target < {TARGET:.0%} of the anchor. "
-             f"{machine_description()}.")
-    if not args.no_write:
-        print(write_results("overhead", rows, notes=notes, title="Fixed cost of a call (batch 1)"))
+        rows += [row(f"{model_name} {name}: overhead vs ResNet-18 forward + autograd.grad",
+                     times[name] - times[name + " (bare)"], anchor, "<= 0.05x",
+                     call_ms=times[name] * 1e3, bare_ms=times[name + " (bare)"] * 1e3) for name in cases]
+    finish(args, "overhead", rows, title="Fixed cost of a call (batch 1)",
+           notes=("Batch 1: a tiny CNN (conv 1->4, ReLU, pool, linear on 1x1x8x8: the fixed cost alone) and the "
+                  "zoo's digits CNN; anchor ResNet-18 at 1x3x224x224, random weights. "
+                  f"{rounds} rounds of {number} calls. Overhead = ours - the same work written bare "
+                  "(call_ms - bare_ms); ratio = overhead / anchor, target <= 5%."))
 
 
 if __name__ == "__main__":
