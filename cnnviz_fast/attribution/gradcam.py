@@ -81,7 +81,7 @@ def _check_interpolate(interpolate: str) -> None:
         raise ValueError(f"interpolate must be one of {_INTERPOLATE_MODES}, got {interpolate!r}")
 
 
-def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear",
+def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
              return_output: bool = False):
     """Grad-CAM: ``ReLU(sum_k alpha_k A_k)`` upsampled to the input size, not normalised.
 
@@ -91,10 +91,10 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
     Args:
         model: the network; run in eval mode for the call, restored afterwards.
         inputs: ``Tensor[N, C, H, W]``.
+        layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
         target: an int, N ints, a :class:`~cnnviz_fast.Neuron` at or after ``layer`` (the
             forward stops at the Neuron's layer), a callable ``output -> Tensor[N]`` or
             ``"predicted"``.
-        layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
         interpolate: ``"bilinear"`` (default, ``align_corners=False``) or ``"nearest"``.
         return_output: also return the model's output from the same forward pass.
 
@@ -110,7 +110,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
 
 
 def guided_grad_cam(
-    model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear",
+    model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
     return_output: bool = False,
 ):
     """Guided Grad-CAM: :func:`guided_backprop` times the upsampled :func:`grad_cam` map.
