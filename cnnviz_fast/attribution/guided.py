@@ -29,19 +29,23 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..core import model_guard
-from ._backprop import autograd_on, check_nonlinear, input_gradients, prepare_inputs
+from ._backprop import autograd_on, check_nonlinear, input_gradients, prepare_inputs, with_output
 
 __all__ = ["deconvnet", "guided_backprop"]
 
 
-def _modified_gradient(model: nn.Module, inputs: Tensor, target, relu_mode: str, nonlinear: str) -> Tensor:
+def _modified_gradient(
+    model: nn.Module, inputs: Tensor, target, relu_mode: str, return_output: bool, nonlinear: str
+):
     check_nonlinear(nonlinear)
     with model_guard(model), autograd_on():
-        grads, _ = input_gradients(model, prepare_inputs(inputs, target), target, relu_mode, nonlinear)
-    return grads
+        grads, _, output = input_gradients(model, prepare_inputs(inputs, target), target, relu_mode,
+                                           keep_output=return_output, nonlinear=nonlinear)
+    return with_output(grads, output, return_output)
 
 
-def guided_backprop(model: nn.Module, inputs: Tensor, target, nonlinear: str = "raise") -> Tensor:
+def guided_backprop(model: nn.Module, inputs: Tensor, target, return_output: bool = False,
+                    nonlinear: str = "raise"):
     """Guided backpropagation: at each ReLU the gradient passes only where both the
     ReLU's input and the incoming gradient are positive (at ReLU6 / ``Hardtanh(0, t)`` /
     ``clamp(min=0, max=t)``: where the input is in ``(0, t)`` and the gradient positive).
@@ -50,19 +54,22 @@ def guided_backprop(model: nn.Module, inputs: Tensor, target, nonlinear: str = "
         model: the network; run in eval mode for the call, restored afterwards.
         inputs: ``Tensor[N, C, H, W]``.
         target: an int, N ints, a :class:`~cnnviz_fast.Neuron` (guided backprop of one
-            intermediate unit, as in the lecture) or a callable ``output -> Tensor[N]``.
+            intermediate unit, as in the lecture), a callable ``output -> Tensor[N]`` or
+            ``"predicted"``.
+        return_output: also return the model's output from the same forward pass.
         nonlinear: what a non-rectifying activation (LeakyReLU, ELU, SiLU, GELU, ...)
             does: ``"raise"`` (default, a ``ValueError`` naming it) or ``"gradient"``
             (its own gradient passes, unmodified).
 
     Returns:
-        ``Tensor[N, C, H, W]`` (signed) on the inputs' device; equals Captum's
-        ``GuidedBackprop`` for models whose ReLUs are ``nn.ReLU`` modules.
+        ``Tensor[N, C, H, W]`` (signed) on the inputs' device (with ``return_output``,
+        ``(attributions, output)``); equals Captum's ``GuidedBackprop`` for models whose
+        ReLUs are ``nn.ReLU`` modules.
     """
-    return _modified_gradient(model, inputs, target, "guided", nonlinear)
+    return _modified_gradient(model, inputs, target, "guided", return_output, nonlinear)
 
 
-def deconvnet(model: nn.Module, inputs: Tensor, target, nonlinear: str = "raise") -> Tensor:
+def deconvnet(model: nn.Module, inputs: Tensor, target, return_output: bool = False, nonlinear: str = "raise"):
     """Deconvnet: at each ReLU the gradient passes where the incoming gradient is
     positive, whatever the ReLU's input (at ReLU6 / ``Hardtanh(0, t)`` /
     ``clamp(min=0, max=t)``: where the gradient is positive and the input below ``t``).
@@ -70,4 +77,4 @@ def deconvnet(model: nn.Module, inputs: Tensor, target, nonlinear: str = "raise"
     Same arguments and result shape as :func:`guided_backprop`; equals Captum's
     ``Deconvolution`` for models whose ReLUs are ``nn.ReLU`` modules.
     """
-    return _modified_gradient(model, inputs, target, "deconvnet", nonlinear)
+    return _modified_gradient(model, inputs, target, "deconvnet", return_output, nonlinear)
