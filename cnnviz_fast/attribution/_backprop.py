@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
+from ..core.model_state import is_exported_graph
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
 from .. import ops
 
@@ -240,6 +241,26 @@ class _GuidedReLUMode(TorchFunctionMode):
         return ops.guided_relu(x, self.mode, upper)
 
 
+def check_interceptable(model: nn.Module, mode: Optional[str]) -> None:
+    """The interception sees Python-level calls only: refuse a TorchScript module (its
+    rectifiers run in the TorchScript interpreter) and a torch.export graph (it calls
+    ATen's relu directly): their rectifiers would keep their plain gradient.
+    torch.compile'd modules are fine (dynamo traces through the mode)."""
+    if mode is None:
+        return
+    if isinstance(model, torch.jit.ScriptModule):
+        what = f"a TorchScript module ({type(model).__name__})"
+    elif is_exported_graph(model):
+        what = "a torch.export graph"
+    else:
+        return
+    raise ValueError(
+        f"{_METHOD_NAMES.get(mode, mode)}: model is {what} whose rectifiers cannot be "
+        "intercepted (they would keep their plain gradient); pass the eager nn.Module it "
+        "was made from"
+    )
+
+
 @contextmanager
 def intercept_relus(mode: Optional[str], nonlinear: str = "raise") -> Iterator[None]:
     """Within the block, every rectifier of this thread's forward passes (ReLU, ReLU6,
@@ -272,6 +293,7 @@ def input_gradients(
     ``output`` is the model's output from the same forward pass (detached) with
     ``keep_output``, else None (a Neuron target then stops the pass at its layer).
     """
+    check_interceptable(model, relu_mode)
     x = inputs.detach().requires_grad_(True)
     output = None
     with intercept_relus(relu_mode, nonlinear):
