@@ -173,8 +173,7 @@ def test_every_rectifier_spelling_matches_reference(device, mode):
     assert (ours - plain).abs().max() > 1e-3 * plain.abs().max()
 
 
-def test_each_spelling_is_intercepted(monkeypatch):
-    # one spelling at a time: the map differs from the plain gradient iff intercepted
+def test_each_spelling_is_intercepted_once_with_its_bound(monkeypatch):
     from cnnviz_fast.attribution import _backprop
 
     seen = []
@@ -186,10 +185,13 @@ def test_each_spelling_is_intercepted(monkeypatch):
 
     monkeypatch.setattr(_backprop.ops, "guided_relu", counting)
     in_place = []
-    monkeypatch.setattr(
-        _backprop._GuidedReLUInPlace, "apply",
-        staticmethod(lambda t, mode, upper, f=_backprop._GuidedReLUInPlace.apply: in_place.append(upper) or f(t, mode, upper)),
-    )
+    original_in_place = _backprop._GuidedReLUInPlace.apply
+
+    def counting_in_place(t, mode, upper):
+        in_place.append(upper)
+        return original_in_place(t, mode, upper)
+
+    monkeypatch.setattr(_backprop._GuidedReLUInPlace, "apply", staticmethod(counting_in_place))
     cv.guided_backprop(FunctionalNet().eval(), torch.randn(2, 3, 4, 4), 0)
     assert seen == [6.0, 2.0, 1.5, None, None, 3.0, None]
     assert in_place == [6.0, 2.5, 1.0, None]
@@ -253,7 +255,7 @@ NON_RECTIFIERS = {
 def test_non_rectifiers_are_refused_by_name(name, mode):
     model = Mixed(NON_RECTIFIERS[name]).train()
     x = torch.randn(2, 3, 4, 4)
-    method = "guided_backprop" if mode == "guided" else "deconvnet"
+    method = "guided backpropagation" if mode == "guided" else "deconvnet"
     with pytest.raises(ValueError, match=rf"{method}: the model applies {name.split('-')[0]}.*nonlinear='gradient'"):
         METHODS[mode](model, x, 1)
     # the model is left as found
@@ -309,8 +311,21 @@ def test_other_clamps_keep_their_gradient(mode):
     torch.testing.assert_close(METHODS[mode](model, x, 1), expected)
 
 
+def test_guided_grad_cam_follows_the_same_rule():
+    model = Mixed(nn.SiLU()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="guided backpropagation: the model applies silu"):
+        cv.guided_grad_cam(model, x, 1, "conv2")
+    got = cv.guided_grad_cam(model, x, 1, "conv2", nonlinear="gradient")
+    expected = cv.guided_backprop(model, x, 1, nonlinear="gradient") * cv.grad_cam(model, x, 1, "conv2")[:, None]
+    torch.testing.assert_close(got, expected)
+
+
 def test_bad_nonlinear_argument():
     model = Mixed(nn.ReLU()).eval()
     for bad in ("sign", None, 1):
+        for method in (cv.guided_backprop, cv.deconvnet):
+            with pytest.raises(ValueError, match="nonlinear must be one of"):
+                method(model, torch.randn(1, 3, 4, 4), 0, nonlinear=bad)
         with pytest.raises(ValueError, match="nonlinear must be one of"):
-            cv.guided_backprop(model, torch.randn(1, 3, 4, 4), 0, nonlinear=bad)
+            cv.guided_grad_cam(model, torch.randn(1, 3, 4, 4), 0, "conv2", nonlinear=bad)

@@ -81,7 +81,8 @@ def test_plain_mode_is_torch_relu6_and_hardtanh_gradient(device, dtype):
     x = torch.cat([torch.randn(200, device=device) * 4, torch.tensor([0.0, 6.0, 0.75, -0.0], device=device)])
     x = x.to(dtype).requires_grad_()
     grad = torch.randn(x.shape, device=device).to(dtype)
-    for upper, torch_fn in [(6.0, torch.nn.functional.relu6), (0.75, lambda t: torch.nn.functional.hardtanh(t, 0.0, 0.75))]:
+    hardtanh = lambda t: torch.nn.functional.hardtanh(t, 0.0, 0.75)  # noqa: E731
+    for upper, torch_fn in [(6.0, torch.nn.functional.relu6), (0.75, hardtanh)]:
         out = ops.guided_relu(x, "plain", upper)
         expected = torch_fn(x)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -165,7 +165,7 @@ _NON_RECTIFIERS = set(_lookup(
     "F.softplus", "_nn.softplus",
 ))
 
-_METHOD_NAMES = {"guided": "guided_backprop", "deconvnet": "deconvnet"}
+_METHOD_NAMES = {"guided": "guided backpropagation", "deconvnet": "deconvnet"}
 
 
 def check_nonlinear(nonlinear) -> str:
