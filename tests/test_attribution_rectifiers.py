@@ -329,3 +329,37 @@ def test_bad_nonlinear_argument():
                 method(model, torch.randn(1, 3, 4, 4), 0, nonlinear=bad)
         with pytest.raises(ValueError, match="nonlinear must be one of"):
             cv.guided_grad_cam(model, torch.randn(1, 3, 4, 4), 0, "conv2", nonlinear=bad)
+
+
+# --------------------------------------------------------------------------- #
+# torchvision networks
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("mode", METHODS)
+def test_mobilenet_v2_relu6_matches_backward_hook_reference(mode):
+    import copy
+
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v2(num_classes=5, width_mult=0.25).eval()  # ReLU6(inplace=True)
+    x = torch.randn(2, 3, 32, 32) * 10  # large enough that ReLU6 units saturate
+    saturated = []
+    handle = model.features[0][2].register_forward_hook(lambda m, a, out: saturated.append((out == 6).any()))
+    model(x)
+    handle.remove()
+    assert saturated[0]
+    reference_model = copy.deepcopy(model)
+    for m in reference_model.modules():
+        if isinstance(m, nn.Hardtanh):
+            m.inplace = False  # full backward hooks refuse in-place modules
+    torch.testing.assert_close(METHODS[mode](model, x, [1, 4]), hook_reference(reference_model, x, [1, 4], mode))
+
+
+def test_mobilenet_v3_and_efficientnet_are_refused_by_activation():
+    torchvision = pytest.importorskip("torchvision")
+    x = torch.randn(1, 3, 32, 32)
+    v3 = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    with pytest.raises(ValueError, match="applies hardswish"):
+        cv.guided_backprop(v3, x, 0)
+    assert torch.isfinite(cv.guided_backprop(v3, x, 0, nonlinear="gradient")).all()
+    efficientnet = torchvision.models.efficientnet_b0(num_classes=3).eval()
+    with pytest.raises(ValueError, match="applies silu"):
+        cv.deconvnet(efficientnet, x, 0)
