@@ -67,6 +67,15 @@ REFUSED = {
     "ddp_wrapped_names": {},
 }
 
+# variants that only change what some methods see: run just those (the file stays fast)
+LAYER_METHODS = ("grad_cam", "guided_grad_cam", "neuron")
+ONLY = {
+    "data_parallel_wrapped_names": LAYER_METHODS,
+    "ddp_wrapped_names": LAYER_METHODS,
+    "export_static_batch": ("saliency", "smoothgrad", "integrated_gradients", "occlusion", "guided_backprop"),
+    "exported_program": ("saliency", "guided_backprop", "grad_cam"),
+}
+
 
 def make(fmt, model, x):
     """``(model in that format, layer name to use)``."""
@@ -127,6 +136,8 @@ def test_format_matrix(setup, fmt, request):
     wrapped, layer = make(fmt, model, x)
     before = state(wrapped)
     for name, call in METHODS.items():
+        if name not in ONLY.get(fmt, METHODS):
+            continue
         refusal = REFUSED[fmt].get(name)
         if refusal is None:
             got = call(wrapped, x, layer)
@@ -216,14 +227,19 @@ def test_autocast_bf16_is_close_to_float32(setup, name):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_autocast_cuda_and_data_parallel(setup, dtype):
-    model, x, eager = setup
-    model, x = Net().cuda().eval().requires_grad_(True), x.cuda()
-    model.load_state_dict(setup[0].state_dict())
+def test_cuda_data_parallel_and_autocast(setup, dtype):
+    cpu_model, cpu_x, eager = setup
+    model = Net().cuda().eval()
+    model.load_state_dict(cpu_model.state_dict())
+    x = cpu_x.cuda()
     wrapped = nn.DataParallel(model)
     for name, call in METHODS.items():
-        torch.testing.assert_close(call(wrapped, x, "features.2"), call(model, x, "features.2"))
+        expected = call(model, x, "features.2")
+        torch.testing.assert_close(call(wrapped, x, "features.2"), expected)
         with torch.autocast("cuda", dtype=dtype):
             got = call(model, x, "features.2")
-        tensors = (got,) if torch.is_tensor(got) else got
-        assert all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t))
+        pairs = zip(got, expected) if isinstance(got, tuple) else [(got, expected)]
+        for g, e in pairs:
+            assert g.shape == e.shape and torch.isfinite(g).all()
+            cosine = torch.nn.functional.cosine_similarity(g.float().flatten(), e.float().flatten(), dim=0)
+            assert cosine > 0.95, f"{name}: cosine {cosine.item():.3f}"
