@@ -6,7 +6,6 @@ the helpers here assume both are already active.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -45,12 +44,6 @@ def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs")
     check_target(target, inputs.shape[0])
     # an inference tensor (made under inference_mode) cannot enter autograd: copy it too
     return inputs.detach().clone() if copy or inputs.is_inference() else inputs.detach()
-
-
-def check_nonnegative(value, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{argument} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 # --------------------------------------------------------------------------- #

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from ..core import check_images, model_guard, target_scores
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
 from ._backprop import detach_output
-from ..core.validation import check_pair, check_positive_int
+from ..core.validation import check_baseline, check_pair, check_positive_int
 from ..ops import occlude, occlusion_accumulate, occlusion_grid
 
 __all__ = ["occlusion", "choose_batch_size"]
@@ -103,7 +103,7 @@ def occlusion(
             check_positive_int(batch_size, "batch_size")
         if memory_budget is not None:
             check_positive_int(memory_budget, "memory_budget")
-        base = _check_baseline(baseline, inputs)
+        base = check_baseline(baseline, inputs)
         check_target(target, N)
         rows, cols = occlusion_grid(H, W, window, stride)
         positions = rows * cols
@@ -208,25 +208,6 @@ def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, i
     size = -(-positions // passes)
     return [(n, n + 1, first, min(size, positions - first))
             for n in range(n_images) for first in range(0, positions, size)]
-
-
-def _check_baseline(baseline, inputs: Tensor) -> Tensor:
-    """The baseline as a 4-D tensor ``[1 or N, C or 1, H or 1, W or 1]`` on the inputs'
-    device and dtype."""
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
-        raise ValueError(f"baseline must be a number or a Tensor broadcastable to {tuple(inputs.shape)}, "
-                         f"got {type(baseline).__name__}")
-    base = torch.as_tensor(baseline).to(device=inputs.device, dtype=inputs.dtype)
-    try:
-        fits = base.dim() <= 4 and torch.broadcast_shapes(base.shape, inputs.shape) == inputs.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"baseline must be broadcastable to inputs {tuple(inputs.shape)}, "
-                         f"got shape {tuple(base.shape)}")
-    if not bool(torch.isfinite(base).all()):
-        raise ValueError("baseline contains NaN or infinite values")
-    return base.reshape((1,) * (4 - base.dim()) + tuple(base.shape))
 
 
 def _rows(base: Tensor, n0: int, n1: int) -> Tensor:

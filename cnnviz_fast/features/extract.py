@@ -14,18 +14,9 @@ from torch.utils.data import DataLoader
 
 from ..core import forward_to_layers, get_layer, model_guard
 from ..core.data import data_length, iter_batches
-from ..core.validation import check_positive_int
+from ..core.validation import check_positive_int, model_device_dtype
 
 _POOLS = (None, "avg", "max")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model without any)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _flatten(activation: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
@@ -153,7 +144,7 @@ def extract_features(
     if known is not None and length is not None and known != length:
         raise ValueError(f"length={length} but data holds {known} inputs")
     total = known if known is not None else length
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
     path = Path(out) if out is not None else None
 

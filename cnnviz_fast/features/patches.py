@@ -17,9 +17,8 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ..core import Neuron, forward_to_layers, get_layer, model_guard
 from ..core.data import _images_of, iter_batches
-from ..core.validation import check_positive_int
+from ..core.validation import check_positive_int, model_device_dtype
 from ..pictures import image_grid
-from .extract import model_device
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -138,7 +137,7 @@ def max_activating_patches(
     if guided and not indexable:
         raise ValueError(f"guided=True needs data that can be indexed (a Tensor or a map-style Dataset), "
                          f"got {type(data).__name__}")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
 
     from tqdm.auto import tqdm

@@ -1,20 +1,13 @@
 """Argument handling shared by the synthesis methods."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..core import Normalize, check_images, forward_to_layers
-
-
-def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's first parameter or buffer (CPU/float32 if none)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
+from ..core.validation import check_int, check_number, model_device_dtype  # noqa: F401 (the suite's checks)
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
@@ -22,8 +15,7 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     so the same seed gives the same images on any device; None draws a fresh seed."""
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    check_int(seed, "seed")
     return torch.Generator().manual_seed(seed)
 
 
@@ -57,14 +49,6 @@ def check_pixels(images, argument: str, device, dtype) -> Tensor:
         raise ValueError(f"{argument} must be pixels in [0, 1] (before normalisation), got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
     return images.detach().to(device, dtype)
-
-
-def check_number(value, argument: str, minimum: float = 0.0, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"{argument} must be a number >= {minimum}, got {value!r}")
-    return float(value)
 
 
 def probe(model: nn.Module, inputs: Tensor, argument: str, layers=None, layer_argument: str = "layer"):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..core import Neuron, model_guard
 from ..core.targets import check_target, resolve_target, select_scores
-from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ._common import check_int, check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
 
@@ -96,8 +96,7 @@ def adversarial(
         if eps is None and method != "ascent":
             eps = 8 / 255
         steps = {"fgsm": 1, "pgd": 40, "ascent": 200}[method] if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_int(steps, "steps", minimum=1)
         if method == "fgsm":
             step_size = eps
         elif step_size is None:

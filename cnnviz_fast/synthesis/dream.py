@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import model_guard
-from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ._common import check_int, check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
 from .regularizers import Jitter
@@ -59,8 +59,7 @@ def deep_dream(
         pixels = check_pixels(image, "image", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
         probe(model, normalize(pixels) if normalize is not None else pixels, "image", layers=[layer])
-        if isinstance(octaves, bool) or not isinstance(octaves, int) or octaves < 1:
-            raise ValueError(f"octaves must be an int >= 1, got {octaves!r}")
+        check_int(octaves, "octaves", minimum=1)
         octave_scale = check_number(octave_scale, "octave_scale", minimum=1.0)
         height, width = pixels.shape[-2:]
         jitter = max(1, min(height, width) // 16) if jitter is None else jitter

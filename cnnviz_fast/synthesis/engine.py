@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import capture_layers, forward_to_layers
+from ..core.validation import check_int
 from .parameterization import ImageParameterization
 
 Features = Dict[str, Tensor]
@@ -159,8 +160,7 @@ def optimize(
     """
     if step_norm not in STEP_NORMS:
         raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    check_int(steps, "steps", minimum=0)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)

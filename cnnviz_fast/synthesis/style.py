@@ -18,7 +18,8 @@ from .. import ops
 from ..core import model_guard
 from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
-from .parameterization import Size, make_image, size_pair
+from ..core.validation import check_pair
+from .parameterization import Size, make_image
 
 
 def _layers(layers, argument: str) -> List[str]:
@@ -111,7 +112,7 @@ def synthesize_texture(
         layers = _layers(layers, "layers")
         weights = _layer_weights(layer_weights, layers, "layer_weights")
         normalize = check_normalize(normalize, pixels.shape[1])
-        height, width = size_pair(size, "size") if size is not None else pixels.shape[-2:]
+        height, width = check_pair(size, "size") if size is not None else pixels.shape[-2:]
         grams = _style_grams(model, pixels, normalize, layers, "texture")
         generator = make_generator(seed)
         shape = (pixels.shape[0], pixels.shape[1], height, width)
