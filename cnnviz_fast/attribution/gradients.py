@@ -40,7 +40,7 @@ def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True, return_
         ``(attributions, output)``.
     """
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
+        x = prepare_inputs(inputs, target, model=model)
         grads, _, output = input_gradients(model, x, target, keep_output=return_output)
     return with_output(grads.abs() if abs else grads, output, return_output)
 
@@ -87,7 +87,7 @@ def smoothgrad(
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
+        x = prepare_inputs(inputs, target, model=model)
         target, output = clean_output(model, x, target, return_output)
         if seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -146,7 +146,7 @@ def integrated_gradients(
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
+        x = prepare_inputs(inputs, target, model=model)
         base = torch.broadcast_to(check_baseline(0.0 if baseline is None else baseline, x), x.shape)
         target, output = clean_output(model, x, target, return_output)
         path = x - base

@@ -39,7 +39,7 @@ def _modified_gradient(
 ):
     check_nonlinear(nonlinear)
     with model_guard(model), autograd_on():
-        grads, _, output = input_gradients(model, prepare_inputs(inputs, target), target, relu_mode,
+        grads, _, output = input_gradients(model, prepare_inputs(inputs, target, model=model), target, relu_mode,
                                            keep_output=return_output, nonlinear=nonlinear)
     return with_output(grads, output, return_output)
 

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from ..core import check_images, model_guard, target_scores
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
 from ._backprop import detach_output
-from ..core.validation import check_baseline, check_pair, check_positive_int
+from ..core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
 from ..ops import occlude, occlusion_accumulate, occlusion_grid
 
 __all__ = ["occlusion", "choose_batch_size"]
@@ -94,6 +94,7 @@ def occlusion(
     """
     with model_guard(model):
         check_images(inputs)
+        check_model_inputs(model, inputs)
         N, C, H, W = inputs.shape
         window = check_pair(window, "window")
         stride = check_pair(stride, "stride")
@@ -110,7 +111,9 @@ def occlusion(
 
         keep_output = return_output or is_predicted(target)
         with torch.inference_mode():
-            scores, output, per_image = _clean_pass(model, inputs, target, keep_output, measure=batch_size is None)
+            # a copy: a model that writes into its input must not change the caller's tensor
+            scores, output, per_image = _clean_pass(model, inputs.clone(), target, keep_output,
+                                                    measure=batch_size is None)
             if batch_size is None:
                 batch_size = choose_batch_size(per_image, inputs.device, memory_budget)
             target = resolve_target(target, output)

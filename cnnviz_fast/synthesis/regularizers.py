@@ -57,7 +57,8 @@ class TotalVariation:
         dx = pixels[..., :-1, 1:] - pixels[..., :-1, :-1]
         squared = dx.pow(2) + dy.pow(2)
         tv = squared if self.beta == 2 else (squared + 1e-8).pow(self.beta / 2)
-        return self.weight * tv.flatten(1).mean(1)
+        # an image 1 pixel high or wide has no pairs of neighbours: its variation is 0
+        return self.weight * tv.flatten(1).sum(1) / max(1, tv[0].numel())
 
 
 class AlphaNorm:
