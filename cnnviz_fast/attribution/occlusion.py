@@ -8,11 +8,14 @@ work happens per window position.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..core import check_images, model_guard, target_scores
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
@@ -72,7 +75,7 @@ def occlusion(
             a pass). The result does not depend on it. Default: as many as fit in
             ``memory_budget``, counting per occluded image its own copy plus 3 times the
             largest layer output (a layer's input, its output and a skip connection),
-            measured by hooks on the leaf modules during the clean forward pass.
+            measured during the clean forward pass (the largest tensor an operator makes).
         memory_budget: bytes one forward pass may use when ``batch_size`` is None.
             Default: 64 MiB on CPU (larger batches run no faster there: they fall out of
             cache), half of the free memory on CUDA.
@@ -154,28 +157,34 @@ def _clean_pass(model: nn.Module, inputs: Tensor, target: Target, keep_output: b
     """``(scores, output or None, bytes per image or None)`` from one forward pass on the
     clean inputs: the target scores, the model output when kept, and (``measure``) the
     estimated memory one more image adds to a forward pass: its occluded copy plus
-    ``ACTIVATION_COPIES`` times the largest layer output (measured by hooks on the leaf
-    modules during this forward pass)."""
-    largest = [0]
-
-    def record(module, args, output):
-        if isinstance(output, Tensor):
-            largest[0] = max(largest[0], output.nbytes)
-
-    leaves = [m for m in model.modules() if next(m.children(), None) is None] if measure else []
-    handles = [m.register_forward_hook(record) for m in leaves]
-    try:
+    ``ACTIVATION_COPIES`` times the largest tensor an operator of this forward pass makes
+    (:class:`_LargestTensor`)."""
+    with _LargestTensor() if measure else contextlib.nullcontext() as largest:
         if keep_output:
             scores, output = target_scores(model, inputs, target, keep_output=True)
         else:
             scores, output = target_scores(model, inputs, target), None
-    finally:
-        for handle in handles:
-            handle.remove()
     if not measure:
         return scores, output, None
     n = inputs.shape[0]
-    return scores, output, inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest[0] / n)
+    return scores, output, inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest.nbytes / n)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the size of the largest tensor any operator of the forward pass produces.
+    A dispatch mode sees every operator whatever the model format (eager, TorchScript,
+    torch.compile, torch.export), where module hooks do not run in all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.nbytes = max(self.nbytes, t.nbytes)
+        return out
 
 
 def _ordinary(output):

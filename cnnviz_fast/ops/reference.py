@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -239,38 +239,57 @@ def _check_mode(mode) -> None:
         raise ValueError(f"mode must be one of {GUIDED_RELU_MODES}, got {mode!r}")
 
 
-def guided_relu_backward(grad: Tensor, out: Tensor, mode: str) -> Tensor:
-    """The modified ReLU backward from the saved output (``out > 0`` iff ``input > 0``)."""
+def _check_upper(upper) -> Optional[float]:
+    """``upper`` as a float, or None for a plain ReLU (``+inf`` means no bound too)."""
+    if upper is None:
+        return None
+    if isinstance(upper, bool) or not isinstance(upper, (int, float)):
+        raise TypeError(f"upper must be None or a number > 0, got {upper!r}")
+    if not upper > 0:  # also NaN
+        raise ValueError(f"upper must be None or a number > 0, got {upper!r}")
+    return None if math.isinf(upper) else float(upper)
+
+
+def _bound(upper: float, dtype: torch.dtype) -> float:
+    # the bound as the tensor's dtype holds it (the kernels convert it the same way)
+    return torch.tensor(upper, dtype=dtype).item()
+
+
+def guided_relu_backward(grad: Tensor, out: Tensor, mode: str, upper: Optional[float] = None) -> Tensor:
+    """The modified backward from the saved output: the linear range is ``0 < out < upper``
+    (``out > 0`` iff ``input > 0``; ``out == upper`` iff ``input >= upper``)."""
     _check_mode(mode)
+    upper = _check_upper(upper)
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    below = True if upper is None else out < _bound(upper, out.dtype)
     if mode == "plain":
-        return torch.where(out > 0, grad, zero)
+        return torch.where((out > 0) & below, grad, zero)
     if mode == "guided":
-        return torch.where((out > 0) & (grad > 0), grad, zero)
-    return torch.where(grad > 0, grad, zero)  # deconvnet
+        return torch.where((out > 0) & below & (grad > 0), grad, zero)
+    return torch.where(below & (grad > 0), grad, zero)  # deconvnet
 
 
 class _GuidedReLU(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, mode: str) -> Tensor:
-        return torch.relu(x)
+    def forward(x: Tensor, mode: str, upper: Optional[float]) -> Tensor:
+        return torch.relu(x) if upper is None else x.clamp(0, _bound(upper, x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mode = inputs[1]
+        ctx.mode, ctx.upper = inputs[1], inputs[2]
         ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        return guided_relu_backward(grad, out, ctx.mode), None
+        return guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
 
 
-def guided_relu(x: Tensor, mode: str = "guided") -> Tensor:
+def guided_relu(x: Tensor, mode: str = "guided", upper: Optional[float] = None) -> Tensor:
     """Reference for :func:`cnnviz_fast.ops.guided_relu`."""
     _check_floating(x, "x")
     _check_mode(mode)
-    return _GuidedReLU.apply(x, mode)
+    return _GuidedReLU.apply(x, mode, _check_upper(upper))
 
 
 # --------------------------------------------------------------------------- #
