@@ -154,7 +154,8 @@ def _baseline_tensor(baseline, images: Tensor) -> Tensor:
                 f"baseline must be on the same device as images ({images.device}), got {baseline.device}"
             )
         try:
-            torch.broadcast_shapes(baseline.shape, images.shape)
+            if torch.broadcast_shapes(baseline.shape, images.shape) != images.shape:
+                raise RuntimeError
         except RuntimeError:
             raise ValueError(
                 f"baseline must be broadcastable to images {tuple(images.shape)}, got {tuple(baseline.shape)}"
