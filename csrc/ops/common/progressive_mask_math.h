@@ -16,7 +16,8 @@ CNNVIZ_HOST_DEVICE inline int64_t cell(int64_t h, int64_t x, int64_t ph, int64_t
 // Whether a cell of rank `rank` (0 = most important) shows the baseline at a step that
 // moves the `count` top-ranked cells: deletion replaces them by the baseline; insertion
 // starts from the baseline and reveals them (everything else stays baseline).
-CNNVIZ_HOST_DEVICE inline bool shows_baseline(int64_t rank, int64_t count, bool insertion) {
+template <typename index_t>
+CNNVIZ_HOST_DEVICE inline bool shows_baseline(index_t rank, index_t count, bool insertion) {
   return (rank < count) != insertion;
 }
 
