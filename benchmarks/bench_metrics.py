@@ -58,7 +58,7 @@ def quantus_curve(model, x, y, maps, pixels_per_step, mode):
     C = x.shape[1]
     kwargs = dict(features_in_step=C * pixels_per_step, perturb_baseline=0.0, normalise=False, abs=False, disable_warnings=True,
                   display_progressbar=False)
-    a = maps[:, None].numpy()
+    a = np.ascontiguousarray(np.broadcast_to(maps[:, None].numpy(), x.shape))  # per channel, as Quantus ranks
     xb = x.numpy()
     if mode == "insertion":
         source = xb.reshape(xb.shape[0], -1)

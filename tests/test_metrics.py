@@ -314,3 +314,20 @@ def test_evaluate_summary():
         M.evaluate(model, torch.randn(2, 3, 11, 11), methods, target="label")
     with pytest.raises(ValueError, match="metrics"):
         M.evaluate(model, data, methods, metrics=["auc"])
+
+
+def test_evaluate_cli(tmp_path, capsys):
+    import argparse
+
+    from cnnviz_fast.metrics.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "table.md"
+    args = parser.parse_args(["evaluate", "--limit", "3", "--steps", "2", "--methods", "saliency,random",
+                              "--out", str(out)])
+    assert args.run(args) == 0
+    assert "| random |" in out.read_text() and "| saliency |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        args = parser.parse_args(["evaluate", "--methods", "lime"])
+        args.run(args)

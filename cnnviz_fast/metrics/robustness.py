@@ -154,7 +154,8 @@ def sensitivity_max(
     takes_radius = len(inspect.signature(perturb_func).parameters) > 1
     N = inputs.shape[0]
     image_ids = torch.arange(N, device=inputs.device)
-    target = resolve(model, inputs, target)
+    with model_guard(model):
+        target = resolve(model, inputs, target)
     with torch.no_grad():
         clean = method(model, inputs, target, **method_kwargs).detach()
         clean_norm = torch.norm(clean.reshape(N, -1), p=norm_ord, dim=1, keepdim=True)
