@@ -52,7 +52,8 @@ def _order(maps: Tensor, inputs: Tensor, patch):
     h, w = maps.shape[1:]
     if (h, w) != (H, W):  # a lower-resolution map: one value per patch
         if patch is not None and tuple(ops.reference._pair(patch, "patch")) != (H // h, W // w):
-            raise ValueError(f"patch must be {(H // h, W // w)} for maps of size {(h, w)} on {(H, W)} images, got {patch!r}")
+            raise ValueError(f"patch must be {(H // h, W // w)} for maps of size {(h, w)} on {(H, W)} images, "
+                             f"got {patch!r}")
         patch = (H // h, W // w)
     elif patch is not None and ops.reference._pair(patch, "patch") != (1, 1):
         # full-resolution map, coarser cells: the map's mean over each (border-clipped) patch
@@ -142,7 +143,8 @@ def deletion_curve(
         baseline: the value of removed pixels: a number or a tensor broadcastable to
             ``inputs`` (RISE deletes to 0; a blurred copy of ``inputs`` is common too).
         patch: rank ``ph x pw`` patches (the map's mean over each) instead of pixels.
-        batch_size: masked images per forward pass.
+        batch_size: masked images per forward pass (on a CPU, small batches such as 8 often
+            run faster per image than large ones).
         probability: see ``target``.
 
     Returns:
