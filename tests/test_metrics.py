@@ -308,6 +308,10 @@ def test_evaluate_summary():
         for metric in ("deletion", "insertion"):
             s = summary[name][metric]
             assert s["n"] == 6 and s["low"] <= s["mean"] <= s["high"] and 0 <= s["mean"] <= 1
+    dataset = torch.utils.data.TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
+    again = M.evaluate(model, dataset, methods, target="label", steps=4, images_per_batch=4)
+    for key in ("mean", "low", "high"):  # the same images in other batches: the same AUCs
+        assert again["saliency"]["deletion"][key] == pytest.approx(summary["saliency"]["deletion"][key], rel=1e-5)
     table = M.format_table(summary)
     assert "| saliency |" in table and "deletion AUC" in table
     with pytest.raises(ValueError, match="labels"):

@@ -66,8 +66,8 @@ def run(args) -> int:
     inputs = normalize(pixels[: args.limit])
     layer = args.layer or DEFAULT_LAYERS.get(args.model)
     methods = {name: _method(name, layer) for name in names}
-    batches = list(torch.split(inputs, args.images_per_batch))
-    summary = evaluate(model, batches, methods, target="predicted", steps=args.steps, batch_size=args.batch_size)
+    summary = evaluate(model, inputs, methods, target="predicted", steps=args.steps, batch_size=args.batch_size,
+                       images_per_batch=args.images_per_batch)
     table = format_table(summary)
     print(f"{len(inputs)} images, {args.steps} steps, baseline 0 (model input space), target: predicted class")
     print(table)

@@ -5,8 +5,9 @@ from typing import Callable, Dict, Iterable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ._common import check_model, interval95
+from ._common import check_int, check_model, interval95
 from .curves import deletion_curve, insertion_curve
 
 __all__ = ["METRICS", "evaluate", "format_table"]
@@ -14,18 +15,23 @@ __all__ = ["METRICS", "evaluate", "format_table"]
 METRICS = ("deletion", "insertion")
 
 
-def _batches(data):
+def _batches(data, images_per_batch: int):
+    """``(images, labels or None)`` batches from a Tensor, a map-style Dataset, a DataLoader or
+    an iterable of batches (labels: the second element of ``(x, y, ...)`` items)."""
     if isinstance(data, Tensor):
-        yield data, None
+        for start in range(0, data.shape[0], images_per_batch):
+            yield data[start:start + images_per_batch], None
         return
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size=images_per_batch, shuffle=False)
     for item in data:
         if isinstance(item, Tensor):
             yield item, None
-        elif isinstance(item, (tuple, list)) and len(item) >= 2:
+        elif isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor):
             yield item[0], item[1]
         else:
-            raise ValueError("data must be a Tensor[N, C, H, W] or an iterable of images or (images, labels) batches, "
-                             f"got an item of type {type(item).__name__}")
+            raise ValueError("data must be a Tensor[N, C, H, W], a Dataset, or an iterable of images or "
+                             f"(images, labels) batches, got an item of type {type(item).__name__}")
 
 
 def evaluate(
@@ -38,20 +44,23 @@ def evaluate(
     baseline: Union[float, Callable] = 0.0,
     patch=None,
     batch_size: int = 64,
+    images_per_batch: int = 16,
     device=None,
 ) -> Dict[str, Dict[str, dict]]:
     """Deletion / insertion AUCs of every method over a dataset, summarised per method.
 
     Args:
         model: the classifier.
-        data: a ``Tensor[N, C, H, W]``, or an iterable (e.g. a DataLoader) of image batches
-            or ``(images, labels)`` batches.
+        data: a ``Tensor[N, C, H, W]`` or a map-style ``Dataset`` (explained
+            ``images_per_batch`` at a time), or an iterable (e.g. a DataLoader) of image
+            batches or ``(images, labels)`` batches.
         methods: name -> ``method(model, images, target) -> maps`` (e.g.
             ``{"saliency": cnnviz_fast.saliency, "grad_cam": partial(grad_cam, layer="layer4")}``).
         target: ``"predicted"`` (default), ``"label"`` (the batches' labels), or any target
             the curves accept.
         metrics: a subset of ``("deletion", "insertion")``.
-        steps, patch, batch_size: as in :func:`deletion_curve`; ``baseline``: a number or a
+        steps, patch, batch_size: as in :func:`deletion_curve` (``batch_size``: masked
+            images per forward pass); ``baseline``: a number or a
             callable ``images -> baseline tensor`` (e.g. a blur).
         device: where the batches are moved (default: the model's device).
 
@@ -65,12 +74,13 @@ def evaluate(
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
+    check_int(images_per_batch, "images_per_batch")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     curve_fns = {"deletion": deletion_curve, "insertion": insertion_curve}
     aucs = {name: {m: [] for m in metrics} for name in methods}
-    for images, labels in _batches(data):
+    for images, labels in _batches(data, images_per_batch):
         images = images.to(device)
         if target == "label":
             if labels is None:
