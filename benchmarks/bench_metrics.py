@@ -21,21 +21,21 @@ copy kept per step, as ``PixelFlipping.evaluate_batch`` does), equal arrays chec
 Infidelity vs Captum ``infidelity`` (same Gaussian-noise perturbation, same seed, equal
 values checked first), 10 perturbations per image, one batch on both sides.
 
-Each contender runs once to warm up, then ``--rounds`` times; the minimum is reported.
+Timing: ``common.interleaved`` (the contenders in turn, round after round, the minimum over
+rounds). Targets (issue 13): curves >= 5x Quantus, infidelity >= 3x Captum; the masks-only
+rows are information. ``--quick``: the digits model only, 1 round.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 import warnings
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, write_results  # noqa: E402
+from common import argument_parser, finish, interleaved, machine_description, row  # noqa: E402
 
 import quantus  # noqa: E402
 from quantus.helpers.model.pytorch_model import PyTorchModel  # noqa: E402
@@ -50,16 +50,6 @@ warnings.filterwarnings("ignore")
 # (ResNet-18, 1 thread: 81 ms/image at batch 2, 84 at 8, 119 at 64); Quantus forwards the
 # N images of each step together
 BATCH = 8
-
-
-def best_of(fn, rounds):
-    out = fn()  # warm-up (allocator, first-touch pages, lazy init)
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def quantus_curve(model, x, y, maps, pixels_per_step, mode):
@@ -94,14 +84,14 @@ def bench_curves(name, model, x, y, steps, rounds):
     rows = []
     for mode in ("deletion", "insertion"):
         fn = M.deletion_curve if mode == "deletion" else M.insertion_curve
-        t_ours, curve = best_of(lambda: fn(model, x, y, maps, steps=steps, batch_size=BATCH), rounds)
-        t_q, q = best_of(lambda: quantus_curve(model, x, y, maps, pixels_per_step, mode), rounds)
+        ours = lambda: fn(model, x, y, maps, steps=steps, batch_size=BATCH)  # noqa: E731
+        theirs = lambda: quantus_curve(model, x, y, maps, pixels_per_step, mode)  # noqa: E731
+        curve, q = ours(), theirs()
         err = float(np.abs(curve.scores[:, 1:].numpy() - q).max())
         assert q.shape == (N, steps) and err < 1e-5, (mode, q.shape, err)
-        rows.append({"model": name, "metric": f"{mode} curve", "images": N, "size": f"{H}x{W}", "steps": steps,
-                     "ours_s": t_ours, "anchor": "Quantus PixelFlipping", "anchor_s": t_q,
-                     "speedup": t_q / t_ours, "max_abs_diff": err})
-        print(rows[-1], flush=True)
+        t = interleaved({"ours": ours, "quantus": theirs}, rounds)
+        rows.append(row(f"{name}: {mode} curve, {N} images {H}x{W}, {steps} steps vs Quantus PixelFlipping",
+                        t["ours"], t["quantus"], ">= 5x", unit="s", max_abs_diff=err))
     return rows
 
 
@@ -124,14 +114,11 @@ def bench_masks(name, x, steps, rounds):
             out.append(cur.reshape(x.shape))
         return np.stack(out, 1)
 
-    t_ours, a = best_of(lambda: ops.progressive_mask(x, order, counts, 0.0, "deletion"), rounds)
-    t_q, b = best_of(quantus_loop, rounds)
-    assert np.array_equal(a.numpy(), b)
-    row = {"model": "-", "metric": "deletion masks only", "images": N, "size": f"{H}x{W}", "steps": steps,
-           "ours_s": t_ours, "anchor": "Quantus per-step replacement loop", "anchor_s": t_q,
-           "speedup": t_q / t_ours, "max_abs_diff": 0.0}
-    print(row, flush=True)
-    return [row]
+    ours = lambda: ops.progressive_mask(x, order, counts, 0.0, "deletion")  # noqa: E731
+    assert np.array_equal(ours().numpy(), quantus_loop())
+    t = interleaved({"ours": ours, "quantus": quantus_loop}, rounds)
+    return [row(f"{name}: deletion masks only, {N} images {H}x{W}, {steps} steps vs Quantus per-step loop",
+                t["ours"], t["quantus"], unit="s", max_abs_diff=0.0)]
 
 
 def gaussian_perturbation(x):
@@ -150,26 +137,17 @@ def bench_infidelity(name, model, x, y, rounds, samples=10):
         torch.manual_seed(0)
         return captum_infidelity(model, gaussian_perturbation, x, attr, target=y, n_perturb_samples=samples)
 
-    t_ours, a = best_of(ours, rounds)
-    t_c, b = best_of(theirs, rounds)
+    a, b = ours(), theirs()
     err = float((a - b).abs().max() / b.abs().max())
     assert err < 1e-4, err
-    row = {"model": name, "metric": "infidelity", "images": x.shape[0], "size": f"{x.shape[2]}x{x.shape[3]}",
-           "steps": samples, "ours_s": t_ours, "anchor": "Captum infidelity", "anchor_s": t_c,
-           "speedup": t_c / t_ours, "max_abs_diff": err}
-    print(row, flush=True)
-    return [row]
+    t = interleaved({"ours": ours, "captum": theirs}, rounds)
+    return [row(f"{name}: infidelity, {x.shape[0]} images {x.shape[2]}x{x.shape[3]}, {samples} perturbations "
+                "vs Captum", t["ours"], t["captum"], ">= 3x", unit="s", max_rel_diff=err)]
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="digits model only")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both sides (default 1: the shared 2-core machine is oversubscribed)")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def main(argv=None):
+    args = argument_parser(__doc__).parse_args(argv)
+    rounds = 1 if args.quick else 2
     torch.manual_seed(0)
     print(machine_description(), "| extension:", ops.has_extension(), flush=True)
     rows = []
@@ -177,27 +155,24 @@ def main():
     x = zoo.DIGITS_NORMALIZE(zoo.digits("test")[0][:8])
     with torch.no_grad():
         y = digits(x).argmax(1)
-    rows += bench_curves("digits CNN", digits, x, y, steps=128, rounds=args.rounds)
-    rows += bench_infidelity("digits CNN", digits, x, y, args.rounds)
-    rows += bench_masks("digits", x, 128, args.rounds)
+    rows += bench_curves("digits CNN", digits, x, y, steps=128, rounds=rounds)
+    rows += bench_infidelity("digits CNN", digits, x, y, rounds)
+    rows += bench_masks("digits", x, 128, rounds)
     if not args.quick:
         resnet = zoo.resnet18().eval()
         x = zoo.IMAGENET_NORMALIZE(torch.cat(list(zoo.sample_images(224).values())))  # china, flower
         with torch.no_grad():
             y = resnet(x).argmax(1)
-        rows += bench_curves("ResNet-18 (random)", resnet, x, y, steps=98, rounds=args.rounds)
-        rows += bench_infidelity("ResNet-18 (random)", resnet, x, y, args.rounds)
-        rows += bench_masks("224", x, 98, args.rounds)
-    if not args.no_write:
-        notes = (
-            "Same run, equal values checked first (curves: every point, max |diff| shown; infidelity: "
-            "relative diff). CPU only (no GPU drawn for this session). Times: best of "
-            f"{args.rounds} rounds, seconds per call for all images. Quantus's curve has K points "
-            "(after each step) and AUC with dx=1; ours has K+1 points (from the clean image) and "
-            "AUC over the fraction in [0, 1]. On a CPU both sides are bound by the same model forwards. "
-            "Shared 2-core machine: see the load average."
-        )
-        print(write_results("metrics", rows, notes=notes, title="Faithfulness metrics vs Quantus / Captum"))
+        rows += bench_curves("ResNet-18 (random)", resnet, x, y, steps=98, rounds=rounds)
+        rows += bench_infidelity("ResNet-18 (random)", resnet, x, y, rounds)
+        rows += bench_masks("224 px", x, 98, rounds)
+    notes = (
+        "Same run, equal values checked first (curves: every point, max |diff| shown; infidelity: relative "
+        "diff). CPU only (no GPU drawn for this session). Quantus's curve has K points (after each step) and "
+        "AUC with dx=1; ours has K+1 points (from the clean image) and AUC over the fraction in [0, 1]. On a "
+        "CPU both sides are bound by the same model forwards. Shared 2-core machine: see the load average."
+    )
+    finish(args, "metrics", rows, notes, title="Faithfulness metrics vs Quantus / Captum")
 
 
 if __name__ == "__main__":
