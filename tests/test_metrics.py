@@ -108,6 +108,36 @@ def test_curve_patches_and_low_resolution_maps():
             torch.testing.assert_close(a.scores[n, k], p.detach())
 
 
+def test_curve_clipped_patches_rank_by_patch_mean():
+    model = linear_model(C=1, H=5, W=5)
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    maps = torch.randn(2, 5, 5, dtype=torch.float64)
+    curve = M.deletion_curve(model, x, 1, maps, steps=9, patch=2, probability=False)  # 3 x 3 cells
+    for n in range(2):
+        cells = [(i, j) for i in range(3) for j in range(3)]
+        means = [float(maps[n, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean()) for i, j in cells]
+        ranked = sorted(range(9), key=lambda c: (-means[c], c))
+        for k in range(10):
+            img = x[n].clone()
+            for c in ranked[:k]:
+                i, j = cells[c]
+                img[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2] = 0
+            torch.testing.assert_close(curve.scores[n, k], model(img[None])[0, 1].detach())
+
+
+def test_curve_neuron_target():
+    from cnnviz_fast import Neuron
+
+    model = small_cnn()
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    curve = M.insertion_curve(model, x, Neuron("2", 3), torch.randn(2, 11, 11, dtype=torch.float64), steps=3)
+    with torch.no_grad():
+        clean = model[:3](x)[:, 3].mean((1, 2))
+        empty = model[:3](torch.zeros_like(x))[:, 3].mean((1, 2))
+    torch.testing.assert_close(curve.scores[:, -1], clean)
+    torch.testing.assert_close(curve.scores[:, 0], empty)
+
+
 def test_curve_leaves_model_untouched():
     model = small_cnn().train()
     state = copy.deepcopy(model.state_dict())
