@@ -60,7 +60,8 @@ def infidelity(
         normalize: scale the attributions by the optimal ``beta`` first (Captum's ``normalize``).
 
     Returns:
-        ``Tensor[N]``.
+        ``Tensor[N]``. The model runs in eval mode and is restored afterwards (Captum runs it
+        in whatever mode it is in: pass an eval-mode model to compare).
     """
     check_model(model)
     check_images(inputs)
