@@ -41,4 +41,11 @@ TORCH_LIBRARY(cnnviz, m) {
   m.def(
       "_gram_loss_backward(Tensor grad_loss, Tensor features, Tensor diff, float weight) -> "
       "Tensor");
+
+  // images [N, C, H, W] -> [N, K, C, H, W]: step k moves the counts[k] cells of lowest
+  // rank (ranks [N, rows*cols] over ph x pw patches, 0 = most important): deletion sets
+  // them to baseline (numel 1, or [N, C, H, W]); insertion shows only them over baseline.
+  m.def(
+      "progressive_mask(Tensor images, Tensor ranks, Tensor baseline, int[] counts, "
+      "int[2] patch, bool insertion) -> Tensor");
 }

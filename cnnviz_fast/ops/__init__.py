@@ -338,3 +338,11 @@ if _extension.LOADED:
         return grad_features, grad_target, None
 
     torch.library.register_autograd("cnnviz::gram_loss", _gram_loss_bwd, setup_context=_gram_loss_setup)
+
+
+# --------------------------------------------------------------------------- #
+# progressive masking (deletion / insertion curves): wrapper, fake and autograd in progressive.py
+# --------------------------------------------------------------------------- #
+from .progressive import MASK_MODES, progressive_grid, progressive_mask, ranks_from_order  # noqa: E402
+
+__all__ += ["MASK_MODES", "progressive_grid", "progressive_mask", "ranks_from_order"]
