@@ -210,7 +210,7 @@ def saliency_maps(
                 x = to_inputs(x)
             x = x.contiguous(memory_format=layout)
             with autocast():
-                attributions, output = function(model, x, target, return_output=True, **method_kwargs)
+                attributions, output = function(model, x, target=target, return_output=True, **method_kwargs)
             output = output.float()
             classes = resolve_target(target, output) if is_predicted(target) else torch.full(
                 (output.shape[0],), target, dtype=torch.long, device=output.device)
