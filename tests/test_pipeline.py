@@ -3,6 +3,7 @@ kill-and-resume (one process and two torchrun ranks), settings refusal, merge, t
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -287,7 +288,10 @@ def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model
     """2 gloo ranks; rank 1 is killed after its first shard; the rerun finishes the rest and
     the result equals a single-process run, nothing lost or duplicated."""
     out = tmp_path / "dist"
-    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    with socket.socket() as probe:  # a free port: other test runs may share this machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "cnnviz_fast", "saliency", "--data", "digits", "--out", str(out), "--shard-size", "64",
                "--batch-size", "32", "--map-dtype", "float32", "--quiet"]
     killed = _python(*command, **{KILL_AFTER_SHARDS: "1", KILL_RANK: "1"})
