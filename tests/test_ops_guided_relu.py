@@ -219,18 +219,17 @@ def test_cpu_matches_cuda(dtype, mode, upper):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mod", [ops, ref], ids=["public", "reference"])
-def test_bad_arguments(mod):
+def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
-        mod.guided_relu(torch.randn(3), "gided")
+        ops.guided_relu(torch.randn(3), "gided")
     with pytest.raises(TypeError, match="x"):
-        mod.guided_relu(torch.ones(3, dtype=torch.long))
+        ops.guided_relu(torch.ones(3, dtype=torch.long))
     for bad in (0, -1.0, float("nan"), float("-inf")):
         with pytest.raises(ValueError, match="upper"):
-            mod.guided_relu(torch.randn(3), "guided", bad)
+            ops.guided_relu(torch.randn(3), "guided", bad)
     for bad in ("6", True, torch.tensor(6.0)):
         with pytest.raises(TypeError, match="upper"):
-            mod.guided_relu(torch.randn(3), "guided", bad)
+            ops.guided_relu(torch.randn(3), "guided", bad)
 
 
 @needs_ext

@@ -177,11 +177,6 @@ def _refuse_nonlinear(func, args, kwargs, mode: str) -> None:
     )
 
 
-def _guided_relu_backward(grad: Tensor, out: Tensor, mode: str, upper: Optional[float]) -> Tensor:
-    # the backward kernel of ops.guided_relu (compiled when loaded, else its reference)
-    if ops.has_extension():
-        return torch.ops.cnnviz._guided_relu_backward(grad, out, mode, upper)
-    return ops.reference.guided_relu_backward(grad, out, mode, upper)
 
 
 class _GuidedReLUInPlace(torch.autograd.Function):
@@ -204,7 +199,7 @@ class _GuidedReLUInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        return _guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
+        return ops.guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
 
 
 class _GuidedReLUMode(TorchFunctionMode):
