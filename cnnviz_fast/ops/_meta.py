@@ -22,9 +22,16 @@ def _same_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _baseline_grad(to_base: Tensor, baseline_shape) -> Tensor:
-    # the gradient reaching the baseline, summed back to its (full-size or 0-dim) shape
-    return to_base if len(baseline_shape) == 4 else to_base.sum().reshape(baseline_shape)
+def _masked_copy_grads(ctx, grad: Tensor, at_base: Tensor, baseline_index: int):
+    """Gradients (images, baseline) of ``out[:, k] = where(at_base[:, k], baseline, images)``:
+    ``grad`` is ``[N, K, C, H, W]``, ``at_base`` broadcasts to it."""
+    to_base = torch.where(at_base, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).sum(1)
+    grad_images = grad_baseline = None
+    if ctx.needs_input_grad[0]:
+        grad_images = grad.sum(1) - to_base
+    if ctx.needs_input_grad[baseline_index]:  # summed back to the (full-size or 0-dim) baseline
+        grad_baseline = to_base if len(ctx.baseline_shape) == 4 else to_base.sum().reshape(ctx.baseline_shape)
+    return grad_images, grad_baseline
 
 
 # ---- occlude ----
@@ -43,13 +50,7 @@ def _occlude_setup(ctx, inputs, output):
 def _occlude_backward(ctx, grad):
     H, W, window, stride, first, count = ctx.geom
     masks = reference.occlusion_masks(H, W, window, stride, first, count, grad.device)
-    inside = torch.where(masks[None, :, None], grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    inside = inside.sum(1)  # [N, C, H, W]
-    grad_images = grad_baseline = None
-    if ctx.needs_input_grad[0]:
-        grad_images = grad.sum(1) - inside
-    if ctx.needs_input_grad[3]:
-        grad_baseline = _baseline_grad(inside, ctx.baseline_shape)
+    grad_images, grad_baseline = _masked_copy_grads(ctx, grad, masks[None, :, None], 3)
     return grad_images, None, None, grad_baseline, None, None
 
 
@@ -191,13 +192,8 @@ def _progressive_mask_setup(ctx, inputs, output):
 def _progressive_mask_backward(ctx, grad):
     (ranks,) = ctx.saved_tensors
     H, W, counts, patch, insertion = ctx.geom
-    at_base = reference.progressive_baseline_mask(ranks, counts, H, W, patch, insertion)[:, :, None]
-    to_base = torch.where(at_base, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).sum(1)
-    grad_images = grad_baseline = None
-    if ctx.needs_input_grad[0]:
-        grad_images = grad.sum(1) - to_base
-    if ctx.needs_input_grad[2]:
-        grad_baseline = _baseline_grad(to_base, ctx.baseline_shape)
+    at_base = reference.progressive_baseline_mask(ranks, counts, H, W, patch, insertion)
+    grad_images, grad_baseline = _masked_copy_grads(ctx, grad, at_base[:, :, None], 2)
     return grad_images, None, grad_baseline, None, None, None
 
 

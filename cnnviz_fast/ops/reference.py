@@ -16,25 +16,6 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = [
-    "GUIDED_RELU_MODES",
-    "MASK_MODES",
-    "occlusion_grid",
-    "occlusion_window_bounds",
-    "occlusion_masks",
-    "occlusion_cover_counts",
-    "occlude",
-    "occlusion_accumulate",
-    "guided_relu",
-    "guided_relu_backward",
-    "gram",
-    "gram_loss",
-    "progressive_grid",
-    "ranks_from_order",
-    "progressive_baseline_mask",
-    "progressive_mask",
-]
-
 IntPair = Union[int, Sequence[int]]
 
 GUIDED_RELU_MODES = ("guided", "deconvnet", "plain")
