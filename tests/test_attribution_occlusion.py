@@ -9,6 +9,8 @@ from cnnviz_fast.attribution import occlusion
 from cnnviz_fast.attribution.occlusion import choose_batch_size
 from cnnviz_fast.core import Neuron, forward_to_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
@@ -156,10 +158,10 @@ def test_memory_budget_chooses_batch_size(digits):
 
     sizes, handle = forward_batch_sizes(model)
     try:
-        tiny = occlusion(model, x, labels, window=(16, 16), stride=(8, 8), memory_budget=1)
+        tiny = occlusion(model, x, labels, window=(16, 16), stride=(8, 8), memory_budget=1, mode="full")
         assert sizes == [3] + [1] * 27, "a tiny budget means one occluded image per forward pass"
         sizes.clear()
-        default = occlusion(model, x, labels, window=(16, 16), stride=(8, 8))
+        default = occlusion(model, x, labels, window=(16, 16), stride=(8, 8), mode="full")
         assert sizes == [3, 27], "the default CPU budget fits all 3 x 9 occluded digits in one pass"
     finally:
         handle.remove()
@@ -170,10 +172,10 @@ def test_batches_group_images_and_split_positions(digits):
     model, x, labels = digits
     sizes, handle = forward_batch_sizes(model)
     try:
-        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=20)  # 9 positions
+        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=20, mode="full")  # 9 positions
         assert sizes == [3, 18, 9]
         sizes.clear()
-        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=4)
+        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=4, mode="full")
         assert sizes == [3] + [3, 3, 3] * 3, "9 positions in equal passes of 3"
     finally:
         handle.remove()
@@ -200,7 +202,7 @@ def test_model_restored_after_exception(digits):
     grads_before = [p.requires_grad for p in wrapped.parameters()]
     x_before = x.clone()
     with pytest.raises(RuntimeError, match="boom"):
-        occlusion(wrapped, x, labels, window=(8, 8), stride=(4, 4))
+        occlusion(wrapped, x, labels, window=(8, 8), stride=(4, 4), mode="full")
     assert wrapped.training and all(m.training for m in wrapped.modules())
     assert not any(m._forward_hooks for m in wrapped.modules())
     assert [p.requires_grad for p in wrapped.parameters()] == grads_before

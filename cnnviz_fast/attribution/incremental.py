@@ -262,9 +262,11 @@ class IncrementalOcclusion:
         return cls(graph, target, ends[0], **options)
 
     # ------------------------------------------------------------------ clean pass
-    def clean(self, image: Tensor, baseline: Tensor) -> Tensor:
+    def clean(self, image: Tensor, baseline: Tensor, target: Target) -> Tensor:
         """Run one clean image ``[1, C, H, W]`` through the graph, keep every node's output,
-        and return the target's score on it (``Tensor[1]``). ``baseline``: ``[1, C, H, W]``."""
+        and return the score of ``target`` (this image's target) on it (``Tensor[1]``).
+        ``baseline``: broadcastable to the image."""
+        self.target = target
         self._cache.clear()
         self._padded.clear()
         self.image, self.baseline = image, baseline.expand_as(image)
@@ -292,12 +294,9 @@ class IncrementalOcclusion:
         return select_scores(output, self.target)
 
     # ------------------------------------------------------------------ occluded passes
-    def scores(self, r0: Tensor, r1: Tensor, c0: Tensor, c1: Tensor, target: Optional[Target] = None) -> Tensor:
+    def scores(self, r0: Tensor, r1: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
         """Target scores ``Tensor[B]`` of the clean image occluded at windows ``[r0, r1) x
-        [c0, c1)`` (int64 tensors ``[B]``; the windows of :func:`occlusion_window_bounds`).
-        ``target``: the class target for this image (default: the one given to build)."""
-        if target is not None:
-            self.target = target
+        [c0, c1)`` (int64 tensors ``[B]``; the windows of :func:`occlusion_window_bounds`)."""
         B = r0.numel()
         device = self.image.device
         r0, r1, c0, c1 = (t.to(device) for t in (r0, r1, c0, c1))
