@@ -35,7 +35,7 @@ CUDA_FREE_FRACTION = 0.5
 ACTIVATION_COPIES = 3
 # Full recomputation without a batch size or budget times these batch sizes (occluded
 # images per pass, up to MAX_MEASURED_BUDGET bytes) on its first passes and keeps the fastest.
-MEASURED_BATCH_SIZES = (4, 8, 16, 32, 64, 128)
+MEASURED_BATCH_SIZES = (8, 16, 32, 64, 128)
 MAX_MEASURED_BUDGET = 2**30
 # Window positions per pass of the incremental engine (its patches are small; the layers
 # it computes in full run at the deep, small maps).
@@ -323,19 +323,19 @@ def _full_deltas(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
 
 
 def _measured_passes(run, n_images: int, positions: int, candidates: List[int], device, deltas: Tensor) -> Tensor:
-    """Run image 0's first passes with each candidate batch size, twice over (the faster
-    of the two counts: timings on a shared machine are noisy), as long as they take at
-    most half of all the work; then everything left with the fastest per image."""
+    """Run image 0's first passes with each candidate batch size while they take at most a
+    quarter of all the work (trials at a poor size cost time), then everything left with
+    the size that was fastest per image."""
     seconds = {}
     first = 0
-    for size in candidates + candidates[::-1]:
-        if first + size > positions or first + size > n_images * positions // 2:
-            continue
+    for size in candidates:
+        if first + size > positions or first + size > n_images * positions // 4:
+            break
         start = time.perf_counter()
         run(0, 1, first, size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds[size] = min(seconds.get(size, math.inf), (time.perf_counter() - start) / size)
+        seconds[size] = (time.perf_counter() - start) / size
         first += size
     best = min(seconds, key=seconds.get) if seconds else candidates[0]
     for start in range(first, positions, best):
