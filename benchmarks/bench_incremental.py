@@ -49,6 +49,10 @@ from cnnviz_fast.ops.reference import occlusion_grid, occlusion_window_bounds  #
 
 CAPTUM_PER_EVAL = (16, 64)
 APPROXIMATE = {"approximate": {}, "approximate (cap 0.7, drill 0.25)": dict(field_cap=0.7, drill_down=0.25)}
+# more settings for the quality-only run on the trained digits CNN (--quality-only)
+QUALITY = {**APPROXIMATE, "approximate (cap 0.8, no drill-down)": dict(field_cap=0.8, drill_down=1.0),
+           "approximate (no cap, drill 0.2)": dict(field_cap=1.0, drill_down=0.2),
+           "approximate (cap 0.8, drill 0.2)": dict(field_cap=0.8, drill_down=0.2)}
 
 
 def randomize_batchnorm(model: nn.Module) -> nn.Module:
@@ -197,7 +201,7 @@ def bench_model(name: str, rounds: int) -> List[Dict]:
     return out
 
 
-def digits_quality() -> List[Dict]:
+def digits_quality(settings: Dict[str, Dict] = APPROXIMATE) -> List[Dict]:
     """Approximation error on a trained network (speed is not the point at 32 px)."""
     pixels, labels = zoo.digits()
     x, labels = zoo.DIGITS_NORMALIZE(pixels[:8]), labels[:8]
@@ -207,7 +211,7 @@ def digits_quality() -> List[Dict]:
     exact = occlusion(model, x, labels, window=window, stride=stride)
     t_exact = time.perf_counter() - start
     out = []
-    for label, knobs in APPROXIMATE.items():
+    for label, knobs in settings.items():
         start = time.perf_counter()
         approx = occlusion(model, x, labels, window=window, stride=stride, mode="approximate", **knobs)
         t_approx = time.perf_counter() - start
@@ -226,10 +230,20 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="only the approximation error on the trained digits CNN, more settings "
+                             "(results: incremental-quality-<machine>)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_description(), flush=True)
+    if args.quality_only:
+        rows = digits_quality(QUALITY)
+        if not args.no_write:
+            print(write_results("incremental-quality", rows, title="Approximate occlusion: error on a trained network",
+                                notes="Trained digits CNN, 8 test digits 32x32, window 8, stride 2; ratio = exact "
+                                      "seconds / approximate seconds; Pearson and top-5% IoU: mean over the digits."))
+        return
     rows = []
     rows += digits_quality()
     for name in args.models.split(","):

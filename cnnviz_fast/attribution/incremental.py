@@ -369,7 +369,9 @@ class IncrementalOcclusion:
         if not isinstance(clean_out, Tensor) or clean_out.dim() != 4:
             return None
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(n))
-        if node.op in ("call_module", "call_function") and args and isinstance(args[0], _Ref):
+        others = [n for n in node.all_input_nodes if n is not node.args[0]]
+        if (node.op in ("call_module", "call_function") and args and isinstance(args[0], _Ref)
+                and not any(values.get(n) is not None for n in others)):  # weights must not change
             constants = fx.node.map_arg((node.args[1:], node.kwargs), lambda n: self._cache[n])
             window = _window_of(node, module, (None,) + tuple(constants[0]), constants[1])
             if window is not None:

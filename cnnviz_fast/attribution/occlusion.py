@@ -1,10 +1,12 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014): slide a grey (baseline) window over the
 image and record how much the target score drops at each position.
 
-Occluded batches are built by one operator call per forward pass
-(:func:`cnnviz_fast.ops.occlude`) and the per-position score drops are spread back onto
-the pixels once at the end (:func:`cnnviz_fast.ops.occlusion_accumulate`), so no Python
-work happens per window position.
+By default the occluded scores come from :mod:`.incremental`, which recomputes each layer
+only where the window changed it (exact). Full recomputation (``mode="full"``, and the
+fallback) builds each occluded batch with one operator call
+(:func:`cnnviz_fast.ops.occlude`). The per-position score drops are spread back onto the
+pixels once at the end (:func:`cnnviz_fast.ops.occlusion_accumulate`), so no Python work
+happens per window position.
 """
 from __future__ import annotations
 
@@ -92,14 +94,16 @@ def occlusion(
         baseline: value written inside the window: a number, or a tensor broadcastable to
             ``[N, C, H, W]`` (e.g. a per-channel mean ``[1, C, 1, 1]`` or a blurred copy
             ``[N, C, H, W]``).
-        batch_size: occluded images per forward pass (windows of several images may share
-            a pass). The result does not depend on it. Default: as many as fit in
-            ``memory_budget``, counting per occluded image its own copy plus 3 times the
-            largest layer output (a layer's input, its output and a skip connection),
-            measured by hooks on the leaf modules during the clean forward pass.
-        memory_budget: bytes one forward pass may use when ``batch_size`` is None.
-            Default: 64 MiB on CPU (larger batches run no faster there: they fall out of
-            cache), half of the free memory on CUDA.
+        batch_size: window positions per pass (windows of several images may share a
+            full-recomputation pass). The result does not depend on it. Default: 128 for
+            the incremental passes; for full recomputation, as many as fit in
+            ``memory_budget`` when one is given (counting per occluded image its own copy
+            plus 3 times the largest layer output, measured by hooks on the leaf modules
+            during the clean forward pass), else the fastest of 8, 16, ..., 128 (within 1 GiB
+            on CPU) timed on the first passes (one pass when all the work fits in the
+            default budget).
+        memory_budget: bytes one full-recomputation pass may use when ``batch_size`` is
+            None. Default: 64 MiB on CPU, half of the free memory on CUDA.
         return_deltas: also return the score drops per window position.
         return_output: also return the model's output on the clean inputs (the pass the
             unoccluded scores come from).
