@@ -89,7 +89,7 @@ class Demo:
         s.pictures += ["tsne.png", "tsne-thumbnails.png"]
 
     def patches(self, s: Section) -> None:
-        rf = features.receptive_field(self.model, "features.conv4", (1, 32, 32))
+        rf = features.receptive_field(self.model, (1, 32, 32), "features.conv4")
         top = features.max_activating_patches(self.model, self.inputs, "features.conv4", channels=range(8), k=8,
                                               guided=True, progress=False)
         self.save(s, "max-patches-conv4.png", features.patch_grid(top, inverse=self.normalize.inverse), upscale=3)
@@ -105,8 +105,8 @@ class Demo:
             "integrated gradients": lambda: attribution.integrated_gradients(self.model, x, y, steps=self.steps(64, 16)),
             "guided backprop": lambda: attribution.guided_backprop(self.model, x, y),
             "deconvnet": lambda: attribution.deconvnet(self.model, x, y),
-            "grad-cam (conv4)": lambda: attribution.grad_cam(self.model, x, y, "features.conv4"),
-            "guided grad-cam": lambda: attribution.guided_grad_cam(self.model, x, y, "features.conv4"),
+            "grad-cam (conv4)": lambda: attribution.grad_cam(self.model, x, "features.conv4", y),
+            "guided grad-cam": lambda: attribution.guided_grad_cam(self.model, x, "features.conv4", y),
             "occlusion 6×6/2": lambda: attribution.occlusion(self.model, x, y, window=(6, 6), stride=(2, 2)),
         }
         rows = [self.sample_pixels.expand(-1, 3, -1, -1)]
@@ -171,7 +171,7 @@ class Demo:
         x = self.sample_pixels[:5]
         rows = [x]
         for layer in ("features.relu2", "features.relu4"):
-            result = synthesis.invert_features(self.model, layer, x, normalize=self.normalize,
+            result = synthesis.invert_features(self.model, x, layer, normalize=self.normalize,
                                                steps=self.steps(300, 60), progress=False)
             rows.append(result.images)
             s.notes.append(f"{layer}: relative feature error {[round(float(e), 3) for e in result.relative_error]}")

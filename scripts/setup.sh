@@ -13,7 +13,9 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 # torch 2.14.1 / torchvision 0.29.1 (CUDA 13.0 builds; torchvision only for test anchors).
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" setuptools wheel ninja
 "${PIP[@]}" numpy pillow tqdm scikit-learn matplotlib opencv-python-headless \
-    pytest captum grad-cam expecttest openTSNE faiss-cpu
+    pytest captum grad-cam expecttest openTSNE faiss-cpu scikit-image
+# Quantus (benchmark anchor for the faithfulness metrics) without its opencv-python pin
+"${PIP[@]}" pandas cachetools && "${PIP[@]}" --no-deps quantus
 
 if ! bash scripts/build_extension.sh "$PY"; then
     if [ "${CNNVIZ_REQUIRE_CUDA:-0}" = "1" ]; then

@@ -10,17 +10,20 @@ happens per window position.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..core import check_images, model_guard, target_scores
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
 from ._backprop import detach_output
-from ..core.validation import check_pair, check_positive_int
+from ..core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
 from ..ops import occlude, occlusion_accumulate, occlusion_grid
 from ..ops.reference import occlusion_window_bounds
 from .incremental import IncrementalOcclusion
@@ -98,10 +101,10 @@ def occlusion(
             full-recomputation pass). The result does not depend on it. Default: 128 for
             the incremental passes; for full recomputation, as many as fit in
             ``memory_budget`` when one is given (counting per occluded image its own copy
-            plus 3 times the largest layer output, measured by hooks on the leaf modules
-            during the clean forward pass), else the fastest of 8, 16, ..., 128 (within 1 GiB
-            on CPU) timed on the first passes (one pass when all the work fits in the
-            default budget).
+            plus 3 times the largest layer output, measured during the clean forward pass:
+            the largest tensor an operator makes), else the fastest of 8, 16, ..., 128
+            (within 1 GiB on CPU) timed on the first passes (one pass when all the work
+            fits in the default budget).
         memory_budget: bytes one full-recomputation pass may use when ``batch_size`` is
             None. Default: 64 MiB on CPU, half of the free memory on CUDA.
         return_deltas: also return the score drops per window position.
@@ -133,6 +136,7 @@ def occlusion(
     """
     with model_guard(model):
         check_images(inputs)
+        check_model_inputs(model, inputs)
         N, C, H, W = inputs.shape
         window = check_pair(window, "window")
         stride = check_pair(stride, "stride")
@@ -142,14 +146,15 @@ def occlusion(
             check_positive_int(batch_size, "batch_size")
         if memory_budget is not None:
             check_positive_int(memory_budget, "memory_budget")
-        base = _check_baseline(baseline, inputs)
+        base = check_baseline(baseline, inputs)
         check_target(target, N)
         field_cap, drill_down = _check_mode(mode, field_cap, drill_down)
         rows, cols = occlusion_grid(H, W, window, stride)
 
         keep_output = return_output or is_predicted(target)
         with torch.inference_mode():
-            scores, output, per_image = _clean_pass(model, inputs, target, keep_output,
+            # a copy: a model that writes into its input must not change the caller's tensor
+            scores, output, per_image = _clean_pass(model, inputs.clone(), target, keep_output,
                                                     measure=batch_size is None)
             target = resolve_target(target, output)
             deltas = None
@@ -372,28 +377,34 @@ def _clean_pass(model: nn.Module, inputs: Tensor, target: Target, keep_output: b
     """``(scores, output or None, bytes per image or None)`` from one forward pass on the
     clean inputs: the target scores, the model output when kept, and (``measure``) the
     estimated memory one more image adds to a forward pass: its occluded copy plus
-    ``ACTIVATION_COPIES`` times the largest layer output (measured by hooks on the leaf
-    modules during this forward pass)."""
-    largest = [0]
-
-    def record(module, args, output):
-        if isinstance(output, Tensor):
-            largest[0] = max(largest[0], output.nbytes)
-
-    leaves = [m for m in model.modules() if next(m.children(), None) is None] if measure else []
-    handles = [m.register_forward_hook(record) for m in leaves]
-    try:
+    ``ACTIVATION_COPIES`` times the largest tensor an operator of this forward pass makes
+    (:class:`_LargestTensor`)."""
+    with _LargestTensor() if measure else contextlib.nullcontext() as largest:
         if keep_output:
             scores, output = target_scores(model, inputs, target, keep_output=True)
         else:
             scores, output = target_scores(model, inputs, target), None
-    finally:
-        for handle in handles:
-            handle.remove()
     if not measure:
         return scores, output, None
     n = inputs.shape[0]
-    return scores, output, inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest[0] / n)
+    return scores, output, inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest.nbytes / n)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the size of the largest tensor any operator of the forward pass produces.
+    A dispatch mode sees every operator whatever the model format (eager, TorchScript,
+    torch.compile, torch.export), where module hooks do not run in all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.nbytes = max(self.nbytes, t.nbytes)
+        return out
 
 
 def _ordinary(output):
@@ -420,25 +431,6 @@ def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, i
     size = -(-positions // passes)
     return [(n, n + 1, first, min(size, positions - first))
             for n in range(n_images) for first in range(0, positions, size)]
-
-
-def _check_baseline(baseline, inputs: Tensor) -> Tensor:
-    """The baseline as a 4-D tensor ``[1 or N, C or 1, H or 1, W or 1]`` on the inputs'
-    device and dtype."""
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
-        raise ValueError(f"baseline must be a number or a Tensor broadcastable to {tuple(inputs.shape)}, "
-                         f"got {type(baseline).__name__}")
-    base = torch.as_tensor(baseline).to(device=inputs.device, dtype=inputs.dtype)
-    try:
-        fits = base.dim() <= 4 and torch.broadcast_shapes(base.shape, inputs.shape) == inputs.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"baseline must be broadcastable to inputs {tuple(inputs.shape)}, "
-                         f"got shape {tuple(base.shape)}")
-    if not bool(torch.isfinite(base).all()):
-        raise ValueError("baseline contains NaN or infinite values")
-    return base.reshape((1,) * (4 - base.dim()) + tuple(base.shape))
 
 
 def _rows(base: Tensor, n0: int, n1: int) -> Tensor:
