@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
-from ..core.grad_mode import autograd_on  # noqa: F401  (re-exported for the methods)
 from ..core.model_state import is_exported_graph
 from ..core.validation import check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
