@@ -4,22 +4,9 @@ import torch
 
 import cnnviz_fast.ops as ops
 from cnnviz_fast.ops import reference as ref
+from op_cases import DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
 
-CUDA = torch.cuda.is_available()
-needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="compiled extension not in use")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODES = ["guided", "deconvnet", "plain"]
-LAYOUTS = ["contiguous", "noncontiguous", "channels_last"]
-
-
-def layout(x, kind):
-    if kind == "contiguous":
-        return x
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.transpose(1, 3)  # a non-contiguous view
 
 
 UPPERS = [None, 0.75]  # ReLU and a bounded ReLU (0.75 is exact in every dtype)

@@ -9,7 +9,7 @@ import torch
 
 import cnnviz_fast.ops as ops
 from cnnviz_fast.ops import reference as ref
-from op_cases import CUDA, DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
+from op_cases import DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
 
 # (rtol, atol) of occlusion_accumulate per dtype (occlude is an exact copy)
 TOL = {

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
@@ -296,15 +297,15 @@ def input_gradients(
     return grads, scores.detach(), output
 
 
-def detach_output(output):
-    """The model output without its graph (tensors inside tuples / lists / dicts too)."""
-    if isinstance(output, Tensor):
-        return output.detach()
-    if isinstance(output, (tuple, list)):
-        return type(output)(detach_output(o) for o in output)
-    if isinstance(output, dict):
-        return {k: detach_output(v) for k, v in output.items()}
-    return output
+def detach_output(output, clone: bool = False):
+    """The model output without its graph (tensors inside tuples / lists / dicts too);
+    ``clone`` also turns inference-mode tensors into ordinary ones (call it outside
+    ``torch.inference_mode``)."""
+    def detach(t):
+        if not isinstance(t, Tensor):
+            return t
+        return t.detach().clone() if clone else t.detach()
+    return tree_map(detach, output)
 
 
 def clean_output(model: nn.Module, x: Tensor, target, return_output: bool):

@@ -177,7 +177,7 @@ def occlusion(
             if return_deltas:
                 results += (deltas.reshape(N, rows, cols).clone(),)
             if return_output:
-                results += (_ordinary(output),)
+                results += (detach_output(output, clone=True),)
         return results[0] if len(results) == 1 else results
 
 
@@ -405,18 +405,6 @@ class _LargestTensor(TorchDispatchMode):
             if isinstance(t, Tensor):
                 self.nbytes = max(self.nbytes, t.nbytes)
         return out
-
-
-def _ordinary(output):
-    """An inference-mode output as ordinary tensors (callers may use them in autograd)."""
-    output = detach_output(output)
-    if isinstance(output, Tensor):
-        return output.clone()
-    if isinstance(output, (tuple, list)):
-        return type(output)(_ordinary(o) for o in output)
-    if isinstance(output, dict):
-        return {k: _ordinary(v) for k, v in output.items()}
-    return output
 
 
 def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, int, int, int]]:
