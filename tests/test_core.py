@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnnviz_fast.core import (Neuron, Normalize, capture_layers, check_images, expand_target,
-                              forward_to_layers, get_layer, model_guard, target_scores)
+from cnnviz_fast.core import (Neuron, Normalize, capture_layers, check_images, forward_to_layers, get_layer,
+                              model_guard, target_for_rows, target_scores)
 from cnnviz_fast.core.targets import check_target
 
 
@@ -102,14 +102,20 @@ def test_bad_targets_name_the_argument(target, message):
         target_scores(small_model(), torch.randn(3, 2, 8, 8), target)
 
 
-def test_check_target_and_expand():
+def test_check_target_and_rows():
     with pytest.raises(ValueError, match="target is required"):
         check_target(None, 2)
     with pytest.raises(ValueError, match="one class per image"):
         check_target([1, 2, 3], 2)
-    assert expand_target([1, 2], 3).tolist() == [1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="'predicted'"):
+        check_target("1", 2)
+    with pytest.raises(ValueError, match="needs inputs to predict from"):
+        check_target("predicted", 2, allow_predicted=False)
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert target_for_rows([1, 2], rows).tolist() == [1, 1, 1, 2, 2, 2]
     neuron = Neuron("a", 0)
-    assert expand_target(neuron, 4) is neuron and expand_target(7, 4) == 7
+    assert target_for_rows(neuron, rows) is neuron and target_for_rows(7, rows) == 7
+    assert target_for_rows("predicted", rows) == "predicted"
     with pytest.raises(ValueError, match="given together"):
         Neuron("a", 0, y=1)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
-from ..core.targets import Neuron, check_target
+from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
 from .. import ops
 
 # --------------------------------------------------------------------------- #
@@ -50,13 +50,6 @@ def check_nonnegative(value, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{argument} must be a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def rows_target(target, images: Tensor):
-    """The target for a batch whose row ``r`` is a copy of image ``images[r]``."""
-    if isinstance(target, (int, Neuron)) or callable(target):
-        return target
-    return torch.as_tensor(target, device=images.device)[images]
 
 
 # --------------------------------------------------------------------------- #
@@ -135,20 +128,53 @@ def intercept_relus(mode: Optional[str]) -> Iterator[None]:
 
 
 def input_gradients(
-    model: nn.Module, inputs: Tensor, target, relu_mode: Optional[str] = None
-) -> Tuple[Tensor, Tensor]:
-    """``(d score / d inputs  Tensor[N, C, H, W], scores Tensor[N])`` for one batch.
+    model: nn.Module, inputs: Tensor, target, relu_mode: Optional[str] = None, keep_output: bool = False
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(d score / d inputs  Tensor[N, C, H, W], scores Tensor[N], output)`` for one batch.
 
     Only the input gradient is computed (``torch.autograd.grad``; no parameter
     gradients). ``relu_mode`` ("guided" / "deconvnet") replaces every ReLU's backward.
+    ``output`` is the model's output from the same forward pass (detached) with
+    ``keep_output``, else None (a Neuron target then stops the pass at its layer).
     """
     x = inputs.detach().requires_grad_(True)
+    output = None
     with intercept_relus(relu_mode):
-        scores = target_scores(model, x, target)
+        if keep_output:
+            scores, output = target_scores(model, x, target, keep_output=True)
+            output = detach_output(output)
+        else:
+            scores = target_scores(model, x, target)
     if not scores.requires_grad:
         raise ValueError("target does not depend on inputs (its score has no gradient)")
     (grads,) = torch.autograd.grad(scores.sum(), x)
-    return grads, scores.detach()
+    return grads, scores.detach(), output
+
+
+def detach_output(output):
+    """The model output without its graph (tensors inside tuples / lists / dicts too)."""
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(detach_output(o) for o in output)
+    if isinstance(output, dict):
+        return {k: detach_output(v) for k, v in output.items()}
+    return output
+
+
+def clean_output(model: nn.Module, x: Tensor, target, return_output: bool):
+    """For methods that differentiate copies of the inputs (SmoothGrad, IG): one forward
+    pass on the clean inputs when its output is wanted or ``target="predicted"`` must be
+    fixed to the clean prediction. Returns ``(target, output or None)``."""
+    if not (return_output or is_predicted(target)):
+        return target, None
+    with torch.no_grad():
+        output = model(x.clone())  # x shares the caller's memory; the model may write into its input
+    return resolve_target(target, output), detach_output(output)
+
+
+def with_output(result, output, return_output: bool):
+    return (result, output) if return_output else result
 
 
 def chunk_rows(images: int, copies: int, batch_size: int, device) -> Iterator[Tuple[Tensor, Tensor]]:
@@ -177,6 +203,6 @@ def accumulate_gradients(
     """
     total = torch.zeros_like(inputs)
     for image, copy in chunk_rows(inputs.shape[0], copies, batch_size, inputs.device):
-        grads, _ = input_gradients(model, make_batch(image, copy), rows_target(target, image), relu_mode)
+        grads, _, _ = input_gradients(model, make_batch(image, copy), target_for_rows(target, image), relu_mode)
         total.index_add_(0, image, combine(grads, copy))
     return total

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Neuron, get_layer, model_guard, target_scores
-from ._backprop import autograd_on, input_gradients, prepare_inputs
+from ..core.targets import is_predicted, resolve_target
+from ._backprop import autograd_on, detach_output, input_gradients, prepare_inputs, with_output
 
 __all__ = ["grad_cam", "guided_grad_cam"]
 
@@ -48,10 +49,16 @@ def _graph_starts_at(module: nn.Module, layer: str) -> Iterator[Dict[str, Tensor
         handle.remove()
 
 
-def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str) -> Tensor:
+def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str, keep_output: bool = False):
+    """``(cam Tensor[N, H, W], output or None)``: the model output of the same pass with ``keep_output``."""
     module = get_layer(model, layer)
+    output = None
     with _graph_starts_at(module, layer) as captured, torch.no_grad():
-        scores = target_scores(model, x, target)
+        if keep_output:
+            scores, output = target_scores(model, x, target, keep_output=True)
+            output = detach_output(output)
+        else:
+            scores = target_scores(model, x, target)
     if "activation" not in captured:
         if isinstance(target, Neuron):
             raise ValueError(f"layer {layer!r} did not run before the forward pass stopped at the "
@@ -66,7 +73,7 @@ def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str)
         cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
         align = False if interpolate == "bilinear" else None
         cam = F.interpolate(cam, size=x.shape[2:], mode=interpolate, align_corners=align)
-    return cam[:, 0]
+    return cam[:, 0], output
 
 
 def _check_interpolate(interpolate: str) -> None:
@@ -74,7 +81,8 @@ def _check_interpolate(interpolate: str) -> None:
         raise ValueError(f"interpolate must be one of {_INTERPOLATE_MODES}, got {interpolate!r}")
 
 
-def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear") -> Tensor:
+def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear",
+             return_output: bool = False):
     """Grad-CAM: ``ReLU(sum_k alpha_k A_k)`` upsampled to the input size, not normalised.
 
     ``A = Tensor[N, K, h, w]`` is the output of ``layer`` (its first call when the module
@@ -84,30 +92,39 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
         model: the network; run in eval mode for the call, restored afterwards.
         inputs: ``Tensor[N, C, H, W]``.
         target: an int, N ints, a :class:`~cnnviz_fast.Neuron` at or after ``layer`` (the
-            forward stops at the Neuron's layer) or a callable ``output -> Tensor[N]``.
+            forward stops at the Neuron's layer), a callable ``output -> Tensor[N]`` or
+            ``"predicted"``.
         layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
         interpolate: ``"bilinear"`` (default, ``align_corners=False``) or ``"nearest"``.
+        return_output: also return the model's output from the same forward pass.
 
     Returns:
-        ``Tensor[N, H, W]`` (>= 0) on the inputs' device.
-    """
-    _check_interpolate(interpolate)
-    with model_guard(model), autograd_on():
-        return _grad_cam(model, prepare_inputs(inputs, target, copy=True), target, layer, interpolate)
-
-
-def guided_grad_cam(
-    model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear"
-) -> Tensor:
-    """Guided Grad-CAM: :func:`guided_backprop` times the upsampled :func:`grad_cam` map.
-
-    Same arguments as :func:`grad_cam`. Returns ``Tensor[N, C, H, W]`` on the inputs'
-    device (Captum's ``GuidedGradCam`` with ``interpolate_mode=interpolate``; Captum's
-    default there is ``"nearest"``, the paper's is bilinear).
+        ``Tensor[N, H, W]`` (>= 0) on the inputs' device (with ``return_output``,
+        ``(cam, output)``).
     """
     _check_interpolate(interpolate)
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, copy=True)
-        cam = _grad_cam(model, x, target, layer, interpolate)
-        guided, _ = input_gradients(model, x, target, relu_mode="guided")
-    return guided * cam[:, None]
+        cam, output = _grad_cam(model, x, target, layer, interpolate, keep_output=return_output)
+    return with_output(cam, output, return_output)
+
+
+def guided_grad_cam(
+    model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear",
+    return_output: bool = False,
+):
+    """Guided Grad-CAM: :func:`guided_backprop` times the upsampled :func:`grad_cam` map.
+
+    Same arguments as :func:`grad_cam`. Returns ``Tensor[N, C, H, W]`` on the inputs'
+    device (Captum's ``GuidedGradCam`` with ``interpolate_mode=interpolate``; Captum's
+    default there is ``"nearest"``, the paper's is bilinear); with ``return_output``,
+    ``(attributions, output)``, the output of the Grad-CAM pass (whose prediction
+    ``target="predicted"`` also fixes for the guided pass).
+    """
+    _check_interpolate(interpolate)
+    with model_guard(model), autograd_on():
+        x = prepare_inputs(inputs, target, copy=True)
+        cam, output = _grad_cam(model, x, target, layer, interpolate,
+                                keep_output=return_output or is_predicted(target))
+        guided, _, _ = input_gradients(model, x, resolve_target(target, output), relu_mode="guided")
+    return with_output(guided * cam[:, None], output, return_output)

@@ -16,30 +16,34 @@ from torch import Tensor, nn
 
 from ..core import model_guard
 from ..core.validation import check_positive_int
-from ._backprop import accumulate_gradients, autograd_on, check_nonnegative, input_gradients, prepare_inputs
+from ._backprop import (accumulate_gradients, autograd_on, check_nonnegative, clean_output, input_gradients,
+                        prepare_inputs, with_output)
 
 __all__ = ["integrated_gradients", "saliency", "smoothgrad"]
 
 DEFAULT_BATCH_SIZE = 32
 
 
-def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True) -> Tensor:
+def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True, return_output: bool = False):
     """Gradient of the target score with respect to each input pixel (Captum's ``Saliency``).
 
     Args:
         model: the network; run in eval mode for the call.
         inputs: ``Tensor[N, C, H, W]``, finite.
-        target: an int, N ints, a :class:`~cnnviz_fast.Neuron` or a callable
-            ``output -> Tensor[N]`` (see :mod:`cnnviz_fast.core.targets`).
+        target: an int, N ints, a :class:`~cnnviz_fast.Neuron`, a callable
+            ``output -> Tensor[N]`` or ``"predicted"`` (see :mod:`cnnviz_fast.core.targets`).
         abs: return ``|gradient|`` (default, as Captum) instead of the signed gradient.
+        return_output: also return the model's output on ``inputs`` from the same
+            forward pass (one forward + one backward in all).
 
     Returns:
-        ``Tensor[N, C, H, W]`` on the inputs' device.
+        ``Tensor[N, C, H, W]`` on the inputs' device; with ``return_output``,
+        ``(attributions, output)``.
     """
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target)
-        grads, _ = input_gradients(model, x, target)
-    return grads.abs() if abs else grads
+        grads, _, output = input_gradients(model, x, target, keep_output=return_output)
+    return with_output(grads.abs() if abs else grads, output, return_output)
 
 
 def smoothgrad(
@@ -53,7 +57,8 @@ def smoothgrad(
     abs: bool = True,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-) -> Tensor:
+    return_output: bool = False,
+):
     """SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies of each image.
 
     Each image ``x`` gets ``samples`` copies ``x + N(0, sigma^2)`` with
@@ -70,9 +75,12 @@ def smoothgrad(
             device; default: torch's global generator). Noise is drawn one noisy image
             at a time, image-major (all copies of image 0 first), as
             ``torch.randn(C, H, W)``, so it does not depend on ``batch_size``.
+        return_output: also return the model's output on the clean inputs (the same
+            forward pass that fixes ``target="predicted"``).
 
     Returns:
-        ``Tensor[N, C, H, W]`` on the inputs' device. Model in eval mode for the call.
+        ``Tensor[N, C, H, W]`` on the inputs' device (with ``return_output``,
+        ``(attributions, output)``). Model in eval mode for the call.
     """
     check_positive_int(samples, "samples")
     check_positive_int(batch_size, "batch_size")
@@ -81,6 +89,7 @@ def smoothgrad(
         raise ValueError("give seed or generator, not both")
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target)
+        target, output = clean_output(model, x, target, return_output)
         if seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
         elif generator is not None and generator.device.type != x.device.type:
@@ -97,7 +106,7 @@ def smoothgrad(
             return grads.square() if squared else grads.abs() if abs else grads
 
         total = accumulate_gradients(model, x, target, samples, batch_size, noisy, statistic)
-    return total / samples
+    return with_output(total / samples, output, return_output)
 
 
 def _gauss_legendre(steps: int, like: Tensor):
@@ -135,7 +144,8 @@ def integrated_gradients(
     baseline: Union[None, float, Tensor] = None,
     steps: int = 50,
     batch_size: int = DEFAULT_BATCH_SIZE,
-) -> Tensor:
+    return_output: bool = False,
+):
     """Integrated gradients (Sundararajan et al. 2017), as Captum's ``IntegratedGradients``.
 
     ``(x - b) * integral_0^1 grad f(b + a (x - b)) da``, the integral by the
@@ -148,15 +158,19 @@ def integrated_gradients(
             (e.g. ``[C, H, W]`` or ``[N, C, H, W]``).
         steps: quadrature points (>= 1).
         batch_size: interpolated images per forward/backward pass; bounds memory.
+        return_output: also return the model's output on the clean inputs (the same
+            forward pass that fixes ``target="predicted"``).
 
     Returns:
-        ``Tensor[N, C, H, W]`` on the inputs' device. Model in eval mode for the call.
+        ``Tensor[N, C, H, W]`` on the inputs' device (with ``return_output``,
+        ``(attributions, output)``). Model in eval mode for the call.
     """
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target)
         base = _baseline_like(baseline, x)
+        target, output = clean_output(model, x, target, return_output)
         path = x - base
         alphas, weights = _gauss_legendre(steps, x)
 
@@ -167,4 +181,4 @@ def integrated_gradients(
             return grads * weights[step, None, None, None]
 
         total = accumulate_gradients(model, x, target, steps, batch_size, interpolated, weighted)
-    return total * path
+    return with_output(total * path, output, return_output)

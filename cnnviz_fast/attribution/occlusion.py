@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import check_images, model_guard, target_scores
-from ..core.targets import Neuron, Target, check_target, expand_target
+from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
+from ._backprop import detach_output
 from ..core.validation import check_pair, check_positive_int
 from ..ops import occlude, occlusion_accumulate, occlusion_grid
 
@@ -41,7 +42,8 @@ def occlusion(
     batch_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     return_deltas: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    return_output: bool = False,
+):
     """Occlusion map: how much the target score drops when a window around each pixel is
     replaced by ``baseline``.
 
@@ -59,7 +61,8 @@ def occlusion(
         inputs: ``Tensor[N, C, H, W]``, finite; not modified.
         target: an int, N ints, a :class:`~cnnviz_fast.core.Neuron` (the forward pass
             stops at its layer) or a callable ``output -> Tensor[B]`` (it also sees the
-            occluded batches, so it must work row by row for any batch size B).
+            occluded batches, so it must work row by row for any batch size B), or
+            ``"predicted"`` (each image's top class on the clean forward pass).
         window: ``(kh, kw)`` or an int; must fit in the image.
         stride: ``(sh, sw)`` or an int, each >= 1.
         baseline: value written inside the window: a number, or a tensor broadcastable to
@@ -74,11 +77,14 @@ def occlusion(
             Default: 64 MiB on CPU (larger batches run no faster there: they fall out of
             cache), half of the free memory on CUDA.
         return_deltas: also return the score drops per window position.
+        return_output: also return the model's output on the clean inputs (the pass the
+            unoccluded scores come from).
 
     Returns:
         ``Tensor[N, H, W]`` on the inputs' device, in the scores' dtype; with
         ``return_deltas=True`` also ``Tensor[N, rows, cols]``, ``deltas[n, i, j] = f(x_n) -
-        f(x_n occluded at row i, column j)``.
+        f(x_n occluded at row i, column j)``; with ``return_output=True`` the clean output
+        comes last: ``(attributions[, deltas], output)``.
 
     Runs under ``torch.inference_mode`` (no autograd); the returned tensors are ordinary
     (non-inference) tensors.
@@ -99,26 +105,27 @@ def occlusion(
         rows, cols = occlusion_grid(H, W, window, stride)
         positions = rows * cols
 
+        keep_output = return_output or is_predicted(target)
         with torch.inference_mode():
+            scores, output, per_image = _clean_pass(model, inputs, target, keep_output, measure=batch_size is None)
             if batch_size is None:
-                scores, per_image = _scores_and_bytes_per_image(model, inputs, target)
                 batch_size = choose_batch_size(per_image, inputs.device, memory_budget)
-            else:
-                scores = target_scores(model, inputs, target)
-            classes = None if isinstance(target, (int, Neuron)) or callable(target) else torch.as_tensor(target)
+            target = resolve_target(target, output)
             deltas = scores.new_empty((N, positions))
             for n0, n1, first, count in _chunks(N, positions, batch_size):
                 batch = occlude(inputs[n0:n1], window, stride, _rows(base, n0, n1), first, count)
-                chunk_target = target if classes is None else expand_target(classes[n0:n1], count)
-                occluded = target_scores(model, batch.reshape(-1, C, H, W), chunk_target)
+                images = torch.arange(n0, n1, device=inputs.device).repeat_interleave(count)
+                occluded = target_scores(model, batch.reshape(-1, C, H, W), target_for_rows(target, images))
                 deltas[n0:n1, first:first + count] = scores[n0:n1, None] - occluded.view(n1 - n0, count)
 
         # outside inference mode so that the results are ordinary tensors
         with torch.no_grad():
-            attribution = occlusion_accumulate(deltas, H, W, window, stride)
+            results = (occlusion_accumulate(deltas, H, W, window, stride),)
             if return_deltas:
-                return attribution, deltas.reshape(N, rows, cols).clone()
-            return attribution
+                results += (deltas.reshape(N, rows, cols).clone(),)
+            if return_output:
+                results += (_ordinary(output),)
+        return results[0] if len(results) == 1 else results
 
 
 def choose_batch_size(bytes_per_image: int, device: torch.device, memory_budget: Optional[int] = None) -> int:
@@ -140,26 +147,44 @@ def choose_batch_size(bytes_per_image: int, device: torch.device, memory_budget:
     return max(1, memory_budget // max(1, int(bytes_per_image)))
 
 
-def _scores_and_bytes_per_image(model: nn.Module, inputs: Tensor, target: Target) -> Tuple[Tensor, int]:
-    """Target scores of the clean inputs, and the estimated memory one more image adds to
-    a forward pass: its occluded copy plus ``ACTIVATION_COPIES`` times the largest layer
-    output (measured by hooks on the leaf modules during this forward pass)."""
+def _clean_pass(model: nn.Module, inputs: Tensor, target: Target, keep_output: bool, measure: bool):
+    """``(scores, output or None, bytes per image or None)`` from one forward pass on the
+    clean inputs: the target scores, the model output when kept, and (``measure``) the
+    estimated memory one more image adds to a forward pass: its occluded copy plus
+    ``ACTIVATION_COPIES`` times the largest layer output (measured by hooks on the leaf
+    modules during this forward pass)."""
     largest = [0]
 
     def record(module, args, output):
         if isinstance(output, Tensor):
             largest[0] = max(largest[0], output.nbytes)
 
-    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    leaves = [m for m in model.modules() if next(m.children(), None) is None] if measure else []
     handles = [m.register_forward_hook(record) for m in leaves]
     try:
-        scores = target_scores(model, inputs, target)
+        if keep_output:
+            scores, output = target_scores(model, inputs, target, keep_output=True)
+        else:
+            scores, output = target_scores(model, inputs, target), None
     finally:
         for handle in handles:
             handle.remove()
+    if not measure:
+        return scores, output, None
     n = inputs.shape[0]
-    per_image = inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest[0] / n)
-    return scores, per_image
+    return scores, output, inputs.nbytes // n + ACTIVATION_COPIES * math.ceil(largest[0] / n)
+
+
+def _ordinary(output):
+    """An inference-mode output as ordinary tensors (callers may use them in autograd)."""
+    output = detach_output(output)
+    if isinstance(output, Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_ordinary(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _ordinary(v) for k, v in output.items()}
+    return output
 
 
 def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, int, int, int]]:

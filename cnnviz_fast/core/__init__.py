@@ -3,11 +3,11 @@ model-state protection, input checks and preprocessing."""
 from .layers import capture_layers, forward_to_layers, get_layer, layer_names
 from .model_state import model_guard
 from .preprocess import Normalize
-from .targets import Neuron, expand_target, target_layer, target_scores
+from .targets import PREDICTED, Neuron, resolve_target, target_for_rows, target_layer, target_scores
 from .validation import check_images
 
 __all__ = [
-    "Neuron", "Normalize", "capture_layers", "check_images", "expand_target",
-    "forward_to_layers", "get_layer", "layer_names", "model_guard", "target_layer",
+    "PREDICTED", "Neuron", "Normalize", "capture_layers", "check_images", "forward_to_layers",
+    "get_layer", "layer_names", "model_guard", "resolve_target", "target_for_rows", "target_layer",
     "target_scores",
 ]

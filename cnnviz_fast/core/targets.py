@@ -4,7 +4,10 @@ A target is
 - an ``int``: the same class score (pre-softmax output column) for every image;
 - a sequence / 1-D tensor of N ints: one class per image;
 - a :class:`Neuron`: one intermediate unit (or a channel's spatial mean);
-- a callable mapping the model output ``Tensor[N, ...]`` to ``Tensor[N]``.
+- a callable mapping the model output ``Tensor[N, ...]`` to ``Tensor[N]``;
+- ``"predicted"``: the top class of each input, read from the same forward pass whose
+  score is explained (a classifier's ``[N, classes]`` output), so prediction and
+  explanation cost one forward pass.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layers import forward_to_layers
+from .layers import capture_layers, forward_to_layers
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,15 @@ class Neuron:
         return unit[:, self.y, self.x]
 
 
-Target = Union[int, Sequence[int], torch.Tensor, Neuron, Callable[[torch.Tensor], torch.Tensor]]
+Target = Union[int, Sequence[int], torch.Tensor, Neuron, Callable[[torch.Tensor], torch.Tensor], str]
+
+PREDICTED = "predicted"
+_EXPECTED = "an int, N ints, a Neuron, a callable or 'predicted'"
+
+
+def is_predicted(target) -> bool:
+    """Whether ``target`` asks for each input's top class."""
+    return isinstance(target, str) and target == PREDICTED
 
 
 def target_layer(target: Target) -> Optional[str]:
@@ -65,8 +76,8 @@ def target_layer(target: Target) -> Optional[str]:
 
 
 def _class_indices(target, n: int, device) -> torch.Tensor:
-    if isinstance(target, bool):
-        raise ValueError(f"target must be an int, N ints, a Neuron or a callable, got {target!r}")
+    if isinstance(target, (bool, str)):
+        raise ValueError(f"target must be {_EXPECTED}, got {target!r}")
     if isinstance(target, int):
         return torch.full((n,), target, dtype=torch.long, device=device)
     indices = torch.as_tensor(target, device=device)
@@ -77,35 +88,64 @@ def _class_indices(target, n: int, device) -> torch.Tensor:
     return indices.long()
 
 
-def check_target(target: Target, n: int) -> None:
+def check_target(target: Target, n: int, allow_predicted: bool = True) -> None:
     """Validate ``target``'s type and length for N images before any forward pass."""
     if target is None:
-        raise ValueError("target is required: an int, N ints, a Neuron or a callable")
-    if isinstance(target, Neuron) or callable(target):
+        raise ValueError(f"target is required: {_EXPECTED}")
+    if is_predicted(target):
+        if not allow_predicted:
+            raise ValueError("target='predicted' needs inputs to predict from; give the class(es) explicitly")
+        return
+    if isinstance(target, Neuron) or _is_function(target):
         return
     _class_indices(target, n, "cpu")
 
 
-def expand_target(target: Target, repeats: int) -> Target:
-    """The target for a batch in which every image is repeated ``repeats`` times in a row
-    (``inputs.repeat_interleave(repeats, 0)``), as SmoothGrad and IG build."""
-    if isinstance(target, Neuron) or callable(target) or isinstance(target, int):
+def _is_function(target) -> bool:
+    return callable(target) and not isinstance(target, (int, torch.Tensor, Neuron))
+
+
+def target_for_rows(target: Target, images: torch.Tensor) -> Target:
+    """The target for a batch whose row ``r`` is a copy (noisy, interpolated, occluded) of
+    image ``images[r]`` (``images``: a LongTensor of image indices). Per-image classes are
+    gathered; every other kind of target applies to each row as it is."""
+    if isinstance(target, (int, Neuron, str)) or _is_function(target):
         return target
-    return torch.as_tensor(target).repeat_interleave(repeats)
+    return torch.as_tensor(target, device=images.device)[images]
+
+
+def resolve_target(target: Target, output) -> Target:
+    """``"predicted"`` → the top class of each row of ``output`` (``LongTensor[N]``), so that
+    later passes over copies of the inputs explain the clean inputs' prediction; every
+    other target is returned unchanged."""
+    if not is_predicted(target):
+        return target
+    return _checked_logits(output, target).argmax(1)
+
+
+def _checked_logits(output, target) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"target {target!r} needs a model output Tensor[N, classes], got "
+                         f"{type(output).__name__}; use a callable target that picks the score from it")
+    if output.dim() != 2:
+        raise ValueError(f"target {target!r} needs a model output [N, classes], got shape "
+                         f"{tuple(output.shape)}; use a Neuron or a callable target")
+    return output
 
 
 def select_scores(output: torch.Tensor, target: Target) -> torch.Tensor:
     """Scores ``Tensor[N]`` chosen by a non-Neuron target from a model output."""
-    n = output.shape[0]
-    if callable(target) and not isinstance(target, (int, torch.Tensor)):
+    if _is_function(target):
         scores = target(output)
-        if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
-            raise ValueError(f"target callable must return a Tensor[{n}], got "
-                             f"{getattr(scores, 'shape', type(scores).__name__)}")
+        n = output.shape[0] if isinstance(output, torch.Tensor) else None
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or (n is not None and scores.shape[0] != n):
+            raise ValueError(f"target callable must return a Tensor[{n or 'N'}] (one score per input), got "
+                             f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
         return scores
-    if output.dim() != 2:
-        raise ValueError(f"a class target needs a model output [N, classes], got shape "
-                         f"{tuple(output.shape)}; use a Neuron or a callable target")
+    output = _checked_logits(output, target)
+    n = output.shape[0]
+    if is_predicted(target):
+        return output.gather(1, output.argmax(1, keepdim=True))[:, 0]
     indices = _class_indices(target, n, output.device)
     classes = output.shape[1]
     if n and (int(indices.min()) < 0 or int(indices.max()) >= classes):
@@ -113,12 +153,22 @@ def select_scores(output: torch.Tensor, target: Target) -> torch.Tensor:
     return output.gather(1, indices[:, None])[:, 0]
 
 
-def target_scores(model: nn.Module, inputs: torch.Tensor, target: Target) -> torch.Tensor:
+def target_scores(model: nn.Module, inputs: torch.Tensor, target: Target, keep_output: bool = False):
     """Run the model as far as ``target`` needs and return its score per image, ``Tensor[N]``.
 
-    A Neuron target stops the forward pass at its layer.
+    A Neuron target stops the forward pass at its layer, unless ``keep_output``: then the
+    whole model runs and ``(scores, output)`` is returned (the output of that same pass).
     """
     if isinstance(target, Neuron):
-        activation = forward_to_layers(model, inputs, [target.layer], argument="target.layer")[target.layer]
-        return target.value(activation)
-    return select_scores(model(inputs), target)
+        if not keep_output:
+            activation = forward_to_layers(model, inputs, [target.layer], argument="target.layer")[target.layer]
+            return target.value(activation)
+        with capture_layers(model, [target.layer], argument="target.layer") as captured:
+            output = model(inputs)
+        if target.layer not in captured:
+            raise ValueError(f"target.layer {target.layer!r} was not executed during the forward pass of "
+                             f"{type(model).__name__}")
+        return target.value(captured[target.layer]), output
+    output = model(inputs)
+    scores = select_scores(output, target)
+    return (scores, output) if keep_output else scores

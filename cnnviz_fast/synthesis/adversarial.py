@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Neuron, model_guard
-from ..core.targets import check_target, select_scores
+from ..core.targets import check_target, resolve_target, select_scores
 from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
@@ -68,7 +68,7 @@ def adversarial(
             ``normalize(pixels)``, and ``eps``/``step_size``/the returned norms are in pixel
             units (``eps = 8/255`` is 8 grey levels).
         target: an int or N ints: the class to reach (``targeted=True``) or the true class
-            to leave (``targeted=False``).
+            to leave (``targeted=False``; ``"predicted"`` leaves each image's predicted class).
         method: ``"pgd"`` (default), ``"fgsm"`` or ``"ascent"`` (see the module docstring).
         eps: L∞ radius in pixels; default 8/255 for fgsm/pgd, unbounded (None) for ascent.
         steps: iterations (default pgd 40, ascent 200; fgsm is one step).
@@ -88,7 +88,7 @@ def adversarial(
         device, dtype = model_device_dtype(model)
         pixels = check_pixels(inputs, "inputs", device, dtype)
         n = pixels.shape[0]
-        check_target(target, n)
+        check_target(target, n, allow_predicted=not targeted)
         if isinstance(target, Neuron) or (callable(target) and not isinstance(target, Tensor)):
             raise ValueError(f"target must be an int or N ints (classes) for adversarial examples, got {target!r}")
         normalize = check_normalize(normalize, pixels.shape[1])
@@ -109,7 +109,9 @@ def adversarial(
         def as_model_input(x):
             return normalize(x) if normalize is not None else x
 
-        select_scores(probe(model, as_model_input(pixels), "inputs"), target)  # checks target's range
+        clean_output = probe(model, as_model_input(pixels), "inputs")
+        select_scores(clean_output, target)  # checks target's range
+        target = resolve_target(target, clean_output)  # "predicted": leave the model's own prediction
         labels = torch.as_tensor(target, device=device).long().expand(n).clone()
 
         low = (pixels - eps).clamp(0, 1) if eps is not None else 0.0

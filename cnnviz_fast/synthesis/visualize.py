@@ -151,7 +151,7 @@ def visualize_class(
         model's device, ``history`` ``Tensor[steps, N]`` of ``-score + R``.
     """
     with model_guard(model):
-        if isinstance(target, Neuron) or callable(target) or target is None:
+        if isinstance(target, (Neuron, str)) or callable(target) or target is None:
             raise ValueError(f"target must be a class index or a sequence of them (use visualize_neuron for "
                              f"a Neuron), got {target!r}")
         n = 1 if isinstance(target, int) and not isinstance(target, bool) else len(torch.as_tensor(target).reshape(-1))
