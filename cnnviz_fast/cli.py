@@ -120,7 +120,7 @@ def load_model_info(spec: str, weights: Optional[str] = None, mean: Optional[Seq
         except (ImportError, AttributeError) as error:
             raise CLIError(f"--model {spec}: cannot load the factory ({error})") from error
     else:
-        raise CLIError(f"--model {spec!r}: unknown model; give {MODEL_HELP}")
+        raise CLIError(f"--model must be one of {MODEL_HELP}, got {spec!r}")
     if weights:
         _load_weights(model, weights, spec)
     if mean is not None or std is not None:

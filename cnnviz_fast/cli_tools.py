@@ -14,7 +14,7 @@ from . import features, synthesis
 from .cli import (CLIError, add_model_options, add_parser, add_run_options, class_names, load_images,
                   load_model_info, staged_output)
 from .core import Neuron, get_layer
-from .pictures import image_grid, save_png
+from .pictures import colorize, image_grid, save_png
 
 
 class Context:
@@ -280,7 +280,9 @@ def _cmd_features(args) -> int:
     with staged_output(Path(args.out)) as stage:
         np.save(stage / "features.npy", feats.cpu().numpy())
         (stage / "names.txt").write_text("\n".join(names) + "\n")
-    ctx.say(f"wrote {args.out}/features.npy {list(feats.shape)} and names.txt")
+        # one row per image, one column per feature, min-max coloured
+        save_png(colorize(feats.cpu()), stage / "features.png", upscale=max(1, 256 // max(feats.shape)))
+    ctx.say(f"wrote {args.out}/features.npy {list(feats.shape)}, names.txt and features.png")
     return 0
 
 
