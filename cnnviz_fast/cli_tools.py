@@ -80,7 +80,7 @@ def _cmd_visualize(args) -> int:
     with staged_output(Path(args.out)) as stage:
         for name, image in zip(names, result.images):
             save_png(image, stage / f"{name}.png", upscale=_upscale(ctx.size))
-        save_png(image_grid(result.images), stage / "grid.png", upscale=_upscale(ctx.size))
+        save_png(image_grid(result.images.cpu()), stage / "grid.png", upscale=_upscale(ctx.size))
     ctx.say(f"wrote {len(names) + 1} PNGs to {args.out}/")
     return 0
 
@@ -116,10 +116,11 @@ def _cmd_adversarial(args) -> int:
         for index, name in enumerate(names):
             b, a = int(before[index]), int(result.predictions[index])
             ctx.say(f"{name}: {labels[b]} ({b}) → {labels[a]} ({a})")
-            delta = (0.5 + 0.5 * (result.images[index] - pixels[index].cpu()) / max(args.eps / 255, 1e-8)).clamp(0, 1)
-            save_png(image_grid([pixels[index].cpu(), result.images[index], delta], nrow=3, scale=False),
+            clean, adv = pixels[index].cpu(), result.images[index].cpu()
+            delta = (0.5 + 0.5 * (adv - clean) / max(args.eps / 255, 1e-8)).clamp(0, 1)  # ±eps → black/white
+            save_png(image_grid([clean, adv, delta], nrow=3, scale=False),
                      stage / f"{name}-{b}-to-{a}.png", upscale=_upscale(ctx.size))
-            save_png(result.images[index], stage / f"{name}-adversarial.png")
+            save_png(adv, stage / f"{name}-adversarial.png")
         np.save(stage / "predictions.npy", np.stack([before.cpu().numpy(), result.predictions.cpu().numpy()], 1))
     ctx.say(f"success {float(result.success.float().mean()):.0%}; wrote {args.out}/")
     return 0
@@ -147,7 +148,7 @@ def _cmd_invert(args) -> int:
         for layer in args.layers:
             result = synthesis.invert_features(ctx.model, ctx.layer(layer), pixels, normalize=ctx.normalize,
                                                steps=args.steps, seed=args.seed, progress=ctx.progress)
-            rows.append(result.images)
+            rows.append(result.images.cpu())
             for name, image, error in zip(names, result.images, result.relative_error):
                 save_png(image, stage / f"{name}-{layer}.png", upscale=_upscale(ctx.size))
                 ctx.say(f"{name} from {layer}: relative feature error {float(error):.3f}")

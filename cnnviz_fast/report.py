@@ -170,6 +170,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
     pixels = pixels[:max_images].to(device)
     names = list(names)[:max_images]
     inputs = normalize(pixels)
+    shown = pixels.cpu()  # pictures are drawn on the CPU
     with torch.no_grad():
         probs = model(inputs).softmax(1)
     labels = class_names(classes, probs.shape[1])
@@ -213,19 +214,19 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         maps["gbp"] = torch.stack([image_grid(g[None], padding=0, scale=True) for g in gbp])
         cam = attribution.grad_cam(model, inputs, y, cam_layer) if cam_layer else None
         if cam is not None:
-            maps["cam"] = torch.stack([heatmap_overlay(p, c) for p, c in zip(pixels, cam)])
+            maps["cam"] = torch.stack([heatmap_overlay(p, c) for p, c in zip(shown, cam.cpu())])
             ggc = attribution.guided_grad_cam(model, inputs, y, cam_layer)
             maps["ggc"] = torch.stack([image_grid(g[None], padding=0, scale=True) for g in ggc])
         occ = attribution.occlusion(model, inputs, y, window=(window, window), stride=(stride, stride))
-        maps["occ"] = torch.stack([heatmap_overlay(p, o) for p, o in zip(pixels, occ)])
+        maps["occ"] = torch.stack([heatmap_overlay(p, o) for p, o in zip(shown, occ.cpu())])
         if cam is not None:
             try:
-                mask = attribution.saliency_to_mask(pixels.expand(-1, 3, -1, -1), cam)
-                maps["grabcut"] = pixels.expand(-1, 3, -1, -1) * (0.25 + 0.75 * mask[:, None].float())
+                mask = attribution.saliency_to_mask(shown.expand(-1, 3, -1, -1), cam.cpu()).cpu()
+                maps["grabcut"] = shown.expand(-1, 3, -1, -1) * (0.25 + 0.75 * mask[:, None].float())
             except ImportError as error:
                 s.notes.append(f"GrabCut skipped: {error}")
         for index, name in enumerate(names):
-            row = [pixels[index].expand(3, -1, -1)] + [m[index].expand(3, -1, -1) for m in maps.values()]
+            row = [shown[index].expand(3, -1, -1)] + [m[index].cpu().expand(3, -1, -1) for m in maps.values()]
             report.save(s, f"{prefix}attribution-{index}-{name}.png", image_grid(row, nrow=len(row), scale=False),
                         f"{name}: {_label(labels, int(y[index]), float(confidence[index]))}",
                         upscale=max(1, 96 // size))
@@ -241,7 +242,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         with torch.no_grad():
             reached = model(normalize(result.images.to(device))).softmax(1)
         for index, target in enumerate(targets):
-            report.save(s, f"{prefix}class-{target}.png", result.images[index],
+            report.save(s, f"{prefix}class-{target}.png", result.images[index].cpu(),
                         f"{_label(labels, target)}: model probability {float(reached[index, target]):.2f}",
                         upscale=max(1, 128 // small))
 
@@ -255,9 +256,10 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
             adv_probs = model(normalize(result.images.to(device))).softmax(1)
         for index, name in enumerate(names):
             after = int(result.predictions[index])
-            delta = (0.5 + 50 * (result.images[index] - pixels[index].cpu())).clamp(0, 1)
+            adv = result.images[index].cpu()
+            delta = (0.5 + 50 * (adv - shown[index])).clamp(0, 1)
             report.save(s, f"{prefix}adversarial-{index}-{name}.png",
-                        image_grid([pixels[index].cpu(), result.images[index], delta], nrow=3, scale=False),
+                        image_grid([shown[index], adv, delta], nrow=3, scale=False),
                         f"{name}: {_label(labels, int(predicted[index]), float(confidence[index]))} → "
                         f"{_label(labels, after, float(adv_probs[index, after]))}", upscale=max(1, 96 // size))
         s.notes.append(f"attack success: {float(result.success.float().mean()):.0%}; "
@@ -273,7 +275,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         for layer in chosen:
             result = synthesis.invert_features(model, layer, x, normalize=normalize, steps=steps, seed=seed,
                                                progress=report.progress)
-            rows.append(result.images)
+            rows.append(result.images.cpu())
             s.notes.append(f"{layer}: relative feature error "
                            f"{', '.join(f'{float(e):.2f}' for e in result.relative_error)}")
         report.save(s, f"{prefix}inversion.png", image_grid(torch.cat(rows), nrow=len(x), scale=False),
@@ -287,7 +289,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         image = small_pixels(pixels[:1])
         result = synthesis.deep_dream(model, image, layer, normalize=normalize, steps=steps, seed=seed,
                                       progress=report.progress)
-        report.save(s, f"{prefix}deep-dream.png", image_grid(torch.cat([image.cpu(), result.images]), nrow=2,
+        report.save(s, f"{prefix}deep-dream.png", image_grid(torch.cat([image.cpu(), result.images.cpu()]), nrow=2,
                                                               scale=False), "photo | dream", upscale=max(1, 256 // small))
 
     def texture_and_style(s):
@@ -303,7 +305,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         styled = synthesis.style_transfer(model, content, texture, content_layer, style_layers, normalize=normalize,
                                           steps=steps, style_weight=10.0, seed=seed, progress=report.progress)
         report.save(s, f"{prefix}texture-and-style.png",
-                    image_grid(torch.cat([texture.cpu(), made.images, content.cpu(), styled.images]), nrow=4,
+                    image_grid(torch.cat([texture.cpu(), made.images.cpu(), content.cpu(), styled.images.cpu()]), nrow=4,
                                scale=False), "texture | synthesized | content | content in the texture's style",
                     upscale=max(1, 128 // small))
 
