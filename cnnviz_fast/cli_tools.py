@@ -383,8 +383,14 @@ def _cmd_layers(args) -> int:
 
     model, normalize, size, _ = load_model_info(args.model, args.weights, args.mean, args.std, args.size)
     shapes = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.setdefault(n, tuple(getattr(o, "shape", ()))))
-             for n, m in model.named_modules() if n and not isinstance(m, torch.jit.ScriptModule)]
+
+    def record(name):
+        def hook(module, args, output):  # returns None: the output is left alone
+            shapes.setdefault(name, tuple(getattr(output, "shape", ())))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+             if n and not isinstance(m, torch.jit.ScriptModule)]
     try:
         with torch.no_grad():
             model(normalize(torch.full((1, normalize.channels, size, size), 0.5)))

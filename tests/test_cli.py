@@ -164,7 +164,7 @@ def test_help_has_examples_and_usage_errors_exit_2(capsys):
     for name in ("report", "visualize", "adversarial", "invert", "dream", "texture", "style", "filters",
                  "features", "neighbors", "embed", "patches"):
         status, out, _ = run(capsys, name, "--help")
-        assert status == 0 and "examples:" in out and "--device" in out or name == "layers", name
+        assert status == 0 and "examples:" in out and "--device" in out, name
     status, _, err = run(capsys, "visualize", "--no-such-option")
     assert status == 2
 
@@ -173,3 +173,10 @@ def test_console_script_exit_status():
     done = subprocess.run([sys.executable, "-m", "cnnviz_fast", "filters", "--model", "zoo:nope"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("cnnviz filters: error: --model zoo:nope")
+
+
+def test_layers_lists_names_shapes_and_the_reports_choices(capsys):
+    status, out, err = run(capsys, "layers", "--model", "zoo:digits")
+    assert status == 0, err
+    line = next(line for line in out.splitlines() if " features.relu4 " in line)
+    assert line.startswith("*") and "ReLU" in line and "[1, 64, 16, 16]" in line
