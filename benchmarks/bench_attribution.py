@@ -5,7 +5,8 @@
 One function per method section (``bench_<section>(quick, device) -> rows``), listed in
 SECTIONS; ``main`` runs them on the CPU and, when present, on CUDA, and writes
 benchmarks/results/attribution-<machine>.{md,json}. Each section checks that the
-outputs agree before timing; contenders are timed in interleaved rounds (median).
+outputs agree before timing; contenders are timed by ``common.interleaved``.
+Occlusion has its own script, bench_occlusion.py.
 
 CPU (ResNet-18, 1000 classes, random weights, batch 16 of 112x112, one class per image):
   saliency        vs one bare forward + torch.autograd.grad            target: <= 1.05x the anchor
@@ -18,61 +19,25 @@ CUDA: the same at 224x224.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import warnings
-from typing import Callable, Dict, List
+from typing import List
 
 import numpy as np
 import torch
-from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, write_results  # noqa: E402
+from common import argument_parser, finish, interleaved, machine_description, row
 
-from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-import cnnviz_fast as cv  # noqa: E402
-from cnnviz_fast import zoo  # noqa: E402
-from cnnviz_fast.core import check_images  # noqa: E402
+import cnnviz_fast as cv
+from cnnviz_fast import zoo
+from cnnviz_fast.core import check_images
 
 warnings.filterwarnings("ignore", module="captum")  # "Setting backward hooks on ReLU activations" etc.
 
 BATCH = 16
-
-
-# --------------------------------------------------------------------------- harness
-def interleaved(contenders: Dict[str, Callable], rounds: int, number: int = 1) -> Dict[str, float]:
-    """Seconds per call of each contender: ``number`` calls each per round, in turn, for
-    ``rounds`` rounds; the minimum over rounds (the least disturbed one on a shared
-    machine). ``torch.utils.benchmark.Timer`` synchronises CUDA."""
-    for fn in contenders.values():
-        fn()  # warm-up
-    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in contenders.items()}
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            times[name].append(timer.timeit(number).mean)
-    return {name: min(t) for name, t in times.items()}
-
-
-def row(name: str, ours: float, anchor: float, target: str, ratio: float = None) -> dict:
-    """``ratio`` = anchor / ours (speedup) unless given; target like '>= 2x', '<= 1.05x' or ''."""
-    ratio = anchor / ours if ratio is None else ratio
-    if target.startswith(">="):
-        ok = ratio >= float(target[2:].strip(" x"))
-    elif target.startswith("<="):
-        ok = ratio <= float(target[2:].strip(" x"))
-    else:
-        ok = None
-    result = "" if ok is None else ("PASS" if ok else "MISS")
-    print(f"{name:52s} ours {ours * 1e3:9.1f} ms | anchor {anchor * 1e3:9.1f} ms | ratio {ratio:5.2f}"
-          + (f" (target {target}: {result})" if target else ""), flush=True)
-    return {"name": name, "ours_ms": ours * 1e3, "anchor_ms": anchor * 1e3, "ratio": ratio,
-            "target": target, "pass": result}
 
 
 def problem(device: str, size: int = None):
@@ -112,10 +77,8 @@ def bench_saliency(quick: bool, device: str) -> List[dict]:
     torch.testing.assert_close(ours(), bare())
     t = interleaved({"ours": ours, "bare": bare, "check": finite_check}, rounds_for(quick))
     rows = [
-        row(f"{label} saliency vs bare autograd.grad", t["ours"], t["bare"], "<= 1.05x",
-            ratio=t["ours"] / t["bare"]),
-        row(f"{label} input check (check_images) share of saliency", t["check"], t["ours"], "<= 0.01x",
-            ratio=t["check"] / t["ours"]),
+        row(f"{label} saliency vs bare autograd.grad", t["ours"], t["bare"], "<= 1.05x"),
+        row(f"{label} input check (check_images) share of saliency", t["check"], t["ours"], "<= 0.01x"),
     ]
     # the fixed cost per call (guard, checks, target selection), measured where it shows:
     # one tiny image, many rounds; reported as a share of the full problem's saliency time
@@ -124,7 +87,7 @@ def bench_saliency(quick: bool, device: str) -> List[dict]:
                           "bare": lambda: bare_on(model, tiny, tiny_targets)}, 5 if quick else 20, number=5)
     overhead = max(tiny_t["ours"] - tiny_t["bare"], 0.0)
     rows.append(row(f"{label} saliency fixed overhead (1x3x32x32 difference) share", overhead, t["ours"],
-                    "<= 0.01x", ratio=overhead / t["ours"]))
+                    "<= 0.01x"))
     return rows
 
 
@@ -145,8 +108,7 @@ def bench_guided_backprop(quick: bool, device: str) -> List[dict]:
     t = interleaved({"ours": ours, "captum": captum, "saliency": our_saliency}, rounds_for(quick))
     return [
         row(f"{label} guided_backprop vs Captum GuidedBackprop", t["ours"], t["captum"], ">= 1.3x"),
-        row(f"{label} guided_backprop vs our saliency", t["ours"], t["saliency"], "<= 1.10x",
-            ratio=t["ours"] / t["saliency"]),
+        row(f"{label} guided_backprop vs our saliency", t["ours"], t["saliency"], "<= 1.10x"),
     ]
 
 
@@ -213,38 +175,23 @@ def bench_smoothgrad_ig(quick: bool, device: str) -> List[dict]:
     ]
 
 
-from _bench_occlusion_section import bench_occlusion  # noqa: E402  (benchmarks/ is on sys.path)
-
 SECTIONS = {
     "saliency": bench_saliency,
     "guided": bench_guided_backprop,
     "gradcam": bench_grad_cam,
     "smoothgrad_ig": bench_smoothgrad_ig,
-    "occlusion": bench_occlusion,
 }
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one timed round per contender")
-    parser.add_argument("--only", default="", help=f"comma-separated sections of {sorted(SECTIONS)}")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    chosen = [s for s in args.only.split(",") if s] or list(SECTIONS)
-    unknown = sorted(set(chosen) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {sorted(SECTIONS)}")
+    args = argument_parser(__doc__, SECTIONS).parse_args()
     print(machine_description(), flush=True)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for device in devices:
-        for name in chosen:
-            rows += SECTIONS[name](args.quick, device)
-    if not args.no_write:
-        notes = ("ratio = anchor / ours (speedup) for '>=' targets; ours / anchor (or the stated share) "
-                 f"for '<=' targets. Interleaved rounds ({rounds_for(args.quick)}), minimum over rounds. "
-                 "The machine may have been shared with other jobs while this ran (noisy).")
-        print(write_results("attribution", rows, notes=notes, title="Attribution benchmarks (gradient methods)"))
+    rows = [r for device in devices for name in args.only for r in SECTIONS[name](args.quick, device)]
+    finish(args, "attribution", rows, title="Attribution benchmarks (gradient methods)",
+           notes=("ratio = anchor / ours (speedup) for '>=' targets and the info rows; ours / anchor (or the "
+                  f"stated share) for '<=' targets. {rounds_for(args.quick)} rounds. The machine may have "
+                  "been shared with other jobs while this ran (noisy)."))
 
 
 if __name__ == "__main__":

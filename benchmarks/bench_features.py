@@ -1,7 +1,7 @@
 """Benchmarks of the feature-space suite against what people use today (timed in the same run,
 interleaved round by round so that load on a shared machine hits both sides alike).
 
-    python benchmarks/bench_features.py [--quick] [--no-write] [--only nn,tsne,patches]
+    python benchmarks/bench_features.py [--quick] [--no-write] [--only nn,patches,tsne]
 
   nearest_neighbors   100,000 × 512 float32, 1,000 queries, k=10 (--quick: 20,000 × 512, 200 queries)
                       vs scikit-learn NearestNeighbors(algorithm="brute").kneighbors   target >= 1.0x
@@ -17,48 +17,13 @@ Results: benchmarks/results/features-<machine>.{md,json}.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import sys
-
 import numpy as np
 import torch
-from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import machine_description, write_results  # noqa: E402
+from common import argument_parser, finish, interleaved, machine_description, row
 
-from cnnviz_fast import embed, max_activating_patches, nearest_neighbors, receptive_field, zoo  # noqa: E402
-from cnnviz_fast.core import forward_to_layers  # noqa: E402
-
-
-def race(functions, rounds):
-    """Median seconds per call of each function, calling them in turn round after round."""
-    for fn in functions.values():
-        fn()  # warm-up (and first-call costs such as JIT compilation)
-    times = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-            times[name].append(timer.timeit(1).median)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def verdict(ratio, target):
-    return "PASS" if ratio >= target else "MISS"
-
-
-def report(rows, task, shape, anchor, t_anchor, t_ours, target, **extra):
-    ratio = t_anchor / t_ours
-    row = {"task": task, "shape": shape, "anchor": anchor, "anchor_s": t_anchor, "cnnviz_s": t_ours,
-           "speedup": ratio, "target": f">= {target}x" if target else "",
-           "result": verdict(ratio, target) if target else ""}
-    row.update(extra)
-    rows.append(row)
-    print(f"{task:24s} {shape:26s} {anchor:34s} anchor {t_anchor:8.3f} s | cnnviz {t_ours:8.3f} s | "
-          f"{ratio:5.2f}x" + (f" (target {target}x: {row['result']})" if target else ""), flush=True)
+from cnnviz_fast import embed, max_activating_patches, nearest_neighbors, receptive_field, zoo
+from cnnviz_fast.core import forward_to_layers
 
 
 # --- nearest neighbours -------------------------------------------------------------------
@@ -86,12 +51,12 @@ def bench_neighbors(rows, quick):
         functions["faiss"] = lambda: faiss_index.search(queries, k)
     except ImportError:
         print("faiss not installed: pip install faiss-cpu to compare against IndexFlatL2")
-    times = race(functions, rounds=3 if quick else 5)
-    shape = f"{count}x{width}, {queries_count} q, k={k}"
-    report(rows, "nearest_neighbors", shape, "sklearn NearestNeighbors(brute)", times["sklearn"],
-           times["cnnviz"], 1.0)
+    times = interleaved(functions, rounds=3 if quick else 5)
+    label = f"nearest_neighbors {count}x{width}, {queries_count} queries, k={k}"
+    rows.append(row(f"{label} vs sklearn NearestNeighbors(brute)", times["cnnviz"], times["sklearn"], ">= 1x",
+                    unit="s"))
     if "faiss" in times:
-        report(rows, "nearest_neighbors", shape, "faiss IndexFlatL2", times["faiss"], times["cnnviz"], None)
+        rows.append(row(f"{label} vs faiss IndexFlatL2", times["cnnviz"], times["faiss"], unit="s"))
 
 
 def check_neighbors(name, ours_d, ours_i, their_d, their_i):
@@ -128,19 +93,15 @@ def bench_tsne(rows, quick):
     def sklearn():
         results["sklearn"] = TSNE(random_state=0).fit_transform(points_np)
 
-    # One call each (tens of seconds at 10k); interleaved over rounds.
-    times = {name: [] for name in ("cnnviz", "sklearn")}
-    for _ in range(1 if not quick else 2):
-        for name, fn in (("cnnviz", ours), ("sklearn", sklearn)):
-            times[name].append(benchmark.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).median)
+    times = interleaved({"cnnviz": ours, "sklearn": sklearn}, rounds=1)  # tens of seconds a call at 10k
     accuracy = {name: knn_accuracy(results[name], labels) for name in results}
     print(f"  5-NN accuracy of the 2-D embeddings: cnnviz {accuracy['cnnviz']:.3f}, "
           f"scikit-learn {accuracy['sklearn']:.3f}")
     assert accuracy["cnnviz"] >= accuracy["sklearn"] - 0.02, "our embedding separates the clusters worse"
     backend = "openTSNE" if _has("openTSNE") else "scikit-learn"
-    report(rows, "embed(tsne)", f"{count}x{width} (backend {backend})", "sklearn TSNE()",
-           statistics.median(times["sklearn"]), statistics.median(times["cnnviz"]), 1.0,
-           knn_accuracy_cnnviz=accuracy["cnnviz"], knn_accuracy_sklearn=accuracy["sklearn"])
+    rows.append(row(f"embed(tsne) {count}x{width} (backend {backend}) vs sklearn TSNE()", times["cnnviz"],
+                    times["sklearn"], ">= 1x", unit="s", knn_accuracy_cnnviz=accuracy["cnnviz"],
+                    knn_accuracy_sklearn=accuracy["sklearn"]))
 
 
 def _has(module):
@@ -185,37 +146,28 @@ def bench_patches(rows, quick):
     assert torch.equal(top.values, values) and torch.equal(top.indices, indices)
     assert torch.equal(top.patches, patches)
     print("  checked: identical top units and patches")
-    times = race({"cnnviz": lambda: max_activating_patches(model, inputs, layer, k=k, batch_size=batch_size,
-                                                           progress=False),
-                  "naive": lambda: naive_top_patches(model, inputs, layer, k, batch_size)},
-                 rounds=2 if quick else 3)
+    times = interleaved({"cnnviz": lambda: max_activating_patches(model, inputs, layer, k=k, batch_size=batch_size,
+                                                                  progress=False),
+                         "naive": lambda: naive_top_patches(model, inputs, layer, k, batch_size)},
+                        rounds=2 if quick else 3)
     stored_mib = len(inputs) * 128 * 8 * 8 * 4 / 2 ** 20
-    report(rows, "max_activating_patches", f"{len(inputs)} digits, conv5, k={k}",
-           "store all activations + sort", times["naive"], times["cnnviz"], 1.0,
-           inputs_per_s=len(inputs) / times["cnnviz"], naive_activation_mib=stored_mib)
+    rows.append(row(f"max_activating_patches {len(inputs)} digits, conv5, k={k} vs store all activations + sort",
+                    times["cnnviz"], times["naive"], ">= 1x", unit="s", inputs_per_s=len(inputs) / times["cnnviz"],
+                    naive_activation_mib=stored_mib))
+
+
+SECTIONS = {"nn": bench_neighbors, "patches": bench_patches, "tsne": bench_tsne}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
-    parser.add_argument("--only", default="nn,tsne,patches", help="comma-separated subset")
-    args = parser.parse_args(argv)
+    args = argument_parser(__doc__, SECTIONS).parse_args(argv)
     print(machine_description(), flush=True)
     rows = []
-    chosen = set(args.only.split(","))
-    if "nn" in chosen:
-        bench_neighbors(rows, args.quick)
-    if "patches" in chosen:
-        bench_patches(rows, args.quick)
-    if "tsne" in chosen:
-        bench_tsne(rows, args.quick)
-    if not args.no_write:
-        notes = ("Timed on a shared machine (other engineers' jobs running): ratios are indicative; "
-                 "both sides are timed in the same run, interleaved round by round." +
-                 (" --quick sizes." if args.quick else ""))
-        print("wrote", write_results("features" + ("-quick" if args.quick else ""), rows, notes=notes,
-                                     title="Feature-space suite benchmarks"))
+    for name in args.only:
+        SECTIONS[name](rows, args.quick)
+    finish(args, "features", rows, title="Feature-space suite benchmarks",
+           notes="ratio = anchor / ours (speedup). Timed on a shared machine (other engineers' jobs running): "
+                 "ratios are indicative. t-SNE: one round.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmarks of the cnnviz ops against their anchors (timed in the same run).
 
-    python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--no-write]
+    python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--only gram,occlusion,guided] [--no-write]
 
 Anchors (what people do today):
   gram_loss      autograd over torch.bmm(F, F^T) / S + F.mse_loss       target >= 1.6x (fwd+bwd)
@@ -14,53 +14,25 @@ Outputs are checked equal before timing. Results: benchmarks/results/ops-<machin
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, write_results  # noqa: E402
+from common import argument_parser, finish, interleaved, machine_description, row
 
-import cnnviz_fast.ops as ops  # noqa: E402
-from cnnviz_fast.ops import reference as ref  # noqa: E402
+import cnnviz_fast.ops as ops
+from cnnviz_fast.ops import reference as ref
 
 
-def timeit(fn, min_run_time, device):
-    """Median seconds per call (torch.utils.benchmark synchronises CUDA)."""
-    fn()  # warm-up
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return t.median
-
-
-def row(op, shape, anchor_name, t_anchor, t_ops, t_ref, target):
-    ratio = t_anchor / t_ops
-    r = {
-        "op": op,
-        "shape": shape,
-        "anchor": anchor_name,
-        "anchor_ms": t_anchor * 1e3,
-        "cnnviz_ms": t_ops * 1e3,
-        "reference_ms": t_ref * 1e3 if t_ref is not None else "",
-        "speedup_vs_anchor": ratio,
-        "speedup_vs_reference": t_ref / t_ops if t_ref is not None else "",
-        "target": f">= {target}x" if target else "",
-        "result": ("PASS" if ratio >= target else "FAIL") if target else "",
-    }
-    print(
-        f"{op:22s} {shape:22s} anchor {t_anchor * 1e3:9.2f} ms | cnnviz {t_ops * 1e3:9.2f} ms"
-        + (f" | reference {t_ref * 1e3:9.2f} ms" if t_ref is not None else "")
-        + f" | {ratio:5.2f}x" + (f" (target {target}x: {r['result']})" if target else ""),
-        flush=True,
-    )
-    return r
+def op_row(name, anchor, ours, reference, target, rounds):
+    """The row of one op: ours against the anchor, timed in the same rounds as the op's
+    pure-PyTorch reference (reported beside it)."""
+    t = interleaved({"anchor": anchor, "ours": ours, "reference": reference}, rounds)
+    return row(name, t["ours"], t["anchor"], target, reference_ms=t["reference"] * 1e3,
+               speedup_vs_reference=t["reference"] / t["ours"])
 
 
 # --------------------------------------------------------------------------- gram_loss
-def bench_gram_loss(shape, device, min_run_time):
+def bench_gram_loss(shape, device, rounds):
     N, C, S = shape
     feats = torch.randn(N, C, S, device=device, requires_grad=True)
     target = ref.gram(torch.randn(N, C, S, device=device))
@@ -82,11 +54,8 @@ def bench_gram_loss(shape, device, min_run_time):
     (la, ga), (lo, go) = anchor(), ours()
     torch.testing.assert_close(lo, la, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(go, ga, rtol=1e-3, atol=1e-6 * ga.abs().max().item())
-    return row(
-        "gram_loss fwd+bwd", f"[{N},{C},{S}]", "bmm + mse_loss (autograd)",
-        timeit(anchor, min_run_time, device), timeit(ours, min_run_time, device),
-        timeit(reference, min_run_time, device), 1.6,
-    )
+    return op_row(f"{device} gram_loss fwd+bwd [{N},{C},{S}] vs bmm + mse_loss (autograd)", anchor, ours, reference,
+                  ">= 1.6x", rounds)
 
 
 # --------------------------------------------------------------------------- occlusion
@@ -107,7 +76,7 @@ def captum_masks(x, window, stride):
     ).long()
 
 
-def bench_occlude(device, min_run_time):
+def bench_occlude(device, rounds):
     window, stride, baseline = (16, 16), (8, 8), 0.0
     x = torch.randn(1, 3, 224, 224, device=device)
     rows, cols = ops.occlusion_grid(224, 224, window, stride)
@@ -126,13 +95,8 @@ def bench_occlude(device, min_run_time):
         return ref.occlude(x, window, stride, baseline).reshape(P, 3, 224, 224)
 
     torch.testing.assert_close(ours(), anchor(), rtol=0, atol=0)
-    rows_out = [
-        row(
-            "occlude", f"{P} x [3,224,224]", "Captum full-size masks",
-            timeit(anchor, min_run_time, device), timeit(ours, min_run_time, device),
-            timeit(reference, min_run_time, device), 3.0,
-        )
-    ]
+    rows_out = [op_row(f"{device} occlude {P} x [3,224,224] vs Captum full-size masks", anchor, ours, reference,
+                       ">= 3x", rounds)]
 
     deltas = torch.randn(1, P, device=device)
     m = captum_masks(x, window, stride)[:, 0, 0].to(x.dtype)  # [P, H, W], prebuilt (favours the anchor)
@@ -147,18 +111,13 @@ def bench_occlude(device, min_run_time):
         return ref.occlusion_accumulate(deltas, 224, 224, window, stride)
 
     torch.testing.assert_close(acc_ours(), acc_anchor(), rtol=1e-5, atol=1e-5)
-    rows_out.append(
-        row(
-            "occlusion_accumulate", f"{P} deltas -> [224,224]", "mask sums (masks prebuilt)",
-            timeit(acc_anchor, min_run_time, device), timeit(acc_ours, min_run_time, device),
-            timeit(acc_reference, min_run_time, device), None,
-        )
-    )
+    rows_out.append(op_row(f"{device} occlusion_accumulate {P} deltas -> [224,224] vs mask sums (masks prebuilt)",
+                           acc_anchor, acc_ours, acc_reference, "", rounds))
     return rows_out
 
 
 # --------------------------------------------------------------------------- guided_relu
-def bench_guided_relu(shape, device, min_run_time):
+def bench_guided_relu(shape, device, rounds):
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
     relu = torch.nn.ReLU()
@@ -174,46 +133,31 @@ def bench_guided_relu(shape, device, min_run_time):
         return torch.autograd.grad(ref.guided_relu(x, "guided"), x, grad)[0]
 
     torch.testing.assert_close(ours(), anchor(), rtol=0, atol=0)
-    return row(
-        "guided_relu fwd+bwd", str(list(shape)).replace(" ", ""), "nn.ReLU + full backward hook",
-        timeit(anchor, min_run_time, device), timeit(ours, min_run_time, device),
-        timeit(reference, min_run_time, device), 1.3,
-    )
+    shape = str(list(shape)).replace(" ", "")
+    return op_row(f"{device} guided_relu fwd+bwd {shape} vs nn.ReLU + full backward hook", anchor, ours, reference,
+                  ">= 1.3x", rounds)
+
+
+SECTIONS = ("gram", "occlusion", "guided")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="shorter timing (noisier)")
-    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
-    p.add_argument("--only", choices=["gram", "occlusion", "guided"], action="append")
-    args = p.parse_args()
-    min_run_time = 0.5 if args.quick else 2.0
-    only = set(args.only or ["gram", "occlusion", "guided"])
-
-    print(f"machine: {machine_description()}")
-    print(f"cnnviz_fast.ops: {'compiled extension' if ops.has_extension() else 'REFERENCE PATH (no extension)'}")
+    parser = argument_parser(__doc__, SECTIONS)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else 10
+    path = "compiled extension" if ops.has_extension() else "REFERENCE PATH (no extension)"
+    print(f"machine: {machine_description()}\ncnnviz_fast.ops: {path}")
     rows = []
-    with torch.no_grad():
-        pass
-    if "gram" in only:
-        for shape in [(4, 256, 3136), (1, 512, 4096)]:
-            rows.append(bench_gram_loss(shape, args.device, min_run_time))
-    if "occlusion" in only:
-        rows += bench_occlude(args.device, min_run_time)
-    if "guided" in only:
-        rows.append(bench_guided_relu((16, 64, 56, 56), args.device, min_run_time))
-
-    failed = [r for r in rows if r["result"] == "FAIL"]
-    print("all targets met" if not failed else f"targets missed: {[r['op'] + ' ' + r['shape'] for r in failed]}")
-    if not args.no_write:
-        notes = (
-            f"Device: {args.device}; path: {'compiled extension' if ops.has_extension() else 'reference'}; "
-            f"median of torch.utils.benchmark blocked_autorange(min_run_time={min_run_time}). "
-            "speedup = anchor time / cnnviz time. Regenerate: `python benchmarks/bench_ops.py`."
-        )
-        path = write_results(f"ops-{args.device}" if args.device != "cpu" else "ops", rows, notes, "cnnviz ops vs anchors")
-        print(f"wrote {path}")
+    if "gram" in args.only:
+        rows += [bench_gram_loss(shape, args.device, rounds) for shape in [(4, 256, 3136), (1, 512, 4096)]]
+    if "occlusion" in args.only:
+        rows += bench_occlude(args.device, rounds)
+    if "guided" in args.only:
+        rows.append(bench_guided_relu((16, 64, 56, 56), args.device, rounds))
+    finish(args, "ops" if args.device == "cpu" else f"ops-{args.device}", rows, title="cnnviz ops vs anchors",
+           notes=f"Device: {args.device}; path: {path}; {rounds} rounds. ratio = anchor / ours (speedup); "
+                 "speedup_vs_reference = our pure-PyTorch reference / ours.")
 
 
 if __name__ == "__main__":

@@ -23,47 +23,17 @@ Results: benchmarks/results/synthesis-<machine>.{md,json}.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import sys
-
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import machine_description, write_results  # noqa: E402
+from common import argument_parser, finish, interleaved, machine_description, row
 
-import cnnviz_fast as cv  # noqa: E402
-from cnnviz_fast import zoo  # noqa: E402
+import cnnviz_fast as cv
+from cnnviz_fast import zoo
 
 NORM = zoo.IMAGENET_NORMALIZE
 STYLE = [1, 6, 11, 20, 29]  # vgg19.features indices of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
 CONTENT = 8  # relu2_2 (deeper features of a random-weight VGG hardly depend on the image)
-
-
-def race(functions, rounds):
-    """Median seconds per call of each function, calling them in turn round after round."""
-    for fn in functions.values():
-        fn()  # warm-up
-    times = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            times[name].append(benchmark.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).median)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def report(rows, task, shape, anchor, t_anchor, t_ours, target, unit="s", **extra):
-    ratio = t_anchor / t_ours
-    result = ("PASS" if ratio >= target else "MISS") if target else ""
-    row = {"task": task, "shape": shape, "anchor": anchor, f"anchor_{unit}": t_anchor, f"cnnviz_{unit}": t_ours,
-           "speedup": ratio, "target": f">= {target}x" if target else "", "result": result}
-    row.update(extra)
-    rows.append(row)
-    print(f"{task:16s} {shape:34s} {anchor:44s} anchor {t_anchor:8.4f} {unit} | cnnviz {t_ours:8.4f} {unit} | "
-          f"{ratio:5.2f}x" + (f" (target {target}x: {result})" if target else ""), flush=True)
 
 
 # --- Gatys: the plain PyTorch loop --------------------------------------------------------
@@ -159,12 +129,12 @@ def bench_gatys(rows, quick, texture):
         task = "style_transfer"
 
     difference = check_close(task, (ours(2)[0], plain(cut, 2)[0]), (ours(), plain(cut)))
-    times = race({"ours": ours, "cut": lambda: plain(cut), "whole": lambda: plain(whole)}, rounds)
-    shape = f"vgg19/{divisor} {size}x{size}, {len(names)} Gram layers"
-    report(rows, task, shape, "plain Gatys loop, Sequential cut at last layer", times["cut"] / steps,
-           times["ours"] / steps, 1.3, unit="s_per_iter", max_image_difference_2_iterations=difference)
-    report(rows, task, shape, "plain Gatys loop over all of vgg.features", times["whole"] / steps,
-           times["ours"] / steps, None, unit="s_per_iter")
+    times = interleaved({"ours": ours, "cut": lambda: plain(cut), "whole": lambda: plain(whole)}, rounds)
+    label = f"{task} vgg19/{divisor} {size}x{size}, {len(names)} Gram layers, per L-BFGS iteration"
+    rows.append(row(f"{label} vs plain Gatys loop, Sequential cut at last layer", times["ours"] / steps,
+                    times["cut"] / steps, ">= 1.3x", max_image_difference_2_iterations=difference))
+    rows.append(row(f"{label} vs plain Gatys loop over all of vgg.features", times["ours"] / steps,
+                    times["whole"] / steps))
 
 
 # --- class visualisation: one batch vs one call per class -------------------------------
@@ -191,9 +161,9 @@ def bench_classes(rows, quick):
           f"losses {score_error:.2e}")
     if difference > 1e-4 or score_error > 0.05:
         raise SystemExit("classes: the batch and the separate calls disagree")
-    times = race({"batch": batch, "separate": separate}, rounds)
-    report(rows, "classes", f"digits CNN, 10 classes, {steps} steps", "10 calls, one class each",
-           times["separate"], times["batch"], 2.0, max_image_difference_5_steps=difference)
+    times = interleaved({"batch": batch, "separate": separate}, rounds)
+    rows.append(row(f"visualize_class digits CNN, 10 classes in one batch, {steps} steps vs 10 calls, one class each",
+                    times["batch"], times["separate"], ">= 2x", unit="s", max_image_difference_5_steps=difference))
 
 
 # --- adversarial success rates -----------------------------------------------------------
@@ -215,10 +185,9 @@ def bench_adversarial(rows, quick):
             result = cv.adversarial(model, pixels, target, method, eps=eps, steps=steps, step_size=step_size,
                                     targeted=targeted, normalize=zoo.DIGITS_NORMALIZE, progress=False)
             rates["targeted" if targeted else "untargeted"] = float(result.success.float().mean())
-        row = {"task": "adversarial", "shape": f"{count} test digits", "anchor": f"{method} eps={grey}/255"
-               + (f", {steps} steps" if steps else ""), "success_untargeted": rates["untargeted"],
-               "success_targeted": rates["targeted"]}
-        rows.append(row)
+        rows.append({"name": f"adversarial {count} test digits, {method} eps={grey}/255"
+                     + (f", {steps} steps" if steps else ""), "success_untargeted": rates["untargeted"],
+                     "success_targeted": rates["targeted"]})
         print(f"adversarial      {method:5s} eps={grey:2d}/255: success untargeted {rates['untargeted']:.3f}, "
               f"targeted (label+1) {rates['targeted']:.3f}", flush=True)
 
@@ -229,31 +198,23 @@ SECTIONS = {"style": lambda rows, quick: bench_gatys(rows, quick, texture=False)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = argument_parser(__doc__, SECTIONS).parse_args()
     print(machine_description(), flush=True)
     rows = []
-    for name in args.only.split(","):
+    for name in args.only:
         SECTIONS[name](rows, args.quick)
-    if not args.no_write and not args.quick:
-        notes = (
-            "Speedups are per L-BFGS iteration (whole runs timed, divided by the iterations) or per call, "
-            "ours and the anchor timed in the same run, interleaved; the machine was shared with other "
-            "engineers, so timings are noisy. The fair Gatys anchor runs a Sequential cut after the deepest "
-            "needed layer, with frozen parameters and the same optimiser and pixel clamp; the only "
-            "differences left are the fused gram_loss (one matmul backward) and our hook-stopped forward. "
-            "The Gram matrices cost little next to the convolutions (C^2*S against 9*Cin*Cout*S per "
-            "layer), which bounds what fusion can win per iteration. Adversarial rows: attack success on "
-            "the digits model (robust at 8/255 = half a grey level of the 4-bit digits; an independent "
-            "plain PGD loop measures the same)."
-        )
-        print(write_results("synthesis", rows, notes=notes, title="Synthesis benchmarks"))
+    notes = (
+        "ratio = anchor / ours (speedup) per L-BFGS iteration (whole runs timed, divided by the "
+        "iterations) or per call; the machine was shared with other "
+        "engineers, so timings are noisy. The fair Gatys anchor runs a Sequential cut after the deepest "
+        "needed layer, with frozen parameters and the same optimiser and pixel clamp; the only "
+        "differences left are the fused gram_loss (one matmul backward) and our hook-stopped forward. "
+        "The Gram matrices cost little next to the convolutions (C^2*S against 9*Cin*Cout*S per "
+        "layer), which bounds what fusion can win per iteration. Adversarial rows: attack success on "
+        "the digits model (robust at 8/255 = half a grey level of the 4-bit digits; an independent "
+        "plain PGD loop measures the same)."
+    )
+    finish(args, "synthesis", rows, notes=notes, title="Synthesis benchmarks")
 
 
 if __name__ == "__main__":

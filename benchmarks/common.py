@@ -1,19 +1,29 @@
-"""Small shared helpers for the benchmarks: describe the machine, write results.
+"""The benchmark harness shared by every ``bench_*.py``: time, build rows, describe the
+machine, write results.
 
-    from common import machine, write_results
-    write_results("ops", rows, notes=...)   # -> benchmarks/results/ops-<machine-tag>.md + .json
+    python benchmarks/bench_<suite>.py [--quick] [--no-write] [--results-dir DIR] [--threads N]
+
+    from common import argument_parser, finish, interleaved, row   # before importing cnnviz_fast
+    t = interleaved({"ours": ours, "anchor": anchor}, rounds=5)     # seconds per call
+    rows = [row("saliency vs bare autograd", t["ours"], t["anchor"], "<= 1.05x")]
+    finish(args, "attribution", rows, notes=...)  # -> results/attribution-<machine-tag>.{md,json}
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
+import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.utils import benchmark
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # time this checkout's cnnviz_fast, not an installed copy
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -65,30 +75,134 @@ def machine_tag(m: Optional[Dict[str, Any]] = None) -> str:
     return tag
 
 
+# --------------------------------------------------------------------------- timing
+# The one statistic: the MINIMUM over rounds. Other jobs on a shared machine only ever add
+# time, so each contender's fastest round is its least disturbed one; interleaving the
+# contenders round by round makes a slow spell hit them alike. (A median would still carry
+# the load of the rounds it picks.)
+TIMING = ("torch.utils.benchmark.Timer (CUDA synchronised, all torch threads); the contenders timed "
+          "in turn, round after round, each measurement after Timer's own 2 untimed warm-up calls; "
+          "statistic: the minimum over rounds.")
+
+
+def interleaved(contenders: Dict[str, Callable[[], Any]], rounds: int, number: int = 1) -> Dict[str, float]:
+    """Seconds per call of each contender: in each of ``rounds`` rounds every contender in
+    turn makes ``number`` timed calls (their mean is the round's time); the minimum over
+    rounds. ``Timer.timeit`` first makes max(number // 100, 2) untimed calls, so each
+    contender is timed warm even right after another one ran (a call costs 3x its time)."""
+    # Timer runs with 1 thread unless told: time with the threads machine() reports
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+              for name, fn in contenders.items()}
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.timeit(number).mean)
+    return {name: min(t) for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------- rows
+UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6}
+
+
+def row(name: str, ours: float, anchor: float, target: str = "", unit: str = "ms", **extra: Any) -> Dict[str, Any]:
+    """One results row (the schema of every benchmark), printed as it is made.
+
+    ``ours`` and ``anchor`` are seconds (stored in ``unit``). ``target`` is '>= k x', '<= k x'
+    or '' (information only). The ratio follows the target's direction: anchor / ours (a
+    speedup) for '>=' and for no target, ours / anchor (a slowdown or a share) for '<='.
+    ``result`` is PASS, MISS or ''. ``extra`` fields are appended as they are.
+    """
+    match = re.fullmatch(r"(>=|<=)\s*([0-9.]+)\s*x", target.strip())
+    if target and not match:
+        raise ValueError(f"target must look like '>= 1.3x' or '<= 1.05x', got {target!r}")
+    at_most = bool(match) and match.group(1) == "<="
+    ratio = ours / anchor if at_most else anchor / ours
+    if not match:
+        result = ""
+    else:
+        bound = float(match.group(2))
+        result = "PASS" if (ratio <= bound if at_most else ratio >= bound) else "MISS"
+    scale = UNITS[unit]
+    r = {"name": name, "ours": ours * scale, "anchor": anchor * scale, "unit": unit, "ratio": ratio,
+         "target": target, "result": result, **extra}
+    print(f"{name:66s} ours {r['ours']:9.3g} {unit} | anchor {r['anchor']:9.3g} {unit} | ratio {ratio:6.3g}"
+          + (f" (target {target}: {result})" if target else ""), flush=True)
+    return r
+
+
+# --------------------------------------------------------------------------- command line, results
+def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The options every bench script shares: --quick, --no-write, --results-dir and, given
+    ``sections``, --only (a comma-separated subset, parsed into a list)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, few rounds: a smoke run (written as <name>-quick)")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results")
+    parser.add_argument("--results-dir", default=RESULTS_DIR, help="where to write (default: benchmarks/results)")
+    parser.add_argument("--threads", type=int, action=_SetThreads,
+                        help="torch intra-op threads (default: torch's; 1 steadies timings on a busy machine)")
+    if sections:
+        def only(text: str) -> List[str]:
+            chosen = [s for s in text.split(",") if s]
+            unknown = sorted(set(chosen) - set(sections))
+            if unknown:
+                raise argparse.ArgumentTypeError(f"unknown sections {unknown}; choose from {list(sections)}")
+            return chosen
+        parser.add_argument("--only", type=only, default=list(sections),
+                            help=f"comma-separated subset of {','.join(sections)}")
+    return parser
+
+
+class _SetThreads(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value < 1:
+            parser.error(f"--threads must be >= 1, got {value}")
+        torch.set_num_threads(value)  # before anything is timed; machine() then reports it
+        setattr(namespace, self.dest, value)
+
+
+def finish(args: argparse.Namespace, name: str, rows: List[Dict[str, Any]], notes: str = "",
+           title: Optional[str] = None) -> Optional[str]:
+    """Writes the rows of an ``interleaved`` benchmark unless --no-write; a --quick run is
+    written as ``<name>-quick`` so that it never replaces a full run's results."""
+    missed = [r["name"] for r in rows if r.get("result") == "MISS"]
+    print("all targets met" if not missed else f"targets missed: {missed}", flush=True)
+    if args.no_write:
+        return None
+    path = write_results(name + ("-quick" if args.quick else ""), rows, notes, title,
+                         directory=args.results_dir, timing=TIMING)
+    print("wrote", path, flush=True)
+    return path
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
-def write_results(name: str, rows: List[Dict[str, Any]], notes: str = "", title: Optional[str] = None) -> str:
-    """Writes ``results/<name>-<machine-tag>.md`` (a table of ``rows``) and ``.json``; returns the md path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def write_results(name: str, rows: List[Dict[str, Any]], notes: str = "", title: Optional[str] = None,
+                  directory: Optional[str] = None, timing: Optional[str] = None) -> str:
+    """Writes ``<directory>/<name>-<machine-tag>.md`` (a table of ``rows``) and ``.json``;
+    returns the md path. ``directory`` defaults to benchmarks/results; ``timing`` (how the
+    times were taken) is written beside the machine."""
+    directory = directory or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
     m = machine()
-    base = os.path.join(RESULTS_DIR, f"{name}-{machine_tag(m)}")
+    base = os.path.join(directory, f"{name}-{machine_tag(m)}")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    record = {"name": name, "date": stamp, "machine": m, "rows": rows, "notes": notes}
+    if timing:
+        record["timing"] = timing
     with open(base + ".json", "w") as f:
-        json.dump({"name": name, "date": stamp, "machine": m, "rows": rows, "notes": notes}, f, indent=2)
+        json.dump(record, f, indent=2)
     cols: List[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    lines = [
-        f"# {title or name}",
-        "",
-        f"Machine: {machine_description(m)}  ",
-        f"Date: {stamp}",
-        "",
-    ]
+    lines = [f"# {title or name}", "", f"Machine: {machine_description(m)}  "]
+    if timing:
+        lines += [f"Timing: {timing}  "]
+    lines += [f"Date: {stamp}", ""]
     if notes:
         lines += [notes, ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

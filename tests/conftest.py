@@ -21,3 +21,13 @@ def device(request):
 def _seed():
     """Reproducible random tensors in every test."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the CI machine has 2 shared cores, where small synthesis loops run much faster on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import cnnviz_fast as cv
 from cnnviz_fast import Neuron, pictures, zoo
+from anchors import neuron_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
 
@@ -32,19 +33,6 @@ def resnet():
 def captum_grad_cam(forward, layer_module, x, target=None, mode="bilinear"):
     cam = LayerGradCam(forward, layer_module).attribute(x, target=target, relu_attributions=True)
     return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), mode)[:, 0]
-
-
-def neuron_forward(model, neuron):
-    def forward(x):
-        store = {}
-        handle = model.get_submodule(neuron.layer).register_forward_hook(lambda m, a, o: store.setdefault("a", o))
-        try:
-            model(x)
-        finally:
-            handle.remove()
-        a = store["a"][:, neuron.channel]
-        return a.reshape(len(a), -1).mean(1) if neuron.y is None else a[:, neuron.y, neuron.x]
-    return forward
 
 
 @pytest.mark.parametrize("layer", ["features.conv5", "features.relu5", "features.pool3"])

@@ -7,6 +7,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 import cnnviz_fast as cv
 from cnnviz_fast import Neuron, zoo
+from anchors import neuron_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
 
@@ -20,20 +21,6 @@ def digits():
 @pytest.fixture(scope="module")
 def resnet():
     return zoo.resnet18(num_classes=10), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def neuron_forward(model, neuron):
-    """A forward function returning one neuron's value, built with a plain hook (for Captum)."""
-    def forward(x):
-        store = {}
-        handle = model.get_submodule(neuron.layer).register_forward_hook(lambda m, a, o: store.setdefault("a", o))
-        try:
-            model(x)
-        finally:
-            handle.remove()
-        a = store["a"][:, neuron.channel]
-        return a.reshape(len(a), -1).mean(1) if neuron.y is None else a[:, neuron.y, neuron.x]
-    return forward
 
 
 # --------------------------------------------------------------------------- saliency

@@ -4,30 +4,17 @@ import torch
 
 import cnnviz_fast.ops as ops
 from cnnviz_fast.ops import reference as ref
+from op_cases import CUDA, DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
 
-CUDA = torch.cuda.is_available()
-needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="compiled extension not in use")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {
     torch.float32: (1e-4, 1e-5),
     torch.float64: (1e-10, 1e-12),
     torch.float16: (1e-2, 1e-3),
     torch.bfloat16: (2e-2, 1e-2),
 }
-LAYOUTS = ["contiguous", "noncontiguous", "channels_last"]
 # the symmetric product halves C recursively while blocks keep >= 64 channels:
 # C=5, 70: one full GEMM; 130, 150: 1 level; 256: 2 levels; 512: 3 levels
 SHAPES = [(2, 5, 3, 4), (1, 150, 6, 5), (3, 130, 1, 1), (2, 256, 2, 3), (1, 512, 3, 1)]
-
-
-def layout(x, kind):
-    if kind == "contiguous":
-        return x
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.transpose(2, 3)
 
 
 def features_(shape, device, dtype, kind):

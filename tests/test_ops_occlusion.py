@@ -9,12 +9,8 @@ import torch
 
 import cnnviz_fast.ops as ops
 from cnnviz_fast.ops import reference as ref
+from op_cases import CUDA, DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
 
-CUDA = torch.cuda.is_available()
-needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="compiled extension not in use")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (rtol, atol) of occlusion_accumulate per dtype (occlude is an exact copy)
 TOL = {
     torch.float32: (1e-5, 1e-5),
@@ -30,19 +26,7 @@ GEOMETRIES = [
     ((2, 2, 1, 1), (1, 1), (1, 1)),
     ((1, 3, 9, 4), (2, 3), (5, 5)),  # stride > window: uncovered pixels, a window past the border
 ]
-LAYOUTS = ["contiguous", "noncontiguous", "channels_last"]
 
-
-def layout(x, kind):
-    if kind == "contiguous":
-        return x
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    big = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-    big[..., ::2] = x
-    out = big[..., ::2]
-    assert not out.is_contiguous()
-    return out
 
 
 def brute_occlude(images, window, stride, baseline, first, count):

@@ -17,13 +17,7 @@ OUT = Path(__file__).resolve().parents[1] / "test-output" / "synthesis"
 NORM = zoo.DIGITS_NORMALIZE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI machine has 2 shared cores: one intra-op thread is much faster there
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

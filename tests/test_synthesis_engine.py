@@ -13,13 +13,7 @@ from cnnviz_fast.synthesis.parameterization import COLOR_DECORRELATION, make_ima
 from cnnviz_fast.synthesis.regularizers import gaussian_blur
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI machine has 2 shared cores: one intra-op thread is much faster there
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model():

@@ -19,13 +19,7 @@ STYLE_LAYERS = ["features.1", "features.6", "features.11", "features.20", "featu
 CONTENT_LAYER = "features.8"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI machine has 2 shared cores: one intra-op thread is much faster there
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

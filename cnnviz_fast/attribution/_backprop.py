@@ -6,7 +6,6 @@ the helpers here assume both are already active.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -16,6 +15,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
+from ..core.grad_mode import autograd_on  # noqa: F401  (re-exported for the methods)
+from ..core.validation import check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
 from .. import ops
 
@@ -24,32 +25,22 @@ from .. import ops
 # --------------------------------------------------------------------------- #
 
 
-@contextmanager
-def autograd_on() -> Iterator[None]:
-    """Gradients on for the duration of a method, also when the caller is in
-    ``torch.no_grad()`` or ``torch.inference_mode()``."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs") -> Tensor:
+def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs",
+                   model: Optional[nn.Module] = None) -> Tensor:
     """Checked inputs, detached from the caller's graph. Call inside :func:`autograd_on`.
 
-    Without ``copy`` they share the caller's memory, which is safe when they become a
-    leaf that requires grad (autograd refuses in-place writes into it); a method whose
-    inputs do not require grad asks for a ``copy`` so a model that writes into its input
-    cannot change the caller's tensor.
+    Without ``copy`` they share the caller's memory, which is safe when the model only sees
+    them through :func:`input_gradients` (it hands the model a copy); a method that runs
+    the model on them itself asks for a ``copy`` so a model that writes into its input
+    cannot change the caller's tensor. With ``model``, inputs it cannot take are refused
+    clearly (:func:`~cnnviz_fast.core.validation.check_model_inputs`).
     """
     check_images(inputs, argument)
+    if model is not None:
+        check_model_inputs(model, inputs, argument)
     check_target(target, inputs.shape[0])
     # an inference tensor (made under inference_mode) cannot enter autograd: copy it too
     return inputs.detach().clone() if copy or inputs.is_inference() else inputs.detach()
-
-
-def check_nonnegative(value, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{argument} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 # --------------------------------------------------------------------------- #
@@ -138,13 +129,16 @@ def input_gradients(
     ``keep_output``, else None (a Neuron target then stops the pass at its layer).
     """
     x = inputs.detach().requires_grad_(True)
+    # the model gets a copy inside the graph: a model that writes into its input
+    # (x.mul_ in forward) then works, and x (the caller's memory) is never written
+    seen = x.clone()
     output = None
     with intercept_relus(relu_mode):
         if keep_output:
-            scores, output = target_scores(model, x, target, keep_output=True)
+            scores, output = target_scores(model, seen, target, keep_output=True)
             output = detach_output(output)
         else:
-            scores = target_scores(model, x, target)
+            scores = target_scores(model, seen, target)
     if not scores.requires_grad:
         raise ValueError("target does not depend on inputs (its score has no gradient)")
     (grads,) = torch.autograd.grad(scores.sum(), x)

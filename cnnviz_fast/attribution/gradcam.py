@@ -104,7 +104,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
     """
     _check_interpolate(interpolate)
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target, copy=True)
+        x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate, keep_output=return_output)
     return with_output(cam, output, return_output)
 
@@ -123,7 +123,7 @@ def guided_grad_cam(
     """
     _check_interpolate(interpolate)
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target, copy=True)
+        x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate,
                                 keep_output=return_output or is_predicted(target))
         guided, _, _ = input_gradients(model, x, resolve_target(target, output), relu_mode="guided")

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import model_guard
-from ..core.validation import check_positive_int
-from ._backprop import (accumulate_gradients, autograd_on, check_nonnegative, clean_output, input_gradients,
-                        prepare_inputs, with_output)
+from ..core.validation import check_baseline, check_number, check_positive_int
+from ._backprop import accumulate_gradients, autograd_on, clean_output, input_gradients, prepare_inputs, with_output
 
 __all__ = ["integrated_gradients", "saliency", "smoothgrad"]
 
@@ -41,7 +40,7 @@ def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True, return_
         ``(attributions, output)``.
     """
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
+        x = prepare_inputs(inputs, target, model=model)
         grads, _, output = input_gradients(model, x, target, keep_output=return_output)
     return with_output(grads.abs() if abs else grads, output, return_output)
 
@@ -84,11 +83,11 @@ def smoothgrad(
     """
     check_positive_int(samples, "samples")
     check_positive_int(batch_size, "batch_size")
-    noise = check_nonnegative(noise, "noise")
+    noise = check_number(noise, "noise")
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
+        x = prepare_inputs(inputs, target, model=model)
         target, output = clean_output(model, x, target, return_output)
         if seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -114,27 +113,6 @@ def _gauss_legendre(steps: int, like: Tensor):
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     alphas = torch.as_tensor(0.5 * (nodes + 1), dtype=like.dtype, device=like.device)
     return alphas, torch.as_tensor(0.5 * weights, dtype=like.dtype, device=like.device)
-
-
-def _baseline_like(baseline: Union[None, float, Tensor], x: Tensor) -> Tensor:
-    """The baseline as a finite tensor of the inputs' shape, dtype and device."""
-    if baseline is None:
-        return torch.zeros_like(x)
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
-        raise ValueError(f"baseline must be None, a number or a Tensor, got {type(baseline).__name__}")
-    if isinstance(baseline, Tensor) and baseline.device != x.device:
-        raise ValueError(f"baseline must be on the inputs' device {x.device}, got {baseline.device}")
-    baseline = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
-    try:
-        if baseline.dim() > x.dim():
-            raise RuntimeError
-        full = torch.broadcast_to(baseline, x.shape)
-    except RuntimeError:
-        raise ValueError(f"baseline must be broadcastable to inputs {tuple(x.shape)}, "
-                         f"got shape {tuple(baseline.shape)}") from None
-    if not bool(torch.isfinite(full).all()):
-        raise ValueError("baseline contains NaN or infinite values")
-    return full
 
 
 def integrated_gradients(
@@ -168,8 +146,8 @@ def integrated_gradients(
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")
     with model_guard(model), autograd_on():
-        x = prepare_inputs(inputs, target)
-        base = _baseline_like(baseline, x)
+        x = prepare_inputs(inputs, target, model=model)
+        base = torch.broadcast_to(check_baseline(0.0 if baseline is None else baseline, x), x.shape)
         target, output = clean_output(model, x, target, return_output)
         path = x - base
         alphas, weights = _gauss_legendre(steps, x)

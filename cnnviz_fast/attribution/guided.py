@@ -21,7 +21,7 @@ __all__ = ["deconvnet", "guided_backprop"]
 
 def _modified_gradient(model: nn.Module, inputs: Tensor, target, relu_mode: str, return_output: bool):
     with model_guard(model), autograd_on():
-        grads, _, output = input_gradients(model, prepare_inputs(inputs, target), target, relu_mode,
+        grads, _, output = input_gradients(model, prepare_inputs(inputs, target, model=model), target, relu_mode,
                                            keep_output=return_output)
     return with_output(grads, output, return_output)
 

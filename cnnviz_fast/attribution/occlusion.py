@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..core import check_images, model_guard, target_scores
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
 from ._backprop import detach_output
-from ..core.validation import check_pair, check_positive_int
+from ..core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
 from ..ops import occlude, occlusion_accumulate, occlusion_grid
 
 __all__ = ["occlusion", "choose_batch_size"]
@@ -91,6 +91,7 @@ def occlusion(
     """
     with model_guard(model):
         check_images(inputs)
+        check_model_inputs(model, inputs)
         N, C, H, W = inputs.shape
         window = check_pair(window, "window")
         stride = check_pair(stride, "stride")
@@ -100,14 +101,16 @@ def occlusion(
             check_positive_int(batch_size, "batch_size")
         if memory_budget is not None:
             check_positive_int(memory_budget, "memory_budget")
-        base = _check_baseline(baseline, inputs)
+        base = check_baseline(baseline, inputs)
         check_target(target, N)
         rows, cols = occlusion_grid(H, W, window, stride)
         positions = rows * cols
 
         keep_output = return_output or is_predicted(target)
         with torch.inference_mode():
-            scores, output, per_image = _clean_pass(model, inputs, target, keep_output, measure=batch_size is None)
+            # a copy: a model that writes into its input must not change the caller's tensor
+            scores, output, per_image = _clean_pass(model, inputs.clone(), target, keep_output,
+                                                    measure=batch_size is None)
             if batch_size is None:
                 batch_size = choose_batch_size(per_image, inputs.device, memory_budget)
             target = resolve_target(target, output)
@@ -199,25 +202,6 @@ def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, i
     size = -(-positions // passes)
     return [(n, n + 1, first, min(size, positions - first))
             for n in range(n_images) for first in range(0, positions, size)]
-
-
-def _check_baseline(baseline, inputs: Tensor) -> Tensor:
-    """The baseline as a 4-D tensor ``[1 or N, C or 1, H or 1, W or 1]`` on the inputs'
-    device and dtype."""
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
-        raise ValueError(f"baseline must be a number or a Tensor broadcastable to {tuple(inputs.shape)}, "
-                         f"got {type(baseline).__name__}")
-    base = torch.as_tensor(baseline).to(device=inputs.device, dtype=inputs.dtype)
-    try:
-        fits = base.dim() <= 4 and torch.broadcast_shapes(base.shape, inputs.shape) == inputs.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"baseline must be broadcastable to inputs {tuple(inputs.shape)}, "
-                         f"got shape {tuple(base.shape)}")
-    if not bool(torch.isfinite(base).all()):
-        raise ValueError("baseline contains NaN or infinite values")
-    return base.reshape((1,) * (4 - base.dim()) + tuple(base.shape))
 
 
 def _rows(base: Tensor, n0: int, n1: int) -> Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.validation import check_positive_int
+from ..core.validation import check_finite, check_positive_int
 
 __all__ = ["saliency_to_mask"]
 
@@ -80,14 +80,13 @@ def _check_shapes(image, saliency):
     if not isinstance(image, Tensor) or image.dim() not in (3, 4) or not image.is_floating_point():
         raise ValueError(f"image must be a floating Tensor[C, H, W] or Tensor[N, C, H, W] in [0, 1], got "
                          f"{getattr(image, 'shape', type(image).__name__)}")
+    check_finite(image, "image")  # also refuses a meta tensor before the copy to the CPU
     batched = image.dim() == 4
     images = image.detach().cpu() if batched else image.detach().cpu()[None]
     N, C, H, W = images.shape
     if N == 0 or C not in (1, 3) or H == 0 or W == 0:
         raise ValueError(f"image must have 1 or 3 channels and a non-empty batch and plane, "
                          f"got shape {tuple(image.shape)}")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("image contains NaN or infinite values")
     low, high = float(images.min()), float(images.max())
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(f"image must hold pixels in [0, 1], got values in [{low:.3g}, {high:.3g}] "
@@ -98,6 +97,7 @@ def _check_shapes(image, saliency):
     if not isinstance(saliency, Tensor) or saliency.dim() - batched not in (2, 3):
         raise ValueError(f"saliency must be a Tensor{expected} for image {tuple(image.shape)}, "
                          f"got {getattr(saliency, 'shape', type(saliency).__name__)}")
+    check_finite(saliency, "saliency")
     maps = saliency.detach().cpu().double()
     if not batched:
         maps = maps[None]
@@ -106,8 +106,6 @@ def _check_shapes(image, saliency):
     if tuple(maps.shape) != (N, H, W):
         raise ValueError(f"saliency must be a Tensor{expected} matching image {tuple(image.shape)}, "
                          f"got {tuple(saliency.shape)}")
-    if not bool(torch.isfinite(maps).all()):
-        raise ValueError("saliency contains NaN or infinite values")
     return images, maps, batched
 
 

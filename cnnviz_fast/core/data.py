@@ -6,6 +6,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .validation import check_finite, check_model_inputs
+
 
 def _images_of(item):
     """Inputs of a dataset item or batch: ``x`` or the first element of ``(x, y, ...)``."""
@@ -14,6 +16,23 @@ def _images_of(item):
     if not isinstance(item, torch.Tensor):
         raise ValueError(f"data must yield tensors or (tensor, ...) tuples, got {type(item).__name__}")
     return item
+
+
+def checked_batch(model, batch: torch.Tensor, seen: int, device, argument: str = "data") -> torch.Tensor:
+    """``batch`` (inputs ``seen`` onwards of ``data``) checked and moved to ``device`` for the
+    model: refused with a ValueError naming ``argument`` if it is not floating point, is a
+    meta tensor, holds NaN or infinity, or is float64 for a lower-precision model; and never
+    the caller's own memory, so a model that writes into its input cannot change the
+    caller's data."""
+    where = f"{argument} (inputs {seen} to {seen + len(batch) - 1})"
+    if not batch.is_floating_point():
+        raise ValueError(f"{where} must be floating-point model inputs, got {batch.dtype} (images stored as "
+                         f"uint8: x.float() / 255, then the model's normalisation)")
+    check_finite(batch, where)
+    if seen == 0:
+        check_model_inputs(model, batch, argument)
+    moved = batch.to(device, non_blocking=True)
+    return moved.clone() if moved.data_ptr() == batch.data_ptr() else moved
 
 
 def data_length(data) -> Optional[int]:

@@ -11,6 +11,7 @@ A target is
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -37,6 +38,16 @@ class Neuron:
             raise ValueError(f"Neuron.layer must be a dotted module name, got {self.layer!r}")
         if (self.y is None) != (self.x is None):
             raise ValueError(f"Neuron.y and Neuron.x must be given together, got y={self.y}, x={self.x}")
+        for name in ("channel", "y", "x"):
+            value = getattr(self, name)
+            if value is None and name != "channel":
+                continue
+            try:  # ints and int-like values (numpy ints, 0-dim integer tensors), stored as int
+                if isinstance(value, bool):
+                    raise TypeError
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise ValueError(f"Neuron.{name} must be an int, got {value!r}") from None
 
     def value(self, activation: torch.Tensor) -> torch.Tensor:
         """This neuron's value for each image of ``activation`` ``[N, C, ...]`` → ``Tensor[N]``."""

@@ -13,19 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core import forward_to_layers, get_layer, model_guard
-from ..core.data import data_length, iter_batches
-from ..core.validation import check_positive_int
+from ..core.data import checked_batch, data_length, iter_batches
+from ..core.validation import check_positive_int, model_device_dtype
 
 _POOLS = (None, "avg", "max")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model without any)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _flatten(activation: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
@@ -153,21 +144,25 @@ def extract_features(
     if known is not None and length is not None and known != length:
         raise ValueError(f"length={length} but data holds {known} inputs")
     total = known if known is not None else length
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
     path = Path(out) if out is not None else None
+    if path is not None and path.is_dir():  # found now, not after all the work at the final rename
+        raise ValueError(f"out must be the path of a .npy file, got the directory {str(path)!r}")
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="input", desc=f"features of {layer}",
                disable=None if progress is None else not progress)
     writer: Optional[_NpyWriter] = None
-    chunks, filled = [], 0
+    chunks, filled, seen = [], 0, 0
     features = None
     try:
         with model_guard(model):
             for inputs in iter_batches(data, batch_size, num_workers=num_workers):
+                batch = checked_batch(model, inputs, seen, device)
+                seen += len(inputs)
                 with torch.inference_mode():
-                    activation = forward_to_layers(model, inputs.to(device, non_blocking=True), [layer])[layer]
+                    activation = forward_to_layers(model, batch, [layer])[layer]
                     rows = _flatten(activation, pool)
                 # Outside inference mode from here: the result must be an ordinary tensor.
                 if rows.dtype in (torch.float16, torch.bfloat16) and path is not None:

@@ -6,10 +6,14 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..core.validation import check_positive_int
+from ..core.validation import check_finite, check_positive_int
 
 _METRICS = ("l2", "cosine")
 _BACKENDS = ("torch", "faiss")
+
+
+# rows per step of the finite check (a memory-mapped collection is read in pieces)
+_CHECK_ROWS = 65536
 
 
 def _check_matrix(value, argument: str) -> torch.Tensor:
@@ -23,6 +27,8 @@ def _check_matrix(value, argument: str) -> torch.Tensor:
         raise ValueError(f"{argument} must be a floating-point tensor, got {value.dtype}")
     if value.shape[0] == 0:
         raise ValueError(f"{argument} must hold at least one row, got shape {tuple(value.shape)}")
+    for start in range(0, value.shape[0], _CHECK_ROWS):  # NaN would give NaN distances silently
+        check_finite(value[start:start + _CHECK_ROWS], argument)
     return value
 
 

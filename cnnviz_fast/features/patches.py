@@ -16,10 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ..core import Neuron, forward_to_layers, get_layer, model_guard
-from ..core.data import _images_of, iter_batches
-from ..core.validation import check_positive_int
+from ..core.data import _images_of, checked_batch, iter_batches
+from ..core.validation import check_positive_int, model_device_dtype
 from ..pictures import image_grid
-from .extract import model_device
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -138,20 +137,23 @@ def max_activating_patches(
     if guided and not indexable:
         raise ValueError(f"guided=True needs data that can be indexed (a Tensor or a map-style Dataset), "
                          f"got {type(data).__name__}")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
 
     from tqdm.auto import tqdm
     bar = tqdm(unit="input", desc=f"top units of {layer}", disable=None if progress is None else not progress)
-    top = None
+    top, seen = None, 0
     try:
         with model_guard(model):
             for inputs in iter_batches(data, batch_size):
                 if inputs.dim() != 4:
                     raise ValueError(f"data must yield image batches [B, C, H, W], got shape {tuple(inputs.shape)}")
+                # the model gets its own copy: the patches are cut from inputs afterwards
+                batch = checked_batch(model, inputs, seen, device)
                 inputs = inputs.to(device, non_blocking=True)
+                seen += len(inputs)
                 with torch.inference_mode():
-                    activation = forward_to_layers(model, inputs, [layer])[layer]
+                    activation = forward_to_layers(model, batch, [layer])[layer]
                 spatial_layer = activation.dim() != 2
                 if not spatial_layer:
                     activation = activation[:, :, None, None]

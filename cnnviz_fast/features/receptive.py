@@ -19,6 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import forward_to_layers, get_layer, model_guard
+from ..core.validation import model_device_dtype
 
 
 @dataclass(frozen=True)
@@ -225,13 +226,6 @@ def _input_size(input_size) -> Tuple[int, int, int]:
     return size
 
 
-def _model_device_dtype(model: nn.Module):
-    parameter = next(model.parameters(), None)
-    if parameter is None:
-        return torch.device("cpu"), torch.float32
-    return parameter.device, parameter.dtype if parameter.is_floating_point() else torch.float32
-
-
 def receptive_field(model: nn.Module, layer: str, input_size: Sequence[int]) -> ReceptiveField:
     """Exact receptive field of the units of ``layer`` for inputs of ``input_size``.
 
@@ -254,7 +248,7 @@ def receptive_field(model: nn.Module, layer: str, input_size: Sequence[int]) -> 
     channels, height, width = _input_size(input_size)
     get_layer(model, layer)
     with model_guard(model):
-        device, dtype = _model_device_dtype(model)
+        device, dtype = model_device_dtype(model)
         probe = torch.zeros(1, channels, height, width, device=device, dtype=dtype)
         tracer = _GeometryTracer(probe)
         with torch.inference_mode(), tracer:

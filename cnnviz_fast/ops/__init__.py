@@ -184,7 +184,7 @@ def gram_loss(
     """
     if isinstance(features, (list, tuple)):
         return reference._sum_layers(_gram_loss_one, features, target_gram, weight)
-    return _gram_loss_one(features, target_gram, float(weight))
+    return _gram_loss_one(features, target_gram, reference.gram_weight(weight))
 
 
 # --------------------------------------------------------------------------- #

@@ -9,6 +9,7 @@ Every function here takes the same arguments as its public counterpart in
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Sequence, Tuple, Union
 
@@ -324,7 +325,16 @@ def gram_loss(features, target_gram, weight=1.0) -> Tensor:
     """Reference for :func:`cnnviz_fast.ops.gram_loss`: ``weight * mean((G - T)^2)``."""
     if isinstance(features, (list, tuple)):
         return _sum_layers(_gram_loss_one, features, target_gram, weight)
-    return _gram_loss_one(features, target_gram, float(weight))
+    return _gram_loss_one(features, target_gram, gram_weight(weight))
+
+
+def gram_weight(weight) -> float:
+    """A layer's loss weight as a float: a finite real number (not a string or a bool)."""
+    if isinstance(weight, Tensor) and weight.numel() == 1 and not weight.is_meta:
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite number (or a list of one per layer), got {weight!r}")
+    return float(weight)
 
 
 def _sum_layers(fn, features, targets, weights) -> Tensor:
@@ -339,6 +349,6 @@ def _sum_layers(fn, features, targets, weights) -> Tensor:
         raise ValueError("features must contain at least one tensor")
     total = None
     for f, t, w in zip(features, targets, weights):
-        loss = fn(f, t, float(w))
+        loss = fn(f, t, gram_weight(w))
         total = loss if total is None else total + loss
     return total

@@ -1,20 +1,13 @@
 """Argument handling shared by the synthesis methods."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..core import Normalize, check_images, forward_to_layers
-
-
-def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's first parameter or buffer (CPU/float32 if none)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
+from ..core.validation import check_int, check_number, model_device_dtype  # noqa: F401 (the suite's checks)
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
@@ -22,16 +15,20 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     so the same seed gives the same images on any device; None draws a fresh seed."""
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    check_int(seed, "seed")
     return torch.Generator().manual_seed(seed)
 
 
-def check_normalize(normalize: Optional[nn.Module], channels: int) -> Optional[nn.Module]:
-    """``normalize`` must be None (identity) or a module mapping pixels to model inputs;
-    a :class:`Normalize` must have 1 or ``channels`` channels."""
+def identity(pixels: Tensor) -> Tensor:
+    """``normalize=None``: the model takes pixels."""
+    return pixels
+
+
+def check_normalize(normalize: Optional[nn.Module], channels: int) -> Callable[[Tensor], Tensor]:
+    """``normalize`` must be None (the identity, returned as :func:`identity`) or a module
+    mapping pixels to model inputs; a :class:`Normalize` must have 1 or ``channels`` channels."""
     if normalize is None:
-        return None
+        return identity
     if not callable(normalize):
         raise ValueError(f"normalize must be a Normalize (or a callable pixels -> model inputs) or None, "
                          f"got {type(normalize).__name__}")
@@ -51,29 +48,26 @@ def neutral_pixel(normalize: Optional[nn.Module], center) -> object:
 
 
 def check_pixels(images, argument: str, device, dtype) -> Tensor:
-    """A Tensor[N, C, H, W] of pixels in [0, 1], moved to the model's device and dtype."""
+    """A Tensor[N, C, H, W] of pixels in [0, 1], as a private contiguous copy on the model's
+    device and dtype: the caller's tensor is never handed to the model (a model that writes
+    into its input cannot change it), an inference tensor becomes an ordinary one, and
+    parameters made from it are contiguous (L-BFGS views their gradients flat)."""
     check_images(images, argument)
     if bool((images < 0).any()) or bool((images > 1).any()):
         raise ValueError(f"{argument} must be pixels in [0, 1] (before normalisation), got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
-    return images.detach().to(device, dtype)
-
-
-def check_number(value, argument: str, minimum: float = 0.0, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"{argument} must be a number >= {minimum}, got {value!r}")
-    return float(value)
+    return images.detach().to(device, dtype).clone(memory_format=torch.contiguous_format)
 
 
 def probe(model: nn.Module, inputs: Tensor, argument: str, layers=None, layer_argument: str = "layer"):
     """``model(inputs)`` (or the activations of ``layers``) without gradients; a model that
-    rejects the input's shape becomes a ValueError naming ``argument``."""
+    rejects the input's shape becomes a ValueError naming ``argument``. The model gets a
+    copy: ``inputs`` are used again afterwards, so a model writing into its input must
+    not change them."""
     try:
         with torch.no_grad():
             if layers is None:
-                return model(inputs)
-            return forward_to_layers(model, inputs, layers, argument=layer_argument)
+                return model(inputs.clone())
+            return forward_to_layers(model, inputs.clone(), layers, argument=layer_argument)
     except RuntimeError as error:
         raise ValueError(f"{argument} of shape {tuple(inputs.shape)} does not fit the model: {error}") from None

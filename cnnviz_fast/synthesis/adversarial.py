@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Neuron, model_guard
+from ..core import Neuron, autograd_on, model_guard
 from ..core.targets import check_target, resolve_target, select_scores
-from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ._common import check_int, check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
 
@@ -82,7 +82,7 @@ def adversarial(
         :class:`AdversarialResult`. The model runs in eval mode for the call and is left
         as it was; only the images get gradients.
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         device, dtype = model_device_dtype(model)
@@ -96,8 +96,7 @@ def adversarial(
         if eps is None and method != "ascent":
             eps = 8 / 255
         steps = {"fgsm": 1, "pgd": 40, "ascent": 200}[method] if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_int(steps, "steps", minimum=1)
         if method == "fgsm":
             step_size = eps
         elif step_size is None:
@@ -106,10 +105,7 @@ def adversarial(
         if method == "ascent" and not step_size > 0:
             raise ValueError(f"step_size must be > 0 for method='ascent', got {step_size}")
 
-        def as_model_input(x):
-            return normalize(x) if normalize is not None else x
-
-        clean_output = probe(model, as_model_input(pixels), "inputs")
+        clean_output = probe(model, normalize(pixels), "inputs")
         select_scores(clean_output, target)  # checks target's range
         target = resolve_target(target, clean_output)  # "predicted": leave the model's own prediction
         labels = torch.as_tensor(target, device=device).long().expand(n).clone()
@@ -144,7 +140,7 @@ def adversarial(
                           progress=progress, callback=callback, description=f"adversarial ({method})")
         images = result.images
         with torch.no_grad():
-            output = model(as_model_input(images))
+            output = model(normalize(images.clone()))
         delta = (images - pixels).flatten(1)
         return AdversarialResult(
             images=images, history=result.history, linf=delta.abs().amax(1), l2=delta.norm(dim=1),

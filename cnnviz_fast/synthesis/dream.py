@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import model_guard
-from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ..core import autograd_on, model_guard
+from ._common import check_int, check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
 from .regularizers import Jitter
@@ -45,7 +45,8 @@ def deep_dream(
         steps: gradient steps per octave; lr: step length as the mean absolute change of
             a pixel per step (the gradient is divided by its mean absolute value).
         octaves: number of scales; octave_scale: size ratio between consecutive scales
-            (the smallest is ``H / octave_scale^(octaves-1)``, at least 8 pixels).
+            (the smallest is ``H / octave_scale^(octaves-1)``, at least 8 pixels or the
+            image's size); the result has the input's size.
         jitter: random shift per step in pixels (default ``min(H, W) // 16``, at least 1).
         seed: the jitter; progress, callback: as in :func:`optimize`.
 
@@ -54,13 +55,12 @@ def deep_dream(
         ``history`` ``Tensor[octaves * steps, N]`` of ``-½||A||²``. The model runs in eval
         mode for the call and is left as it was; only the image gets gradients.
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
         pixels = check_pixels(image, "image", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
-        probe(model, normalize(pixels) if normalize is not None else pixels, "image", layers=[layer])
-        if isinstance(octaves, bool) or not isinstance(octaves, int) or octaves < 1:
-            raise ValueError(f"octaves must be an int >= 1, got {octaves!r}")
+        probe(model, normalize(pixels), "image", layers=[layer])
+        check_int(octaves, "octaves", minimum=1)
         octave_scale = check_number(octave_scale, "octave_scale", minimum=1.0)
         height, width = pixels.shape[-2:]
         jitter = max(1, min(height, width) // 16) if jitter is None else jitter
@@ -70,8 +70,10 @@ def deep_dream(
             return -0.5 * features[layer].flatten(1).pow(2).sum(1)
 
         objective = Objective(loss=loss, layers=(layer,))
-        sizes = [(max(8, round(height / octave_scale ** k)), max(8, round(width / octave_scale ** k)))
-                 for k in reversed(range(octaves))]
+        def scaled(length: int, k: int) -> int:  # at least 8 pixels, never more than the image
+            return min(length, max(8, round(length / octave_scale ** k)))
+
+        sizes = [(scaled(height, k), scaled(width, k)) for k in reversed(range(octaves))]  # the last: (H, W)
         detail = pixels.new_zeros(pixels.shape[:2] + sizes[0])  # what dreaming added, carried up the octaves
         histories = []
         for size in sizes:

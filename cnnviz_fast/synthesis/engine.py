@@ -17,6 +17,7 @@ initialisations and transforms would.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..core import capture_layers, forward_to_layers
+from ..core import autograd_on, capture_layers, forward_to_layers, model_guard
+from ._common import identity
+from ..core.validation import check_int
 from .parameterization import ImageParameterization
 
 Features = Dict[str, Tensor]
@@ -117,6 +120,16 @@ def _steps(steps: int, progress: Optional[bool], description: str):
     return tqdm(range(steps), desc=description, leave=False)
 
 
+def _guarded(function):
+    """Run ``function(model, ...)`` inside ``model_guard(model)`` with gradients on."""
+    @functools.wraps(function)
+    def guarded(model, *args, **kwargs):
+        with model_guard(model), autograd_on():
+            return function(model, *args, **kwargs)
+    return guarded
+
+
+@_guarded
 def optimize(
     model: nn.Module,
     objective: Objective,
@@ -137,9 +150,10 @@ def optimize(
 ) -> SynthesisResult:
     """Minimise ``objective + penalties`` over the images of ``image``.
 
-    The caller runs this inside ``model_guard(model)``. Gradients are taken with
-    ``torch.autograd.grad`` w.r.t. the image parameters only: the model's parameters
-    never get a ``.grad``.
+    Runs inside ``model_guard(model)`` (eval mode, the model left as it was) with gradients
+    on, also when the caller is in ``torch.no_grad()`` / ``torch.inference_mode()``.
+    Gradients are taken with ``torch.autograd.grad`` w.r.t. the image parameters only:
+    the model's parameters never get a ``.grad``.
 
     Args:
         model: the network; it sees ``normalize(transforms(pixels))``.
@@ -159,11 +173,11 @@ def optimize(
     """
     if step_norm not in STEP_NORMS:
         raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    check_int(steps, "steps", minimum=0)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    normalize = identity if normalize is None else normalize
     params = image.parameters()
     opt = make_optimizer(optimizer, params, lr)
     native_grad_needed = any(getattr(op, "needs_grad", False) for op in step_ops)
@@ -183,7 +197,7 @@ def optimize(
         x = selected
         for transform in transforms:
             x = transform(x, generator)
-        features, output = _forward(model, normalize(x) if normalize is not None else x, objective)
+        features, output = _forward(model, normalize(x), objective)
         losses = objective.loss(features, output, index)
         for penalty in penalties:
             losses = losses + penalty(selected)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core import forward_to_layers, model_guard
+from ..core import autograd_on, forward_to_layers, model_guard
 from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import make_image
@@ -62,15 +62,12 @@ def invert_features(
         :class:`InversionResult`. The model runs in eval mode for the call and is left as
         it was; only the image gets gradients.
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
         pixels = check_pixels(inputs, "inputs", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
 
-        def as_model_input(x):
-            return normalize(x) if normalize is not None else x
-
-        target = probe(model, as_model_input(pixels), "inputs", layers=[layer])[layer].detach()
+        target = probe(model, normalize(pixels), "inputs", layers=[layer])[layer].detach()
         target_norm = target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
         def loss(features, output, index):
@@ -88,6 +85,6 @@ def invert_features(
                           lr=lr, optimizer=optimizer, penalties=penalties, generator=generator,
                           progress=progress, callback=callback, description="invert_features")
         with torch.no_grad():
-            features = forward_to_layers(model, as_model_input(result.images), [layer])[layer]
+            features = forward_to_layers(model, normalize(result.images.clone()), [layer])[layer]
         error = (features - target).flatten(1).norm(dim=1) / target_norm.sqrt()
         return InversionResult(images=result.images, history=result.history, relative_error=error)

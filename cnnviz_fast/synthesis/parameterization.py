@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.validation import check_pair, is_int
+
 # Square root (via SVD) of ImageNet's RGB colour covariance, as published with Lucid
 # (Olah et al., "Feature Visualization", 2017); columns scaled to a maximum norm of 1.
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02],
@@ -33,17 +35,10 @@ COLOR_DECORRELATION = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
 Size = Union[int, Sequence[int]]
 
 
-def size_pair(size: Size, argument: str) -> Tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
-        raise ValueError(f"{argument} must be an int or a pair of positive ints, got {size!r}")
-    return pair
-
-
 def check_shape(shape, argument: str = "input_shape") -> Tuple[int, int, int, int]:
     """A batch shape (N, C, H, W) of positive ints."""
     shape = tuple(shape)
-    if len(shape) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+    if len(shape) != 4 or not all(is_int(v) and v >= 1 for v in shape):
         raise ValueError(f"{argument} must hold 4 positive ints (N, C, H, W), got {shape!r}")
     return shape
 
@@ -94,7 +89,7 @@ class PixelImage(ImageParameterization):
                  low: Union[float, Tensor] = 0.0, high: Union[float, Tensor] = 1.0):
         n, c, h, w = init.shape
         self.resolution = (h, w)
-        self.shape = (n, c) + (size_pair(size, "size") if size is not None else (h, w))
+        self.shape = (n, c) + (check_pair(size, "size") if size is not None else (h, w))
         self.low, self.high = low, high
         self.pixels = torch.clamp(init.detach().clone(), low, high).requires_grad_(True)
 
@@ -140,7 +135,7 @@ class FourierImage(ImageParameterization):
             raise ValueError(f"squash must be 'sigmoid' or 'clamp', got {squash!r}")
         self.shape = check_shape(shape, "shape")
         n, c, height, width = self.shape
-        h, w = self.resolution = size_pair(resolution, "resolution") if resolution else (height, width)
+        h, w = self.resolution = check_pair(resolution, "resolution") if resolution else (height, width)
         self.squash = squash
         freq = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2)
         self.scale = (1.0 / freq.clamp_min(1.0 / max(h, w)) ** decay_power).to(device, dtype)
@@ -188,7 +183,7 @@ def make_image(parameterization: str, shape: Sequence[int], *, resolution: Optio
     """
     shape = check_shape(shape, "shape")
     n, c, height, width = shape
-    h, w = size_pair(resolution, "resolution") if resolution is not None else (height, width)
+    h, w = check_pair(resolution, "resolution") if resolution is not None else (height, width)
     if parameterization == "pixels":
         if init is None:
             base = torch.as_tensor(center, dtype=dtype).reshape(1, -1, 1, 1).expand(n, c, h, w)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.validation import check_int, check_number
+
 Center = Union[float, Sequence[float], Tensor]
 
 
@@ -32,18 +34,12 @@ def _center(center: Center, like: Tensor) -> Tensor:
     return torch.as_tensor(center, dtype=like.dtype, device=like.device).reshape(1, -1, 1, 1)
 
 
-def _check_weight(value, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{argument} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
 # --------------------------------------------------------------------------- penalties
 class L2:
     """``weight * mean((pixels - center)^2)`` per image."""
 
     def __init__(self, weight: float, center: Center = 0.5):
-        self.weight, self.center = _check_weight(weight, "L2 weight"), center
+        self.weight, self.center = check_number(weight, "L2 weight"), center
 
     def __call__(self, pixels: Tensor) -> Tensor:
         return self.weight * (pixels - _center(self.center, pixels)).pow(2).flatten(1).mean(1)
@@ -54,14 +50,15 @@ class TotalVariation:
     right and below; ``beta=2`` the usual quadratic TV, ``beta=1`` the edge-preserving one)."""
 
     def __init__(self, weight: float, beta: float = 2.0):
-        self.weight, self.beta = _check_weight(weight, "TotalVariation weight"), float(beta)
+        self.weight, self.beta = check_number(weight, "TotalVariation weight"), float(beta)
 
     def __call__(self, pixels: Tensor) -> Tensor:
         dy = pixels[..., 1:, :-1] - pixels[..., :-1, :-1]
         dx = pixels[..., :-1, 1:] - pixels[..., :-1, :-1]
         squared = dx.pow(2) + dy.pow(2)
         tv = squared if self.beta == 2 else (squared + 1e-8).pow(self.beta / 2)
-        return self.weight * tv.flatten(1).mean(1)
+        # an image 1 pixel high or wide has no pairs of neighbours: its variation is 0
+        return self.weight * tv.flatten(1).sum(1) / max(1, tv[0].numel())
 
 
 class AlphaNorm:
@@ -69,7 +66,7 @@ class AlphaNorm:
     alpha = 6: it keeps pixels in range without pulling them all to the centre)."""
 
     def __init__(self, weight: float, alpha: float = 6.0, center: Center = 0.5):
-        self.weight, self.alpha, self.center = _check_weight(weight, "AlphaNorm weight"), float(alpha), center
+        self.weight, self.alpha, self.center = check_number(weight, "AlphaNorm weight"), float(alpha), center
 
     def __call__(self, pixels: Tensor) -> Tensor:
         return self.weight * (pixels - _center(self.center, pixels)).abs().pow(self.alpha).flatten(1).mean(1)
@@ -82,7 +79,7 @@ class Decay:
     needs_grad = False
 
     def __init__(self, rate: float, center: Center = 0.5):
-        self.rate, self.center = _check_weight(rate, "Decay rate"), center
+        self.rate, self.center = check_number(rate, "Decay rate"), center
 
     def __call__(self, pixels: Tensor, grad: Optional[Tensor], step: int) -> Tensor:
         center = _center(self.center, pixels)
@@ -109,8 +106,7 @@ class Blur:
     def __init__(self, sigma: float = 0.5, every: int = 4):
         if not sigma > 0:
             raise ValueError(f"Blur sigma must be > 0, got {sigma!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Blur every must be an int >= 1, got {every!r}")
+        check_int(every, "Blur every", minimum=1)
         self.sigma, self.every = float(sigma), every
 
     def __call__(self, pixels: Tensor, grad: Optional[Tensor], step: int) -> Optional[Tensor]:
@@ -125,9 +121,7 @@ def _clip_below(pixels: Tensor, score: Tensor, percentile: float, center: Center
 
 
 def _check_percentile(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise ValueError(f"percentile must be a number in [0, 100], got {value!r}")
-    return float(value)
+    return check_number(value, "percentile", 0, 100)
 
 
 class ClipSmallNorm:
@@ -168,8 +162,7 @@ class Jitter:
     """Shift the whole batch by a random ``(dy, dx)`` in ``[-pixels, pixels]`` (wrapping round)."""
 
     def __init__(self, pixels: int = 2):
-        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-            raise ValueError(f"Jitter pixels must be an int >= 0, got {pixels!r}")
+        check_int(pixels, "Jitter pixels", minimum=0)
         self.pixels = pixels
 
     def __call__(self, pixels: Tensor, generator: torch.Generator) -> Tensor:

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..core import model_guard
+from ..core import autograd_on, model_guard
 from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
 from .engine import Objective, SynthesisResult, optimize
-from .parameterization import Size, make_image, size_pair
+from ..core.validation import check_pair
+from .parameterization import Size, make_image
 
 
 def _layers(layers, argument: str) -> List[str]:
@@ -39,7 +40,7 @@ def _layer_weights(weights, layers: Sequence[str], argument: str) -> List[float]
 
 def _style_grams(model, pixels, normalize, layers, argument) -> Dict[str, Tuple[Tensor, List[float]]]:
     """``{layer: (Gram matrices [N, C, C], their mean squares as N floats)}`` of ``pixels``."""
-    features = probe(model, normalize(pixels) if normalize is not None else pixels, argument,
+    features = probe(model, normalize(pixels), argument,
                      layers=layers, layer_argument="style_layers" if argument == "style" else "layers")
     grams = {}
     for name in layers:
@@ -105,13 +106,13 @@ def synthesize_texture(
         ``Tensor[steps, N]`` of each image's Gram loss. The model runs in eval mode for
         the call and is left as it was; only the images get gradients.
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
         pixels = check_pixels(texture, "texture", device, dtype)
         layers = _layers(layers, "layers")
         weights = _layer_weights(layer_weights, layers, "layer_weights")
         normalize = check_normalize(normalize, pixels.shape[1])
-        height, width = size_pair(size, "size") if size is not None else pixels.shape[-2:]
+        height, width = check_pair(size, "size") if size is not None else pixels.shape[-2:]
         grams = _style_grams(model, pixels, normalize, layers, "texture")
         generator = make_generator(seed)
         shape = (pixels.shape[0], pixels.shape[1], height, width)
@@ -166,7 +167,7 @@ def style_transfer(
         ``Tensor[steps, N]``). The model runs in eval mode for the call and is left as
         it was; only the images get gradients.
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
         content = check_pixels(content, "content", device, dtype)
         style = check_pixels(style, "style", device, dtype)
@@ -181,7 +182,7 @@ def style_transfer(
         style_weight = check_number(style_weight, "style_weight")
         normalize = check_normalize(normalize, content.shape[1])
         grams = _style_grams(model, style, normalize, style_layers, "style")
-        target = probe(model, normalize(content) if normalize is not None else content, "content",
+        target = probe(model, normalize(content), "content",
                        layers=[content_layer], layer_argument="content_layer")[content_layer].detach()
         content_scale = target.pow(2).flatten(1).mean(1).clamp_min(1e-30)
 

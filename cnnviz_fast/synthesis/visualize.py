@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..core import Neuron, model_guard
+from ..core import Neuron, autograd_on, model_guard
 from ..core.targets import check_target
 from . import regularizers as R
 from ._common import (check_normalize, check_number, check_pixels, make_generator, model_device_dtype, neutral_pixel,
@@ -150,7 +150,7 @@ def visualize_class(
         :class:`SynthesisResult`: ``images`` ``Tensor[N, C, H, W]`` in [0, 1] on the
         model's device, ``history`` ``Tensor[steps, N]`` of ``-score + R``.
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         if isinstance(target, (Neuron, str)) or callable(target) or target is None:
             raise ValueError(f"target must be a class index or a sequence of them (use visualize_neuron for "
                              f"a Neuron), got {target!r}")
@@ -160,7 +160,7 @@ def visualize_class(
         normalize = check_normalize(normalize, shape[1])
         device, dtype = model_device_dtype(model)
         blank = torch.full((1,) + shape[1:], 0.5, device=device, dtype=dtype)
-        classes = probe(model, normalize(blank) if normalize is not None else blank, "input_shape").shape[-1]
+        classes = probe(model, normalize(blank), "input_shape").shape[-1]
         indices = torch.as_tensor(target, device=device).reshape(-1).long()
         if int(indices.min()) < 0 or int(indices.max()) >= classes:
             raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")
@@ -220,7 +220,7 @@ def visualize_neuron(
     Returns:
         :class:`SynthesisResult` (``history`` holds ``-activation + R``).
     """
-    with model_guard(model):
+    with model_guard(model), autograd_on():
         neurons = [neuron] if isinstance(neuron, Neuron) else list(neuron) if isinstance(neuron, (list, tuple)) else []
         if not neurons or not all(isinstance(item, Neuron) for item in neurons):
             raise ValueError(f"neuron must be a Neuron or a non-empty sequence of Neurons, got {neuron!r}")
@@ -229,7 +229,7 @@ def visualize_neuron(
         layers = tuple(dict.fromkeys(item.layer for item in neurons))
         device, dtype = model_device_dtype(model)
         blank = torch.full((1,) + shape[1:], 0.5, device=device, dtype=dtype)
-        features = probe(model, normalize(blank) if normalize is not None else blank, "input_shape",
+        features = probe(model, normalize(blank), "input_shape",
                          layers=layers, layer_argument="neuron.layer")
         for item in neurons:
             try:

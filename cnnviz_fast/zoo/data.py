@@ -6,9 +6,11 @@ from typing import Dict, Tuple
 
 import numpy as np
 import torch
+
 import torch.nn.functional as F
 
 from ..core.preprocess import Normalize
+from ..core.validation import check_int
 
 DIGITS_SIZE = 32
 # Mean/std of the upsampled digits' pixels (train split), rounded; models of the zoo
@@ -41,8 +43,7 @@ def digits(split: str = "test", size: int = DIGITS_SIZE) -> Tuple[torch.Tensor, 
     images, labels, splits = _digits_arrays()
     if split not in splits:
         raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    check_int(size, "size", minimum=8)
     idx = splits[split]
     x = torch.from_numpy(images[idx]).unsqueeze(1)
     if size != 8:

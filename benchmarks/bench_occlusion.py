@@ -1,0 +1,118 @@
+"""Occlusion benchmarks: cnnviz_fast.occlusion timed beside Captum in the same run.
+
+    python benchmarks/bench_occlusion.py [--quick] [--no-write] [--results-dir DIR]
+
+CPU: ResNet-18 (1000 classes), one 112x112 image (--quick: 64x64), window 16, stride 8
+(13x13 = 169 windows; --quick 7x7 = 49).
+  occlusion (default batch size) vs Captum Occlusion at perturbations_per_eval 1, 64, 256
+  (--quick: 64)                                                          target: >= 1x
+  occlusion(batch_size=32) vs the floor: the bare forward passes it needs (the clean image
+  and the same occluded images in equal passes of at most 32, pre-built, under inference_mode)
+                                                                         target: <= 1.10x
+  (info, not --quick) the default batch size (memory budget) against batch_size 8, 32 and all
+CUDA (when present): 8 images of 224x224, vs Captum at its defaults (perturbations_per_eval=1)
+                                                                         target: >= 5x
+Only public calls are timed. Outputs are checked equal before timing.
+Results: benchmarks/results/occlusion-<machine>.{md,json}.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List
+
+import torch
+
+from common import argument_parser, finish, interleaved, machine_description, row
+
+from captum.attr import Occlusion
+
+import cnnviz_fast as cv
+from cnnviz_fast import zoo
+from cnnviz_fast.ops import occlude, occlusion_grid
+
+warnings.filterwarnings("ignore", module="captum")
+WINDOW, STRIDE = (16, 16), (8, 8)
+
+
+def captum(model, x, target, per_eval):
+    C = x.shape[1]
+    return Occlusion(model).attribute(x, sliding_window_shapes=(C, *WINDOW), strides=(C, *STRIDE),
+                                      baselines=0.0, target=target, perturbations_per_eval=per_eval)[:, 0]
+
+
+def floor_fn(model, x, batch_size):
+    """The bare forward passes occlusion needs for one image: the clean image, then its
+    occluded copies in equal passes of at most ``batch_size``, built beforehand."""
+    C, H, W = x.shape[1:]
+    rows, cols = occlusion_grid(H, W, WINDOW, STRIDE)
+    positions = rows * cols
+    size = math.ceil(positions / math.ceil(positions / batch_size))
+    batches = [occlude(x, WINDOW, STRIDE, 0.0, first, min(size, positions - first)).reshape(-1, C, H, W)
+               for first in range(0, positions, size)]
+
+    def run():
+        with torch.inference_mode():
+            model(x)
+            for batch in batches:
+                model(batch)
+    return run
+
+
+def bench_cpu(quick: bool) -> List[dict]:
+    model = zoo.resnet18()
+    size, rounds, per_evals = (64, 1, (64,)) if quick else (112, 5, (1, 64, 256))
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    target = 3
+    label = f"cpu ResNet-18 1x3x{size}x{size}"
+
+    def ours(batch_size=None):
+        return cv.occlusion(model, x, target, window=WINDOW, stride=STRIDE, batch_size=batch_size)
+
+    expected = ours()
+    torch.testing.assert_close(ours(32), expected, atol=1e-4, rtol=1e-4)
+    for per_eval in per_evals:
+        torch.testing.assert_close(captum(model, x, target, per_eval), expected, atol=1e-4, rtol=1e-4)
+    contenders = {"ours": ours, "ours32": lambda: ours(32), "floor32": floor_fn(model, x, 32)}
+    contenders.update({f"captum{p}": (lambda p=p: captum(model, x, target, p)) for p in per_evals})
+    t = interleaved(contenders, rounds)
+    rows = [row(f"{label} occlusion vs Captum ppe={p}", t["ours"], t[f"captum{p}"], ">= 1x") for p in per_evals]
+    rows.append(row(f"{label} occlusion(batch_size=32) vs bare forwards", t["ours32"], t["floor32"], "<= 1.10x"))
+    if not quick:  # does the memory budget choose a good batch size? (info)
+        sweep = {b: (lambda b=b: ours(b)) for b in (8, 32, 169)}
+        ts = interleaved({"default": ours, **sweep}, 3)
+        rows += [row(f"{label} occlusion default batch size vs batch_size={b}", ts["default"], ts[b])
+                 for b in sweep]
+    return rows
+
+
+def bench_cuda(quick: bool) -> List[dict]:
+    if not torch.cuda.is_available():
+        print("CUDA: no GPU, skipped", flush=True)
+        return []
+    model = zoo.resnet18().cuda()
+    x = torch.rand(8, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    target = list(range(8))
+
+    def ours():
+        return cv.occlusion(model, x, target, window=WINDOW, stride=STRIDE)
+
+    def anchor():  # Captum at its defaults: one window per forward pass
+        return captum(model, x, target, 1)
+
+    torch.testing.assert_close(ours(), anchor(), atol=1e-3, rtol=1e-3)
+    t = interleaved({"ours": ours, "anchor": anchor}, 1 if quick else 3)
+    return [row("cuda ResNet-18 8x3x224x224 occlusion vs Captum defaults", t["ours"], t["anchor"], ">= 5x")]
+
+
+def main():
+    args = argument_parser(__doc__).parse_args()
+    print(machine_description(), flush=True)
+    rows = bench_cpu(args.quick) + bench_cuda(args.quick)
+    finish(args, "occlusion", rows, title="Occlusion benchmarks",
+           notes="ratio = anchor / ours (speedup) for '>=' targets and the info rows; ours / floor for "
+                 "'<='. The machine may have been shared with other jobs (noisy).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The fixed cost of one call, as a service pays it: batch 1, a small model.
+
+    python benchmarks/bench_overhead.py [--quick] [--no-write]
+
+overhead = time(method on the small model) - time(the same work written bare: one forward
+and one ``torch.autograd.grad`` on the same model and input). What remains is what the
+package adds per call: input checks, ``model_guard`` (snapshot and restore of the model's
+state), the ReLU interception, hooks, target selection.
+
+Anchor: a bare forward + ``torch.autograd.grad`` w.r.t. the input of ResNet-18 (random
+weights) at 1x3x224x224 on this CPU. Target (issue 9): overhead <= 5% of the anchor.
+Every contender is timed by ``common.interleaved``: the minimum over rounds of the mean of
+``number`` calls. Rows: ours = the overhead, anchor = the ResNet-18 anchor, ratio = their share.
+"""
+from __future__ import annotations
+
+import torch
+
+from common import argument_parser, finish, interleaved, machine_description, row
+
+import cnnviz_fast as cv
+from cnnviz_fast import zoo
+
+
+def bare_gradient(model, x, target: int):
+    """What a caller would write without the package: forward, pick the score, input gradient."""
+    def run():
+        inputs = x.detach().requires_grad_(True)
+        score = model(inputs)[:, target].sum()
+        return torch.autograd.grad(score, inputs)[0]
+    return run
+
+
+def bare_grad_cam(model, x, layer, target: int):
+    """Forward with a hook keeping the layer's output, gradient w.r.t. it, weighted sum."""
+    module = model.get_submodule(layer)
+
+    def run():
+        kept = {}
+        handle = module.register_forward_hook(lambda m, a, out: kept.__setitem__("a", out))
+        try:
+            score = model(x)[:, target].sum()
+        finally:
+            handle.remove()
+        (grads,) = torch.autograd.grad(score, kept["a"])
+        cam = torch.relu((grads.mean((2, 3), keepdim=True) * kept["a"]).sum(1, keepdim=True))
+        return torch.nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)
+    return run
+
+
+def small_models():
+    """(name, model, input, layer): a tiny CNN, whose own compute is so small that the
+    difference to the bare code is the package's fixed cost, and the zoo digits CNN."""
+    torch.manual_seed(0)
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    yield "tiny CNN, 1x1x8x8", tiny, torch.rand(1, 1, 8, 8), "0"
+    digits = zoo.digits_cnn()
+    yield "digits CNN, 1x1x32x32", digits, zoo.DIGITS_NORMALIZE(zoo.digits("test")[0][:1]), "features.conv3"
+
+
+def main(argv=None) -> None:
+    args = argument_parser(__doc__).parse_args(argv)
+    print(machine_description(), flush=True)
+    rounds, number = (3, 20) if args.quick else (10, 40)
+
+    resnet = zoo.resnet18().eval()
+    image = torch.rand(1, 3, 224, 224)
+    anchor = interleaved({"resnet18": bare_gradient(resnet, image, 1)}, rounds=max(3, rounds // 3), number=3)
+    anchor = anchor["resnet18"]
+
+    rows = []
+    for model_name, small, x, layer in small_models():
+        target = int(small(x).argmax())
+        explain_saliency = cv.Explainer(small, "saliency")
+        explain_cam = cv.Explainer(small, "grad_cam", layer=layer)
+        # pairs (ours, the same work written bare); the overhead is their difference
+        cases = {
+            "saliency": (lambda: cv.saliency(small, x, target), bare_gradient(small, x, target)),
+            "saliency, target='predicted', return_output": (
+                lambda: cv.saliency(small, x, "predicted", return_output=True), bare_gradient(small, x, target)),
+            "guided_backprop": (lambda: cv.guided_backprop(small, x, target), bare_gradient(small, x, target)),
+            "grad_cam": (lambda: cv.grad_cam(small, x, target, layer), bare_grad_cam(small, x, layer, target)),
+            "Explainer(saliency)": (lambda: explain_saliency(x), bare_gradient(small, x, target)),
+            "Explainer(grad_cam)": (lambda: explain_cam(x), bare_grad_cam(small, x, layer, target)),
+        }
+        contenders = {}
+        for name, (ours, bare) in cases.items():
+            contenders[name], contenders[name + " (bare)"] = ours, bare
+        times = interleaved(contenders, rounds, number)
+        rows += [row(f"{model_name} {name}: overhead vs ResNet-18 forward + autograd.grad",
+                     times[name] - times[name + " (bare)"], anchor, "<= 0.05x",
+                     call_ms=times[name] * 1e3, bare_ms=times[name + " (bare)"] * 1e3) for name in cases]
+    finish(args, "overhead", rows, title="Fixed cost of a call (batch 1)",
+           notes=("Batch 1: a tiny CNN (conv 1->4, ReLU, pool, linear on 1x1x8x8: the fixed cost alone) and the "
+                  "zoo's digits CNN; anchor ResNet-18 at 1x3x224x224, random weights. "
+                  f"{rounds} rounds of {number} calls. Overhead = ours - the same work written bare "
+                  "(call_ms - bare_ms); ratio = overhead / anchor, target <= 5%."))
+
+
+if __name__ == "__main__":
+    main()
