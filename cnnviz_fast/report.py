@@ -198,8 +198,8 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
 
     def attributions(s):
         y = predicted
-        samples, steps = report.steps(24, 4), report.steps(32, 4)
-        window = max(2, size // report.steps(8, 4))
+        samples, steps = report.steps(16, 4), report.steps(24, 4)
+        window = max(2, size // report.steps(7, 4))
         stride = max(1, window // report.steps(2, 1))
         s.summary = (f"Which pixels matter for the predicted class, one row per image: photo | saliency | "
                      f"SmoothGrad ({samples} samples, noise 0.15) | integrated gradients ({steps} steps, baseline "
@@ -233,7 +233,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
 
     def class_visualization(s):
         targets = list(visualize_classes) if visualize_classes else list(dict.fromkeys(predicted.tolist()))[:4]
-        steps = report.steps(160, 6)
+        steps = report.steps(128, 6)
         s.summary = (f"Images that maximise a class score ({steps} Adam steps at {small}×{small} px, Fourier "
                      "parameterization, jitter, scale 0.8–1.2 and ±15° rotation as regularizers): "
                      + ", ".join(_label(labels, t) for t in targets) + ".")
@@ -266,7 +266,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
                        f"L∞ {float(result.linf.max()) * 255:.2f}/255")
 
     def inversion(s):
-        steps = report.steps(200, 5)
+        steps = report.steps(150, 5)
         s.summary = (f"Feature inversion: an image whose activations at a layer match those of the photo "
                      f"({steps} Adam steps at {small}×{small} px, total-variation and α-norm regularizers), "
                      f"from shallow to deep: {', '.join(chosen)}.")
