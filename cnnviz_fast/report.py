@@ -164,7 +164,10 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
     classes to visualize (default: the images' predictions). Picture files start with
     ``prefix``."""
     from .cli import class_names
+    from .core import get_layer
 
+    for layer in layers or ():
+        get_layer(model, layer, "layers")  # a ValueError naming the closest layers, before any work
     model = model.eval()
     device = next((p.device for p in model.parameters()), pixels.device)
     pixels = pixels[:max_images].to(device)
