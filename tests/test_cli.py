@@ -120,6 +120,8 @@ def test_model_specs(tmp_path):
     (["filters", "--model", "no_such_package_xyz:build"], "cannot load the factory"),
     (["filters", "--model", "zoo:digits", "--layer", "features.conv9"], "'features.conv9' is not a submodule"),
     (["features", "--images", "/no/such/folder", "--layer", "classifier.fc1"], "no such file or folder"),
+    (["report", "--model", "zoo:digits", "--images", "digits", "--layers", "features.nope"],
+     "'features.nope' is not a submodule"),
     (["features", "--images", "NOTIMAGE", "--layer", "classifier.fc1"], "not a readable image"),
     (["filters", "--model", "zoo:digits", "--weights", "WRONG"], "does not fit --model zoo:digits"),
     (["filters", "--model", "zoo:digits", "--weights", "NOTIMAGE"], "not a state dict"),
