@@ -150,6 +150,14 @@ def _gradient_picture(maps: torch.Tensor) -> torch.Tensor:
     return torch.stack([colorize(m) for m in maps.abs().amax(1)])
 
 
+def _signed_picture(maps: torch.Tensor) -> torch.Tensor:
+    """Signed gradients as images around grey, ±(99th percentile of |g|) → black/white per
+    image (min-max scaling lets a few outliers wash the picture out)."""
+    maps = maps.detach().float().cpu()
+    scale = maps.abs().flatten(1).quantile(0.99, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (0.5 + 0.5 * maps / scale).clamp(0, 1)
+
+
 def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixels: torch.Tensor,
                    names: Sequence[str], classes: Optional[Sequence[str]] = None, title: str = "model",
                    layers: Optional[Sequence[str]] = None, visualize_classes: Optional[Sequence[int]] = None,
@@ -214,12 +222,12 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
             "ig": _gradient_picture(attribution.integrated_gradients(model, inputs, y, steps=steps)),
         }
         gbp = attribution.guided_backprop(model, inputs, y)
-        maps["gbp"] = torch.stack([image_grid(g[None], padding=0, scale=True) for g in gbp])
+        maps["gbp"] = _signed_picture(gbp)
         cam = attribution.grad_cam(model, inputs, y, cam_layer) if cam_layer else None
         if cam is not None:
             maps["cam"] = torch.stack([heatmap_overlay(p, c) for p, c in zip(shown, cam.cpu())])
             ggc = attribution.guided_grad_cam(model, inputs, y, cam_layer)
-            maps["ggc"] = torch.stack([image_grid(g[None], padding=0, scale=True) for g in ggc])
+            maps["ggc"] = _signed_picture(ggc)
         occ = attribution.occlusion(model, inputs, y, window=(window, window), stride=(stride, stride))
         maps["occ"] = torch.stack([heatmap_overlay(p, o) for p, o in zip(shown, occ.cpu())])
         if cam is not None:
