@@ -126,7 +126,7 @@ def bench_grad_cam(quick: bool, device: str) -> List[dict]:
     cam = GradCAM(model=model, target_layers=[model.get_submodule(layer)])
 
     def ours():
-        return cv.grad_cam(model, x, targets, layer)
+        return cv.grad_cam(model, x, layer, targets)
 
     def theirs():  # backward through the whole network, parameter gradients included
         return cam(input_tensor=x, targets=their_targets)

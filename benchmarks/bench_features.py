@@ -124,7 +124,7 @@ def naive_top_patches(model, inputs, layer, k, batch_size):
     flat = activation.transpose(0, 1).reshape(channels, -1)
     order = flat.argsort(dim=1, descending=True, stable=True)[:, :k]
     values = flat.gather(1, order)
-    rf = receptive_field(model, layer, tuple(inputs.shape[1:]))
+    rf = receptive_field(model, tuple(inputs.shape[1:]), layer)
     padded = torch.nn.functional.pad(inputs, (rf.size[1],) * 2 + (rf.size[0],) * 2)
     patches = torch.empty(channels, k, inputs.shape[1], *rf.size)
     for c in range(channels):

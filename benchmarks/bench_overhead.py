@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             "saliency, target='predicted', return_output": (
                 lambda: cv.saliency(small, x, "predicted", return_output=True), bare_gradient(small, x, target)),
             "guided_backprop": (lambda: cv.guided_backprop(small, x, target), bare_gradient(small, x, target)),
-            "grad_cam": (lambda: cv.grad_cam(small, x, target, layer), bare_grad_cam(small, x, layer, target)),
+            "grad_cam": (lambda: cv.grad_cam(small, x, layer, target), bare_grad_cam(small, x, layer, target)),
             "Explainer(saliency)": (lambda: explain_saliency(x), bare_gradient(small, x, target)),
             "Explainer(grad_cam)": (lambda: explain_cam(x), bare_grad_cam(small, x, layer, target)),
         }

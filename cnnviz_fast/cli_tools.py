@@ -146,7 +146,7 @@ def _cmd_invert(args) -> int:
     rows = [pixels.cpu()]
     with staged_output(Path(args.out)) as stage:
         for layer in args.layers:
-            result = synthesis.invert_features(ctx.model, ctx.layer(layer), pixels, normalize=ctx.normalize,
+            result = synthesis.invert_features(ctx.model, pixels, ctx.layer(layer), normalize=ctx.normalize,
                                                steps=args.steps, seed=args.seed, progress=ctx.progress)
             rows.append(result.images.cpu())
             for name, image, error in zip(names, result.images, result.relative_error):

@@ -77,7 +77,7 @@ class Demo:
     def patches(self, s: Section) -> None:
         s.summary = ("For 8 channels of conv4, the 8 image patches (receptive fields) that activate them most "
                      "over all digits, with their guided backprop.")
-        rf = features.receptive_field(self.model, "features.conv4", (1, 32, 32))
+        rf = features.receptive_field(self.model, (1, 32, 32), "features.conv4")
         inputs = self.inputs[:300] if self.quick else self.inputs
         top = features.max_activating_patches(self.model, inputs, "features.conv4", channels=range(8), k=8,
                                               guided=True, progress=False)
@@ -96,8 +96,8 @@ class Demo:
             "integrated gradients": lambda: attribution.integrated_gradients(self.model, x, y, steps=self.steps(64, 16)),
             "guided backprop": lambda: attribution.guided_backprop(self.model, x, y),
             "deconvnet": lambda: attribution.deconvnet(self.model, x, y),
-            "grad-cam (conv4)": lambda: attribution.grad_cam(self.model, x, y, "features.conv4"),
-            "guided grad-cam": lambda: attribution.guided_grad_cam(self.model, x, y, "features.conv4"),
+            "grad-cam (conv4)": lambda: attribution.grad_cam(self.model, x, "features.conv4", y),
+            "guided grad-cam": lambda: attribution.guided_grad_cam(self.model, x, "features.conv4", y),
             "occlusion 6×6/2": lambda: attribution.occlusion(self.model, x, y, window=(6, 6), stride=(2, 2)),
         }
         rows = [self.sample_pixels.expand(-1, 3, -1, -1)]
@@ -168,7 +168,7 @@ class Demo:
                      "steps, TV and α-norm regularizers); rows: originals, relu2, relu4.")
         rows = [x]
         for layer in ("features.relu2", "features.relu4"):
-            result = synthesis.invert_features(self.model, layer, x, normalize=self.normalize,
+            result = synthesis.invert_features(self.model, x, layer, normalize=self.normalize,
                                                steps=self.steps(300, 15), progress=False)
             rows.append(result.images)
             s.notes.append(f"{layer}: relative feature error {[round(float(e), 3) for e in result.relative_error]}")

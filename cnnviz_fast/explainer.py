@@ -54,7 +54,7 @@ class Explainer:
         method: the name of an attribution method (``"saliency"``, ``"smoothgrad"``,
             ``"integrated_gradients"``, ``"guided_backprop"``, ``"deconvnet"``,
             ``"grad_cam"``, ``"guided_grad_cam"``, ``"occlusion"``) or a function with the
-            same calling convention ``method(model, inputs, target, ..., return_output=True)
+            same calling convention ``method(model, inputs, ..., target=..., return_output=True)
             -> (maps, output)``.
         target: what to explain (default ``"predicted"``: each input's top class, from the
             same forward pass); overridable per call.
@@ -96,7 +96,7 @@ class Explainer:
             if name in arguments:
                 raise ValueError(f"{name} is set by the Explainer; do not pass it")
         try:
-            inspect.signature(function).bind(model, None, target, return_output=True, **arguments)
+            inspect.signature(function).bind(model, None, target=target, return_output=True, **arguments)
         except TypeError as error:
             raise ValueError(f"arguments do not fit {getattr(function, '__name__', method)}: {error}") from None
         self._check_target(model, target)
@@ -130,7 +130,7 @@ class Explainer:
             with torch.no_grad():
                 inputs = self.normalize(inputs)
         with self._lock:
-            maps, output = self.method(self.model, inputs, target, return_output=True, **self.arguments)
+            maps, output = self.method(self.model, inputs, target=target, return_output=True, **self.arguments)
         return Explanation(output, maps)
 
     def __repr__(self) -> str:

@@ -148,7 +148,7 @@ def saliency_maps(
                 logits = _predict(model, inputs)
             classes = logits.argmax(1)
             chosen = classes if target == "predicted" else torch.full_like(classes, target)
-            result = to_map(function(model, inputs, chosen, **method_kwargs))
+            result = to_map(function(model, inputs, target=chosen, **method_kwargs))
             maps[rows] = result.detach().to("cpu", dtype)
             predictions[rows] = classes.cpu()
             if bar is not None:

@@ -284,7 +284,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         x = small_pixels(pixels[:2])
         rows = [x.cpu()]
         for layer in chosen:
-            result = synthesis.invert_features(model, layer, x, normalize=normalize, steps=steps, seed=seed,
+            result = synthesis.invert_features(model, x, layer, normalize=normalize, steps=steps, seed=seed,
                                                progress=report.progress)
             rows.append(result.images.cpu())
             s.notes.append(f"{layer}: relative feature error "

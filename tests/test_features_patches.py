@@ -75,7 +75,7 @@ def test_patches_are_the_receptive_fields():
     inputs = digits_inputs(20)
     top = max_activating_patches(model, inputs, "features.conv5", channels=[1, 2], k=5, fill=-7.0,
                                  batch_size=8, progress=False)
-    rf = receptive_field(model, "features.conv5", (1, 32, 32))
+    rf = receptive_field(model, (1, 32, 32), "features.conv5")
     assert top.receptive_field == rf
     assert top.patches.shape == (2, 5, 1, 24, 24) and top.inside.shape == (2, 5, 24, 24)
     for row in range(2):

@@ -45,7 +45,7 @@ def gradient_box(model, layer, size, y, x):
 
 
 def check_against_gradients(model, layer, size, units):
-    rf = receptive_field(model, layer, size)
+    rf = receptive_field(model, size, layer)
     probe = positive_copy(model)
     for y, x in units:
         box, filled = gradient_box(probe, layer, size, y, x)
@@ -69,8 +69,8 @@ def test_digits_cnn_layers():
 
 def test_functional_relu_variant_gives_the_same_field():
     size = (1, 32, 32)
-    assert receptive_field(zoo.digits_cnn(relu="functional"), "features.pool2", size) == \
-        receptive_field(zoo.digits_cnn(), "features.pool2", size)
+    assert receptive_field(zoo.digits_cnn(relu="functional"), size, "features.pool2") == \
+        receptive_field(zoo.digits_cnn(), size, "features.pool2")
 
 
 def test_resnet_residual_blocks():
@@ -115,7 +115,7 @@ def test_unusual_layers():
 
 
 def test_linear_layer_sees_the_whole_input():
-    rf = receptive_field(zoo.digits_cnn(pretrained=False), "classifier.fc1", (1, 32, 32))
+    rf = receptive_field(zoo.digits_cnn(pretrained=False), (1, 32, 32), "classifier.fc1")
     assert rf == ReceptiveField((32, 32), (0, 0), (0, 0), (32, 32), (1, 1))
     assert rf.clipped_box(0, 0) == (0, 0, 32, 32)
 
@@ -130,12 +130,12 @@ def test_unsupported_ops_and_bad_arguments():
             return self.conv(F.interpolate(x, scale_factor=2))
 
     with pytest.raises(ValueError, match="interpolate"):
-        receptive_field(Upsampling(), "conv", (1, 8, 8))
+        receptive_field(Upsampling(), (1, 8, 8), "conv")
     model = zoo.digits_cnn(pretrained=False)
     with pytest.raises(ValueError, match="layer 'features.conv9'"):
-        receptive_field(model, "features.conv9", (1, 32, 32))
+        receptive_field(model, (1, 32, 32), "features.conv9")
     with pytest.raises(ValueError, match="input_size"):
-        receptive_field(model, "features.conv1", (32, 32))
+        receptive_field(model, (32, 32), "features.conv1")
     model.train()
-    receptive_field(model, "features.conv1", (1, 32, 32))
+    receptive_field(model, (1, 32, 32), "features.conv1")
     assert model.training

@@ -69,7 +69,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, digits_inp
 
     import cnnviz_fast.pipeline as pipeline
     original = pipeline.METHODS["saliency"]
-    pipeline.METHODS["saliency"] = lambda m, x, t, **k: original(m, x, flaky, **k)
+    pipeline.METHODS["saliency"] = lambda m, x, target, **k: original(m, x, flaky, **k)
     try:
         with pytest.raises(KeyboardInterrupt):
             saliency_maps(model, inputs, "saliency", out=tmp_path / "maps.npy", batch_size=8, progress=False)

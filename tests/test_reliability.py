@@ -98,7 +98,7 @@ def test_non_finite_features_or_queries_are_refused(value):
 def test_meta_tensors_are_refused_with_a_clear_message(model):
     meta = torch.empty(2, 3, 8, 8, device="meta")
     for call in (lambda: cv.saliency(model, meta, 1), lambda: cv.occlusion(model, meta, 1, window=4),
-                 lambda: cv.grad_cam(model, meta, 1, "2")):
+                 lambda: cv.grad_cam(model, meta, "2", 1)):
         with pytest.raises(ValueError, match="inputs is a meta tensor"):
             call()
     with pytest.raises(ValueError, match=r"data \(inputs 0 to 1\) is a meta tensor"):
@@ -122,7 +122,7 @@ def test_float64_inputs_to_a_float32_model_are_refused_with_the_fix(model, x):
     message = r"inputs are float64 but the model's parameters are float32; pass inputs.to\(torch.float32\)"
     for call in (lambda: cv.saliency(model, x.double(), 1), lambda: cv.smoothgrad(model, x.double(), 1, samples=2),
                  lambda: cv.integrated_gradients(model, x.double(), 1, steps=2),
-                 lambda: cv.guided_backprop(model, x.double(), 1), lambda: cv.grad_cam(model, x.double(), 1, "2"),
+                 lambda: cv.guided_backprop(model, x.double(), 1), lambda: cv.grad_cam(model, x.double(), "2", 1),
                  lambda: cv.occlusion(model, x.double(), 1, window=4)):
         with pytest.raises(ValueError, match=message):
             call()
@@ -183,7 +183,7 @@ def test_tuple_and_dict_outputs_work_with_a_callable_target(model, x, as_dict):
         "smoothgrad": lambda m, t: cv.smoothgrad(m, x, t, samples=3, seed=0),
         "integrated_gradients": lambda m, t: cv.integrated_gradients(m, x, t, steps=3),
         "guided_backprop": lambda m, t: cv.guided_backprop(m, x, t),
-        "grad_cam": lambda m, t: cv.grad_cam(m, x, t, "model.2" if m is wrapped else "2"),
+        "grad_cam": lambda m, t: cv.grad_cam(m, x, "model.2" if m is wrapped else "2", t),
         "occlusion": lambda m, t: cv.occlusion(m, x, t, window=4, stride=4),
     }
     for name, call in calls.items():
@@ -209,8 +209,8 @@ def test_a_model_writing_into_its_input_leaves_the_callers_data_alone(model, x):
         "integrated_gradients": lambda m: cv.integrated_gradients(m, x, 1, steps=3),
         "guided_backprop": lambda m: cv.guided_backprop(m, x, "predicted"),
         "deconvnet": lambda m: cv.deconvnet(m, x, 1),
-        "grad_cam": lambda m: cv.grad_cam(m, x, 1, "model.2"),
-        "guided_grad_cam": lambda m: cv.guided_grad_cam(m, x, 1, "model.2"),
+        "grad_cam": lambda m: cv.grad_cam(m, x, "model.2", 1),
+        "guided_grad_cam": lambda m: cv.guided_grad_cam(m, x, "model.2", 1),
     }
     for name, call in gradient_methods.items():
         torch.testing.assert_close(call(writer), call(plain), msg=name)

@@ -70,7 +70,7 @@ def expected(model, method, arguments, pixels):
     inputs = NORM(pixels[None])
     with torch.no_grad():
         logits = model(inputs)
-    maps = getattr(cv, method)(model, inputs, "predicted", **arguments)
+    maps = getattr(cv, method)(model, inputs, target="predicted", **arguments)
     return int(logits.argmax()), float(logits.max()), to_map(maps)[0]
 
 

@@ -156,7 +156,7 @@ def test_inversion_from_an_early_layer(model, test_digits):
     pixels, labels = test_digits
     pixels = pixels[:6]
     layer = "features.relu2"
-    result = cv.invert_features(model, layer, pixels, normalize=NORM, steps=150, progress=False)
+    result = cv.invert_features(model, pixels, layer, normalize=NORM, steps=150, progress=False)
     with torch.no_grad():
         ours = forward_to_layers(model, NORM(result.images), [layer])[layer]
         theirs = forward_to_layers(model, NORM(pixels), [layer])[layer]
@@ -164,7 +164,7 @@ def test_inversion_from_an_early_layer(model, test_digits):
     torch.testing.assert_close(result.relative_error, error)
     assert (error <= 0.1).all(), error
     assert torch.equal(probabilities(model, result.images).argmax(1), probabilities(model, pixels).argmax(1))
-    deep = cv.invert_features(model, "features.pool3", pixels, normalize=NORM, steps=150, progress=False)
+    deep = cv.invert_features(model, pixels, "features.pool3", normalize=NORM, steps=150, progress=False)
     save_png(image_grid(torch.cat([pixels, result.images, deep.images]), nrow=6), OUT / "inversion.png", upscale=3)
 
 
@@ -186,7 +186,7 @@ def test_bad_arguments_name_the_argument(model, test_digits):
     pixels, labels = test_digits
     pixels, labels = pixels[:2], labels[:2]
     with pytest.raises(ValueError, match="layer 'features.nope'"):
-        cv.invert_features(model, "features.nope", pixels, normalize=NORM)
+        cv.invert_features(model, pixels, "features.nope", normalize=NORM)
     with pytest.raises(ValueError, match="layer"):
         cv.deep_dream(model, pixels, "features.relu9", normalize=NORM)
     with pytest.raises(ValueError, match="neuron.layer"):
@@ -199,11 +199,11 @@ def test_bad_arguments_name_the_argument(model, test_digits):
         cv.adversarial(model, pixels, [0, 12], normalize=NORM)
     with pytest.raises(ValueError, match="target"):
         cv.adversarial(model, pixels, [0, 1, 2], normalize=NORM)
-    with pytest.raises(ValueError, match="inputs"):
+    with pytest.raises(ValueError, match="pixels"):
         cv.adversarial(model, pixels[0], labels, normalize=NORM)
-    with pytest.raises(ValueError, match="inputs"):
+    with pytest.raises(ValueError, match="pixels"):
         cv.adversarial(model, pixels.expand(2, 3, 32, 32), labels)
-    with pytest.raises(ValueError, match="inputs"):
+    with pytest.raises(ValueError, match="pixels"):
         cv.adversarial(model, pixels * 4 - 1, labels, normalize=NORM)  # not pixels in [0, 1]
     with pytest.raises(ValueError, match="eps"):
         cv.adversarial(model, pixels, labels, eps=-0.1, normalize=NORM)
@@ -213,7 +213,7 @@ def test_bad_arguments_name_the_argument(model, test_digits):
         cv.visualize_class(model, 3, (32, 32))
     with pytest.raises(ValueError, match="input_shape"):
         cv.visualize_class(model, 3, (3, 32, 32))
-    with pytest.raises(ValueError, match="image"):
+    with pytest.raises(ValueError, match="pixels"):
         cv.deep_dream(model, pixels[0], "features.relu1")
     with pytest.raises(ValueError, match="normalize"):
         cv.visualize_class(model, 3, (1, 32, 32), normalize=zoo.IMAGENET_NORMALIZE)
@@ -231,7 +231,7 @@ def test_model_is_restored_even_after_an_exception(model, test_digits):
         lambda: cv.visualize_class(model, 1, (1, 32, 32), normalize=NORM, steps=3, callback=boom),
         lambda: cv.visualize_neuron(model, Neuron("features.relu3", 1), (1, 32, 32), steps=3, callback=boom),
         lambda: cv.adversarial(model, pixels[:2], labels[:2], normalize=NORM, eps=0.5, callback=boom),
-        lambda: cv.invert_features(model, "features.relu2", pixels[:1], normalize=NORM, callback=boom),
+        lambda: cv.invert_features(model, pixels[:1], "features.relu2", normalize=NORM, callback=boom),
         lambda: cv.deep_dream(model, pixels[:1], "features.relu3", normalize=NORM, callback=boom),
     ]
     try:
@@ -243,7 +243,7 @@ def test_model_is_restored_even_after_an_exception(model, test_digits):
             assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
             assert dict(model.named_modules()) == modules_before
         # and a successful call leaves it the same way
-        cv.invert_features(model, "features.relu2", pixels[:1], normalize=NORM, steps=2, progress=False)
+        cv.invert_features(model, pixels[:1], "features.relu2", normalize=NORM, steps=2, progress=False)
         assert model.training and all(p.grad is None for p in model.parameters())
     finally:
         model.eval()

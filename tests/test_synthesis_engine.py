@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+import cnnviz_fast as cv
 from cnnviz_fast import zoo
 from cnnviz_fast.synthesis import (AlphaNorm, Blur, ClipSmallContribution, ClipSmallNorm, Decay, FourierImage,
                                    Jitter, L2, Objective, PixelImage, RandomAffine, TotalVariation, optimize)
@@ -225,3 +226,16 @@ def test_digits_fourier_low_resolution_parameterization_runs_on_zoo_model():
                       transforms=[Jitter(2), RandomAffine()], progress=False)
     assert result.images.shape == (2, 1, 32, 32)
     assert float(result.images.min()) >= 0 and float(result.images.max()) <= 1
+
+
+def test_prior_object_equals_its_fields_as_keywords():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    options = dict(parameterization="pixels", l2=0.5, tv=0.2, jitter=1, degrees=0.0, scale=None)
+    by_keywords = cv.visualize_class(model, 1, (1, 8, 8), steps=3, **options)
+    by_object = cv.visualize_class(model, 1, (1, 8, 8), steps=3, prior=cv.Prior(**options))
+    torch.testing.assert_close(by_keywords.images, by_object.images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['l3'\]"):
+        cv.visualize_class(model, 1, (1, 8, 8), steps=1, l3=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        cv.visualize_class(model, 1, (1, 8, 8), steps=1, prior=cv.Prior(), l2=1.0)

@@ -47,7 +47,7 @@ CALLS = {
                                                              (3, 8, 8), init=x, steps=2, progress=False),
     "adversarial": lambda model, x: cv.adversarial(model, x, [0, 1], "pgd", steps=2),
     "adversarial_ascent": lambda model, x: cv.adversarial(model, x, [0, 1], "ascent", steps=2),
-    "invert_features": lambda model, x: cv.invert_features(model, "features.2", x, steps=2, progress=False),
+    "invert_features": lambda model, x: cv.invert_features(model, x, "features.2", steps=2, progress=False),
     "deep_dream": lambda model, x: cv.deep_dream(model, x, "features.2", steps=2, octaves=2, progress=False),
     "synthesize_texture": lambda model, x: cv.synthesize_texture(model, x, ["features.1", "features.3"], steps=2,
                                                                  progress=False),
@@ -129,7 +129,7 @@ def test_deep_dream_keeps_the_image_size(net, size):
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1)])
 def test_invert_features_on_a_one_pixel_high_or_wide_image(net, size):
-    result = cv.invert_features(net, "features.2", torch.rand(1, 3, *size), steps=3, progress=False)
+    result = cv.invert_features(net, torch.rand(1, 3, *size), "features.2", steps=3, progress=False)
     assert result.images.shape == (1, 3) + size
     assert torch.isfinite(result.history).all() and torch.isfinite(result.relative_error).all()
 

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
 from ..core.grad_mode import autograd_on  # noqa: F401  (re-exported for the methods)
+from ..core.model_state import is_exported_graph
 from ..core.validation import check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
 from .. import ops
@@ -44,72 +45,225 @@ def prepare_inputs(inputs, target, copy: bool = False, argument: str = "inputs",
 
 
 # --------------------------------------------------------------------------- #
-# ReLU interception
+# rectifier interception
 # --------------------------------------------------------------------------- #
-# The functions a forward pass can reach a ReLU through. ``nn.ReLU`` modules call
-# ``F.relu``, which the mode sees first; inside ``__torch_function__`` the mode is
-# off, so the replacement is applied exactly once per ReLU.
-# Each maps to whether it works in place (F.relu decides by its ``inplace`` argument;
-# F.relu_ is torch.relu_).
-_RELUS = {F.relu: False, torch.relu: False, torch.Tensor.relu: False, torch.relu_: True, torch.Tensor.relu_: True}
+# Rectifiers: ReLU, ReLU6, Hardtanh(0, t), clamp(min=0[, max=t]), threshold(0, 0), each
+# however it is written (module, functional, torch.*, Tensor method, in place). Every
+# forward-pass function the mode sees is looked up in _RECTIFIERS, whose entry reads the
+# call's arguments and returns ``(upper, in_place)`` for a rectifying call, None for a
+# call that is no activation (clamp(min=1e-6), clamp(-1, 1), tensor bounds: left as they
+# are) or _NONLINEAR. ``nn.ReLU6`` / ``nn.Hardtanh`` call ``F.hardtanh``, ``nn.ReLU``
+# calls ``F.relu``: the mode sees the outermost function first and inside
+# ``__torch_function__`` it is off, so each activation is replaced exactly once.
+_NONLINEAR = "nonlinear"
+NONLINEAR_OPTIONS = ("raise", "gradient")
 
 
-def _guided_relu_backward(grad: Tensor, out: Tensor, mode: str) -> Tensor:
+def _arg(args, kwargs, index: int, name: str, default=None):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _relu(in_place: Optional[bool]):
+    # in_place None: decided by the call's ``inplace`` argument (F.relu, F.relu6)
+    def parse(args, kwargs):
+        return None, bool(_arg(args, kwargs, 1, "inplace", False)) if in_place is None else in_place
+    return parse
+
+
+def _relu6(args, kwargs):
+    return 6.0, bool(_arg(args, kwargs, 1, "inplace", False))
+
+
+def _hardtanh(in_place: Optional[bool]):
+    def parse(args, kwargs):
+        low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        if not (_is_number(low) and low == 0 and _is_number(high) and high > 0):
+            return _NONLINEAR
+        inplace = bool(_arg(args, kwargs, 3, "inplace", False)) if in_place is None else in_place
+        return float(high), inplace
+    return parse
+
+
+def _clamp(in_place: bool, only_min: bool = False):
+    def parse(args, kwargs):
+        low = _arg(args, kwargs, 1, "min")
+        high = None if only_min else _arg(args, kwargs, 2, "max")
+        if not (_is_number(low) and low == 0):
+            return None  # no lower bound, another one, or a tensor: not an activation
+        if high is not None and not (_is_number(high) and high > 0):
+            return None
+        return (None if high is None else float(high)), in_place
+    return parse
+
+
+def _threshold(in_place: Optional[bool]):
+    def parse(args, kwargs):
+        threshold, value = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
+        if not (_is_number(threshold) and threshold == 0 and _is_number(value) and value == 0):
+            return _NONLINEAR
+        return None, bool(_arg(args, kwargs, 3, "inplace", False)) if in_place is None else in_place
+    return parse
+
+
+def _lookup(*paths: str):
+    """The functions named (``"F.relu"``, ``"torch._C._nn.elu_"``...) that exist in this torch."""
+    roots = {"F": F, "torch": torch, "Tensor": torch.Tensor, "_nn": torch._C._nn}
+    found = []
+    for path in paths:
+        root, name = path.split(".", 1)
+        obj = roots[root]
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            found.append(obj)
+    return found
+
+
+def _table(entries):
+    return {func: parse for paths, parse in entries for func in _lookup(*paths)}
+
+
+_RECTIFIERS = _table([
+    (("F.relu",), _relu(None)),
+    (("torch.relu", "Tensor.relu"), _relu(False)),
+    (("torch.relu_", "Tensor.relu_", "F.relu_"), _relu(True)),
+    (("F.relu6",), _relu6),
+    (("F.hardtanh", "_nn.hardtanh"), _hardtanh(None)),
+    (("F.hardtanh_", "_nn.hardtanh_"), _hardtanh(True)),
+    (("torch.clamp", "Tensor.clamp", "torch.clip", "Tensor.clip"), _clamp(False)),
+    (("torch.clamp_", "Tensor.clamp_", "torch.clip_", "Tensor.clip_"), _clamp(True)),
+    (("torch.clamp_min", "Tensor.clamp_min"), _clamp(False, only_min=True)),
+    (("torch.clamp_min_", "Tensor.clamp_min_"), _clamp(True, only_min=True)),
+    (("F.threshold", "torch.threshold"), _threshold(None)),
+    (("F.threshold_", "torch.threshold_"), _threshold(True)),
+])
+
+# Activations that are not rectifiers (no agreed guided / deconvnet rule): refused unless
+# nonlinear="gradient". Sigmoid, Tanh and Hardsigmoid are not listed: they are gates and
+# output squashers, not ReLU replacements, with a derivative that is never negative;
+# they keep their own gradient (as in Springenberg et al. and Captum).
+_NON_RECTIFIERS = set(_lookup(
+    "F.leaky_relu", "F.leaky_relu_", "_nn.leaky_relu", "_nn.leaky_relu_",
+    "F.rrelu", "F.rrelu_", "torch.rrelu", "torch.rrelu_", "F.prelu", "torch.prelu",
+    "F.elu", "F.elu_", "_nn.elu", "_nn.elu_", "F.selu", "F.selu_", "torch.selu", "torch.selu_",
+    "F.celu", "F.celu_", "torch.celu", "torch.celu_",
+    "F.silu", "_nn.silu", "_nn.silu_", "F.gelu", "_nn.gelu", "_nn.gelu_",
+    "F.mish", "_nn.mish", "_nn.mish_", "F.hardswish", "_nn.hardswish", "_nn.hardswish_",
+    "F.softplus", "_nn.softplus",
+))
+
+_METHOD_NAMES = {"guided": "guided backpropagation", "deconvnet": "deconvnet"}
+
+
+def check_nonlinear(nonlinear) -> str:
+    if nonlinear not in NONLINEAR_OPTIONS:
+        raise ValueError(f"nonlinear must be one of {NONLINEAR_OPTIONS}, got {nonlinear!r}")
+    return nonlinear
+
+
+def _refuse_nonlinear(func, args, kwargs, mode: str) -> None:
+    name = getattr(func, "__name__", str(func)).lstrip("_")  # F.threshold is "_threshold"
+    if name in ("hardtanh", "hardtanh_", "threshold", "threshold_"):
+        name = f"{name} with arguments {tuple(args[1:])} {kwargs or ''}".rstrip()
+    raise ValueError(
+        f"{_METHOD_NAMES.get(mode, mode)}: the model applies {name}, which is not a rectifier; "
+        "guided backprop and deconvnet are defined for ReLU, ReLU6, Hardtanh(0, t) and "
+        "clamp(min=0[, max=t]) only. Pass nonlinear='gradient' to let this activation's own "
+        "gradient through (the map is then guided only at the rectifiers), or use saliency"
+    )
+
+
+def _guided_relu_backward(grad: Tensor, out: Tensor, mode: str, upper: Optional[float]) -> Tensor:
     # the backward kernel of ops.guided_relu (compiled when loaded, else its reference)
     if ops.has_extension():
-        return torch.ops.cnnviz._guided_relu_backward(grad, out, mode)
-    return ops.reference.guided_relu_backward(grad, out, mode)
+        return torch.ops.cnnviz._guided_relu_backward(grad, out, mode, upper)
+    return ops.reference.guided_relu_backward(grad, out, mode, upper)
 
 
 class _GuidedReLUInPlace(torch.autograd.Function):
-    """In-place ``ops.guided_relu``: ``x.relu_()`` with the modified backward.
+    """In-place ``ops.guided_relu``: ``x.relu_()`` / ``x.clamp_(0, upper)`` with the
+    modified backward.
 
     ``x.copy_(guided_relu(x))`` would give the same gradients, but its backward also
     sends zeros to x's old value and sums them in: three extra passes per ReLU.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mode: str) -> Tensor:
-        ctx.mode = mode
+    def forward(ctx, x: Tensor, mode: str, upper: Optional[float]) -> Tensor:
+        ctx.mode, ctx.upper = mode, upper
         ctx.mark_dirty(x)
-        x.relu_()
-        ctx.save_for_backward(x)  # the output: out > 0 iff input > 0
+        # clamp_ rounds upper to x's dtype, as the kernels do
+        x.relu_() if upper is None else x.clamp_(0, upper)
+        ctx.save_for_backward(x)  # the output decides the linear range: 0 < out < upper
         return x
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        return _guided_relu_backward(grad, out, ctx.mode), None
+        return _guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
 
 
 class _GuidedReLUMode(TorchFunctionMode):
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, nonlinear: str = "raise"):
         super().__init__()
         self.mode = mode
+        self.nonlinear = nonlinear
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        in_place = _RELUS.get(func)
-        if in_place is None or not args[0].is_floating_point():
-            return func(*args, **kwargs)  # not a ReLU, or one on integers (no gradient)
-        if in_place or kwargs.get("inplace", False):
-            # x itself now holds relu(x) (the caller's aliasing holds) and its history
+        parse = _RECTIFIERS.get(func)
+        rule = parse(args, kwargs) if parse is not None else None
+        if rule == _NONLINEAR or (parse is None and func in _NON_RECTIFIERS):
+            if self.nonlinear == "raise" and args and args[0].is_floating_point():
+                _refuse_nonlinear(func, args, kwargs, self.mode)
+            return func(*args, **kwargs)
+        if rule is None or not args[0].is_floating_point():
+            return func(*args, **kwargs)  # not a rectifier, or one on integers (no gradient)
+        upper, in_place = rule
+        x = args[0]
+        if in_place:
+            # x itself now holds the result (the caller's aliasing holds) and its history
             # runs through the guided backward
-            return _GuidedReLUInPlace.apply(args[0], self.mode)
-        return ops.guided_relu(args[0], self.mode)
+            return _GuidedReLUInPlace.apply(x, self.mode, upper)
+        return ops.guided_relu(x, self.mode, upper)
+
+
+def check_interceptable(model: nn.Module, mode: Optional[str]) -> None:
+    """The interception sees Python-level calls only: refuse a TorchScript module (its
+    rectifiers run in the TorchScript interpreter) and a torch.export graph (it calls
+    ATen's relu directly): their rectifiers would keep their plain gradient.
+    torch.compile'd modules are fine (dynamo traces through the mode)."""
+    if mode is None:
+        return
+    if isinstance(model, torch.jit.ScriptModule):
+        what = f"a TorchScript module ({type(model).__name__})"
+    elif is_exported_graph(model):
+        what = "a torch.export graph"
+    else:
+        return
+    raise ValueError(
+        f"{_METHOD_NAMES.get(mode, mode)}: model is {what} whose rectifiers cannot be "
+        "intercepted (they would keep their plain gradient); pass the eager nn.Module it "
+        "was made from"
+    )
 
 
 @contextmanager
-def intercept_relus(mode: Optional[str]) -> Iterator[None]:
-    """Within the block, every ReLU of this thread's forward passes (``nn.ReLU`` and
-    ``F.relu`` with or without ``inplace``, ``torch.relu``, ``torch.relu_``,
-    ``Tensor.relu``, ``Tensor.relu_``) runs as ``ops.guided_relu(x, mode)``.
-    ``mode=None`` does nothing. The model itself is never edited; the mode is
-    thread-local, so other threads are not affected."""
+def intercept_relus(mode: Optional[str], nonlinear: str = "raise") -> Iterator[None]:
+    """Within the block, every rectifier of this thread's forward passes (ReLU, ReLU6,
+    Hardtanh(0, t), clamp(min=0[, max=t]), however written: module, functional,
+    ``torch.*``, Tensor method, in place) runs as ``ops.guided_relu(x, mode, upper)``.
+    Other ReLU-replacing activations (LeakyReLU, ELU, SiLU, GELU, ...) raise a
+    ``ValueError`` unless ``nonlinear="gradient"``. ``mode=None`` does nothing. The model
+    itself is never edited; the mode is thread-local, so other threads are not affected."""
     if mode is None:
         yield
         return
-    with _GuidedReLUMode(mode):
+    with _GuidedReLUMode(mode, nonlinear):
         yield
 
 
@@ -119,21 +273,24 @@ def intercept_relus(mode: Optional[str]) -> Iterator[None]:
 
 
 def input_gradients(
-    model: nn.Module, inputs: Tensor, target, relu_mode: Optional[str] = None, keep_output: bool = False
+    model: nn.Module, inputs: Tensor, target, relu_mode: Optional[str] = None, keep_output: bool = False,
+    nonlinear: str = "raise",
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(d score / d inputs  Tensor[N, C, H, W], scores Tensor[N], output)`` for one batch.
 
     Only the input gradient is computed (``torch.autograd.grad``; no parameter
-    gradients). ``relu_mode`` ("guided" / "deconvnet") replaces every ReLU's backward.
+    gradients). ``relu_mode`` ("guided" / "deconvnet") replaces every rectifier's backward;
+    ``nonlinear`` says what other activations do then (see :func:`intercept_relus`).
     ``output`` is the model's output from the same forward pass (detached) with
     ``keep_output``, else None (a Neuron target then stops the pass at its layer).
     """
+    check_interceptable(model, relu_mode)
     x = inputs.detach().requires_grad_(True)
     # the model gets a copy inside the graph: a model that writes into its input
     # (x.mul_ in forward) then works, and x (the caller's memory) is never written
     seen = x.clone()
     output = None
-    with intercept_relus(relu_mode):
+    with intercept_relus(relu_mode, nonlinear):
         if keep_output:
             scores, output = target_scores(model, seen, target, keep_output=True)
             output = detach_output(output)

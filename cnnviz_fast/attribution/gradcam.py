@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from ..core import Neuron, get_layer, model_guard, target_scores
 from ..core.targets import is_predicted, resolve_target
-from ._backprop import autograd_on, detach_output, input_gradients, prepare_inputs, with_output
+from ._backprop import (autograd_on, check_nonlinear, detach_output, input_gradients, prepare_inputs,
+                        with_output)
 
 __all__ = ["grad_cam", "guided_grad_cam"]
 
@@ -81,7 +82,7 @@ def _check_interpolate(interpolate: str) -> None:
         raise ValueError(f"interpolate must be one of {_INTERPOLATE_MODES}, got {interpolate!r}")
 
 
-def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear",
+def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
              return_output: bool = False):
     """Grad-CAM: ``ReLU(sum_k alpha_k A_k)`` upsampled to the input size, not normalised.
 
@@ -91,10 +92,10 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
     Args:
         model: the network; run in eval mode for the call, restored afterwards.
         inputs: ``Tensor[N, C, H, W]``.
+        layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
         target: an int, N ints, a :class:`~cnnviz_fast.Neuron` at or after ``layer`` (the
             forward stops at the Neuron's layer), a callable ``output -> Tensor[N]`` or
             ``"predicted"``.
-        layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
         interpolate: ``"bilinear"`` (default, ``align_corners=False``) or ``"nearest"``.
         return_output: also return the model's output from the same forward pass.
 
@@ -110,8 +111,8 @@ def grad_cam(model: nn.Module, inputs: Tensor, target, layer: str, interpolate: 
 
 
 def guided_grad_cam(
-    model: nn.Module, inputs: Tensor, target, layer: str, interpolate: str = "bilinear",
-    return_output: bool = False,
+    model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
+    return_output: bool = False, nonlinear: str = "raise",
 ):
     """Guided Grad-CAM: :func:`guided_backprop` times the upsampled :func:`grad_cam` map.
 
@@ -119,12 +120,15 @@ def guided_grad_cam(
     device (Captum's ``GuidedGradCam`` with ``interpolate_mode=interpolate``; Captum's
     default there is ``"nearest"``, the paper's is bilinear); with ``return_output``,
     ``(attributions, output)``, the output of the Grad-CAM pass (whose prediction
-    ``target="predicted"`` also fixes for the guided pass).
+    ``target="predicted"`` also fixes for the guided pass). ``nonlinear``: as in
+    :func:`guided_backprop`.
     """
     _check_interpolate(interpolate)
+    check_nonlinear(nonlinear)
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate,
                                 keep_output=return_output or is_predicted(target))
-        guided, _, _ = input_gradients(model, x, resolve_target(target, output), relu_mode="guided")
+        guided, _, _ = input_gradients(model, x, resolve_target(target, output), relu_mode="guided",
+                                       nonlinear=nonlinear)
     return with_output(guided * cam[:, None], output, return_output)

@@ -8,11 +8,14 @@ deepest needed layer is never done).
 from __future__ import annotations
 
 import difflib
+import sys
 from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Sequence
 
 import torch
 from torch import nn
+
+from .model_state import is_exported_graph
 
 
 class _StopForward(Exception):
@@ -24,14 +27,45 @@ def layer_names(model: nn.Module) -> List[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
+# Wrappers whose forward runs ``self.module``: a layer may be named with or without
+# the ``module.`` prefix.
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def check_hookable(model: nn.Module, argument: str = "layer") -> None:
+    """A ValueError for the model formats whose submodules' forward hooks do not run
+    (reliably): TorchScript (scripted: not supported; traced: silently never run),
+    torch.export graphs (submodules only hold parameters) and torch.compile'd modules
+    (hooks added after compilation are skipped by default)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything was compiled
+    if isinstance(model, torch.jit.ScriptModule):
+        fix = f"a TorchScript module ({type(model).__name__}); pass the eager nn.Module it was scripted or traced from"
+    elif is_exported_graph(model):
+        fix = "a torch.export graph; pass the eager nn.Module it was exported from"
+    elif eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        fix = ("a torch.compile'd module (hooks added after compilation are skipped); "
+               "pass its eager module model._orig_mod")
+    else:
+        return
+    raise ValueError(f"{argument}: layer hooks do not run inside {fix}")
+
+
 def get_layer(model: nn.Module, layer: str, argument: str = "layer") -> nn.Module:
     """``model.get_submodule(layer)`` with a ValueError that names the argument
-    and suggests the closest existing names."""
+    and suggests the closest existing names. For ``DataParallel`` /
+    ``DistributedDataParallel`` the wrapped module's own names (without ``module.``)
+    are accepted too."""
     if not isinstance(layer, str) or not layer:
         raise ValueError(f"{argument} must be a non-empty dotted module name, got {layer!r}")
+    check_hookable(model, argument)
     try:
         return model.get_submodule(layer)
     except AttributeError:
+        if isinstance(model, _WRAPPERS):
+            try:
+                return model.module.get_submodule(layer)
+            except AttributeError:
+                pass
         names = layer_names(model)
         close = difflib.get_close_matches(layer, names, n=5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""

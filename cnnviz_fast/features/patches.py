@@ -161,7 +161,7 @@ def max_activating_patches(
                     raise ValueError(f"layer {layer!r} must output [N, C, h, w] or [N, D], got shape "
                                      f"{tuple(activation.shape)}")
                 if top is None:
-                    rf = receptive_field(model, layer, tuple(inputs.shape[1:]))
+                    rf = receptive_field(model, tuple(inputs.shape[1:]), layer)
                     chosen = _check_channels(channels, activation.shape[1]).to(device)
                     top = _RunningTop(k, rf, fill)
                 top.update(inputs, activation.index_select(1, chosen))

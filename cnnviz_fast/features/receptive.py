@@ -226,14 +226,14 @@ def _input_size(input_size) -> Tuple[int, int, int]:
     return size
 
 
-def receptive_field(model: nn.Module, layer: str, input_size: Sequence[int]) -> ReceptiveField:
+def receptive_field(model: nn.Module, input_size: Sequence[int], layer: str) -> ReceptiveField:
     """Exact receptive field of the units of ``layer`` for inputs of ``input_size``.
 
     Args:
         model: the network (runs one forward pass of a zero image in eval mode, up to
             ``layer``; left as it was).
-        layer: dotted module name; its output ``[N, C, h, w]`` (or ``[N, D]``).
         input_size: ``(C, H, W)`` of one input.
+        layer: dotted module name; its output ``[N, C, h, w]`` (or ``[N, D]``).
 
     Exact for chains of convolutions (any kernel, stride, padding, dilation), max/average
     pooling, adaptive pooling with an output size dividing the input, ``F.pad``, and

@@ -13,7 +13,7 @@ autograd formulas are registered below, so the ops work under
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -112,25 +112,33 @@ def occlusion_accumulate(deltas: Tensor, H: int, W: int, window: IntPair, stride
 # --------------------------------------------------------------------------- #
 # guided ReLU
 # --------------------------------------------------------------------------- #
-def guided_relu(x: Tensor, mode: str = "guided") -> Tensor:
-    """ReLU whose backward is modified for gradient visualisation.
+def guided_relu(x: Tensor, mode: str = "guided", upper: Optional[float] = None) -> Tensor:
+    """ReLU (or bounded ReLU: ReLU6, ``Hardtanh(0, upper)``) whose backward is modified
+    for gradient visualisation.
 
     Args:
         x: any-shape floating tensor.
-        mode: ``"guided"`` (guided backprop: gradient passes where input > 0 and
-            gradient > 0), ``"deconvnet"`` (where gradient > 0, whatever the input), or
-            ``"plain"`` (ReLU's own gradient).
+        mode: ``"guided"`` (guided backprop: gradient passes where the input is in the
+            linear range and gradient > 0), ``"deconvnet"`` (where gradient > 0 and the
+            input is below ``upper``, whatever its sign), or ``"plain"`` (the activation's
+            own gradient).
+        upper: None (ReLU) or the upper bound ``> 0`` (6 for ReLU6); ``+inf`` is None.
+            It is rounded to ``x``'s dtype first (the saturated output is exactly that).
 
     Returns:
-        ``relu(x)``. Only the output is saved for backward (``out > 0`` iff ``x > 0``), so
-        it can replace an in-place ReLU. Forward and backward are one fused pass each
-        (backward: ``torch.ops.cnnviz._guided_relu_backward(grad, out, mode)``).
+        ``clamp(x, 0, upper)``. The linear range is ``0 < x < upper``, open at both ends
+        (like torch's ``relu`` and ``hardtanh`` gradients): ``x == upper`` counts as
+        saturated and passes no gradient in any mode. Only the output is saved for
+        backward (``0 < out < upper`` iff ``0 < x < upper``), so it can replace an
+        in-place activation. Forward and backward are one fused pass each (backward:
+        ``torch.ops.cnnviz._guided_relu_backward(grad, out, mode, upper)``).
     """
     reference._check_floating(x, "x")
     reference._check_mode(mode)
+    upper = reference._check_upper(upper)
     if not _USE_EXT:
-        return reference.guided_relu(x, mode)
-    return torch.ops.cnnviz.guided_relu(x, mode)
+        return reference.guided_relu(x, mode, upper)
+    return torch.ops.cnnviz.guided_relu(x, mode, upper)
 
 
 # --------------------------------------------------------------------------- #
@@ -258,20 +266,21 @@ if _extension.LOADED:
 
     # ---- guided_relu ----
     @torch.library.register_fake("cnnviz::guided_relu")
-    def _guided_relu_fake(x, mode):
+    def _guided_relu_fake(x, mode, upper=None):
         return torch.empty_like(_same_layout(x))
 
     @torch.library.register_fake("cnnviz::_guided_relu_backward")
-    def _guided_relu_backward_fake(grad, out, mode):
+    def _guided_relu_backward_fake(grad, out, mode, upper=None):
         return torch.empty_like(_same_layout(out))
 
     def _guided_relu_setup(ctx, inputs, output):
         ctx.mode = inputs[1]
+        ctx.upper = inputs[2] if len(inputs) > 2 else None
         ctx.save_for_backward(output)
 
     def _guided_relu_bwd(ctx, grad):
         (out,) = ctx.saved_tensors
-        return torch.ops.cnnviz._guided_relu_backward(grad, out, ctx.mode), None
+        return torch.ops.cnnviz._guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
 
     torch.library.register_autograd("cnnviz::guided_relu", _guided_relu_bwd, setup_context=_guided_relu_setup)
 
@@ -329,3 +338,11 @@ if _extension.LOADED:
         return grad_features, grad_target, None
 
     torch.library.register_autograd("cnnviz::gram_loss", _gram_loss_bwd, setup_context=_gram_loss_setup)
+
+
+# --------------------------------------------------------------------------- #
+# progressive masking (deletion / insertion curves): wrapper, fake and autograd in progressive.py
+# --------------------------------------------------------------------------- #
+from .progressive import MASK_MODES, progressive_grid, progressive_mask, ranks_from_order  # noqa: E402
+
+__all__ += ["MASK_MODES", "progressive_grid", "progressive_mask", "ranks_from_order"]

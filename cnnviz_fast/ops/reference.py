@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -155,7 +155,8 @@ def _baseline_tensor(baseline, images: Tensor) -> Tensor:
                 f"baseline must be on the same device as images ({images.device}), got {baseline.device}"
             )
         try:
-            torch.broadcast_shapes(baseline.shape, images.shape)
+            if torch.broadcast_shapes(baseline.shape, images.shape) != images.shape:
+                raise RuntimeError
         except RuntimeError:
             raise ValueError(
                 f"baseline must be broadcastable to images {tuple(images.shape)}, got {tuple(baseline.shape)}"
@@ -239,38 +240,57 @@ def _check_mode(mode) -> None:
         raise ValueError(f"mode must be one of {GUIDED_RELU_MODES}, got {mode!r}")
 
 
-def guided_relu_backward(grad: Tensor, out: Tensor, mode: str) -> Tensor:
-    """The modified ReLU backward from the saved output (``out > 0`` iff ``input > 0``)."""
+def _check_upper(upper) -> Optional[float]:
+    """``upper`` as a float, or None for a plain ReLU (``+inf`` means no bound too)."""
+    if upper is None:
+        return None
+    if isinstance(upper, bool) or not isinstance(upper, (int, float)):
+        raise TypeError(f"upper must be None or a number > 0, got {upper!r}")
+    if not upper > 0:  # also NaN
+        raise ValueError(f"upper must be None or a number > 0, got {upper!r}")
+    return None if math.isinf(upper) else float(upper)
+
+
+def _bound(upper: float, dtype: torch.dtype) -> float:
+    # the bound as the tensor's dtype holds it (the kernels convert it the same way)
+    return torch.tensor(upper, dtype=dtype).item()
+
+
+def guided_relu_backward(grad: Tensor, out: Tensor, mode: str, upper: Optional[float] = None) -> Tensor:
+    """The modified backward from the saved output: the linear range is ``0 < out < upper``
+    (``out > 0`` iff ``input > 0``; ``out == upper`` iff ``input >= upper``)."""
     _check_mode(mode)
+    upper = _check_upper(upper)
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    below = True if upper is None else out < _bound(upper, out.dtype)
     if mode == "plain":
-        return torch.where(out > 0, grad, zero)
+        return torch.where((out > 0) & below, grad, zero)
     if mode == "guided":
-        return torch.where((out > 0) & (grad > 0), grad, zero)
-    return torch.where(grad > 0, grad, zero)  # deconvnet
+        return torch.where((out > 0) & below & (grad > 0), grad, zero)
+    return torch.where(below & (grad > 0), grad, zero)  # deconvnet
 
 
 class _GuidedReLU(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, mode: str) -> Tensor:
-        return torch.relu(x)
+    def forward(x: Tensor, mode: str, upper: Optional[float]) -> Tensor:
+        return torch.relu(x) if upper is None else x.clamp(0, _bound(upper, x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mode = inputs[1]
+        ctx.mode, ctx.upper = inputs[1], inputs[2]
         ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        return guided_relu_backward(grad, out, ctx.mode), None
+        return guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
 
 
-def guided_relu(x: Tensor, mode: str = "guided") -> Tensor:
+def guided_relu(x: Tensor, mode: str = "guided", upper: Optional[float] = None) -> Tensor:
     """Reference for :func:`cnnviz_fast.ops.guided_relu`."""
     _check_floating(x, "x")
     _check_mode(mode)
-    return _GuidedReLU.apply(x, mode)
+    return _GuidedReLU.apply(x, mode, _check_upper(upper))
 
 
 # --------------------------------------------------------------------------- #
@@ -352,3 +372,97 @@ def _sum_layers(fn, features, targets, weights) -> Tensor:
         loss = fn(f, t, gram_weight(w))
         total = loss if total is None else total + loss
     return total
+
+
+# --------------------------------------------------------------------------- #
+# progressive (rank-ordered) masking: deletion / insertion curves
+# --------------------------------------------------------------------------- #
+__all__ += ["MASK_MODES", "progressive_grid", "ranks_from_order", "progressive_baseline_mask", "progressive_mask"]
+
+MASK_MODES = ("deletion", "insertion")
+
+
+def progressive_grid(H: int, W: int, patch: IntPair = 1) -> Tuple[int, int]:
+    """Cells ``(rows, cols)`` of the ranking grid: ``ph x pw`` patches, ``rows = ceil(H / ph)``
+    (the last row / column of patches is clipped at the border)."""
+    ph, pw = _pair(patch, "patch")
+    if H <= 0 or W <= 0:
+        raise ValueError(f"image size (H, W) must be positive, got ({H}, {W})")
+    return -(-H // ph), -(-W // pw)
+
+
+def ranks_from_order(order: Tensor, cells: int) -> Tensor:
+    """``order[n]`` (cell indices, most important first) -> ``ranks[n, cell]`` (int64, 0 =
+    most important). Raises ValueError unless each row is a permutation of ``0..cells-1``."""
+    if not isinstance(order, Tensor):
+        raise TypeError(f"order must be a Tensor[N, cells], got {type(order).__name__}")
+    if order.is_floating_point() or order.is_complex() or order.dtype == torch.bool:
+        raise TypeError(f"order must be an integer tensor, got {order.dtype}")
+    if order.dim() != 2 or order.shape[1] != cells:
+        raise ValueError(f"order must have shape [N, {cells}] (one index per cell), got {tuple(order.shape)}")
+    order = order.long()
+    # value checks read the data: skipped while torch.compile traces (the kernels only compare ranks)
+    checking = not torch.compiler.is_compiling()
+    if checking and order.numel() and (int(order.min()) < 0 or int(order.max()) >= cells):
+        raise ValueError(f"order must hold cell indices in [0, {cells}), got values outside")
+    ranks = torch.full_like(order, -1)
+    ranks.scatter_(1, order, torch.arange(cells, device=order.device).expand_as(order))
+    if checking and ranks.numel() and int(ranks.min()) < 0:
+        raise ValueError(f"order must hold a permutation of 0..{cells - 1} per image (an index repeats)")
+    return ranks
+
+
+def _check_counts(counts, cells: int):
+    if isinstance(counts, Tensor):
+        if counts.dim() != 1 or counts.is_floating_point() or counts.dtype == torch.bool:
+            raise ValueError(f"counts must be a 1-D integer tensor or a sequence of ints, got {counts!r}")
+        counts = counts.tolist()
+    try:
+        counts = [_index(c, "counts") for c in counts]
+    except TypeError:
+        raise TypeError(f"counts must be a sequence of ints, got {counts!r}") from None
+    bad = [c for c in counts if not 0 <= c <= cells]
+    if bad:
+        raise ValueError(f"counts must lie in [0, {cells}] (the number of cells), got {bad}")
+    return counts
+
+
+def _check_progressive_args(images, order, counts, mode, patch):
+    """-> (ranks, counts list, patch pair, insertion flag)."""
+    _check_floating(images, "images")
+    if images.dim() != 4:
+        raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {images.dim()}-D")
+    N, _, H, W = images.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"images must have a non-empty image plane, got H={H}, W={W}")
+    if mode not in MASK_MODES:
+        raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+    patch = _pair(patch, "patch")
+    rows, cols = progressive_grid(H, W, patch)
+    ranks = ranks_from_order(order, rows * cols)
+    if ranks.shape[0] != N:
+        raise ValueError(f"order must have one row per image ({N}), got {ranks.shape[0]}")
+    if ranks.device != images.device:
+        raise ValueError(f"order must be on the images' device {images.device}, got {ranks.device}")
+    return ranks, _check_counts(counts, rows * cols), patch, mode == "insertion"
+
+
+def progressive_baseline_mask(ranks: Tensor, counts, H: int, W: int, patch, insertion: bool) -> Tensor:
+    """``Tensor[N, K, H, W]`` (bool): True where step k shows the baseline."""
+    ph, pw = _pair(patch, "patch")
+    rows, cols = progressive_grid(H, W, (ph, pw))
+    hh = torch.arange(H, device=ranks.device) // ph
+    ww = torch.arange(W, device=ranks.device) // pw
+    pixel_rank = ranks[:, hh[:, None] * cols + ww[None, :]]  # [N, H, W]
+    counts = torch.as_tensor(counts, dtype=torch.long, device=ranks.device).reshape(-1)
+    top = pixel_rank[:, None] < counts[None, :, None, None]
+    return top != insertion
+
+
+def progressive_mask(images: Tensor, order: Tensor, counts, baseline=0.0, mode: str = "deletion", patch: IntPair = 1) -> Tensor:
+    """Reference for :func:`cnnviz_fast.ops.progressive_mask` (``torch.where`` over K masks)."""
+    ranks, counts, patch, insertion = _check_progressive_args(images, order, counts, mode, patch)
+    base = _baseline_tensor(baseline, images)
+    N, C, H, W = images.shape
+    at_base = progressive_baseline_mask(ranks, counts, H, W, patch, insertion)
+    return torch.where(at_base[:, :, None], base.expand(N, C, H, W)[:, None], images[:, None]).contiguous()

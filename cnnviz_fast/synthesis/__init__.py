@@ -17,12 +17,12 @@ from .regularizers import (  # noqa: F401  (building blocks)
     TotalVariation,
 )
 from .style import style_transfer, synthesize_texture
-from .visualize import visualize_class, visualize_neuron
+from .visualize import Prior, visualize_class, visualize_neuron
 
 # The public API (re-exported by cnnviz_fast). The building blocks (parameterizations,
 # penalties, step operations, transforms) are imported from cnnviz_fast.synthesis.
 __all__ = [
-    "AdversarialResult", "InversionResult", "Objective", "SynthesisResult", "adversarial", "deep_dream",
+    "AdversarialResult", "InversionResult", "Objective", "Prior", "SynthesisResult", "adversarial", "deep_dream",
     "invert_features", "optimize", "style_transfer", "synthesize_texture", "visualize_class",
     "visualize_neuron",
 ]

@@ -32,7 +32,7 @@ METHODS = ("ascent", "fgsm", "pgd")
 @dataclass
 class AdversarialResult(SynthesisResult):
     """``images``: the adversarial pixels ``Tensor[N, C, H, W]`` in [0, 1];
-    ``linf``, ``l2``: ``Tensor[N]`` norms of ``images - inputs`` (pixel units);
+    ``linf``, ``l2``: ``Tensor[N]`` norms of ``images - pixels`` (pixel units);
     ``predictions``: ``Tensor[N]`` classes the model predicts for ``images``;
     ``success``: ``Bool[N]``, prediction == target (targeted) or != target (untargeted);
     ``history``: ``Tensor[steps, N]`` of the loss each step minimised."""
@@ -45,7 +45,7 @@ class AdversarialResult(SynthesisResult):
 
 def adversarial(
     model: nn.Module,
-    inputs: Tensor,
+    pixels: Tensor,
     target: Union[int, Sequence[int], Tensor],
     method: str = "pgd",
     *,
@@ -59,12 +59,12 @@ def adversarial(
     progress: Optional[bool] = None,
     callback=None,
 ) -> AdversarialResult:
-    """Perturb ``inputs`` so that the model predicts ``target`` (targeted) or anything but
+    """Perturb ``pixels`` so that the model predicts ``target`` (targeted) or anything but
     ``target`` (untargeted; ``target`` is then the true label).
 
     Args:
         model: a classifier (output ``[N, classes]``).
-        inputs: ``Tensor[N, C, H, W]`` PIXELS in [0, 1], not model inputs: the model sees
+        pixels: ``Tensor[N, C, H, W]`` in [0, 1], not model inputs: the model sees
             ``normalize(pixels)``, and ``eps``/``step_size``/the returned norms are in pixel
             units (``eps = 8/255`` is 8 grey levels).
         target: an int or N ints: the class to reach (``targeted=True``) or the true class
@@ -86,7 +86,7 @@ def adversarial(
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         device, dtype = model_device_dtype(model)
-        pixels = check_pixels(inputs, "inputs", device, dtype)
+        pixels = check_pixels(pixels, "pixels", device, dtype)
         n = pixels.shape[0]
         check_target(target, n, allow_predicted=not targeted)
         if isinstance(target, Neuron) or (callable(target) and not isinstance(target, Tensor)):
@@ -105,7 +105,7 @@ def adversarial(
         if method == "ascent" and not step_size > 0:
             raise ValueError(f"step_size must be > 0 for method='ascent', got {step_size}")
 
-        clean_output = probe(model, normalize(pixels), "inputs")
+        clean_output = probe(model, normalize(pixels), "pixels")
         select_scores(clean_output, target)  # checks target's range
         target = resolve_target(target, clean_output)  # "predicted": leave the model's own prediction
         labels = torch.as_tensor(target, device=device).long().expand(n).clone()

@@ -23,7 +23,7 @@ from .regularizers import Jitter
 
 def deep_dream(
     model: nn.Module,
-    image: Tensor,
+    pixels: Tensor,
     layer: str,
     *,
     normalize: Optional[nn.Module] = None,
@@ -36,11 +36,11 @@ def deep_dream(
     progress: Optional[bool] = None,
     callback=None,
 ) -> SynthesisResult:
-    """Dream ``image`` at ``layer``.
+    """Dream ``pixels`` at ``layer``.
 
     Args:
         model: any network; layer: dotted module name (the forward stops there).
-        image: ``Tensor[N, C, H, W]`` pixels in [0, 1] (the model sees ``normalize(pixels)``).
+        pixels: ``Tensor[N, C, H, W]`` in [0, 1] (the model sees ``normalize(pixels)``).
         normalize: pixels → model inputs (a :class:`~cnnviz_fast.core.Normalize`) or None.
         steps: gradient steps per octave; lr: step length as the mean absolute change of
             a pixel per step (the gradient is divided by its mean absolute value).
@@ -57,9 +57,9 @@ def deep_dream(
     """
     with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
-        pixels = check_pixels(image, "image", device, dtype)
+        pixels = check_pixels(pixels, "pixels", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
-        probe(model, normalize(pixels), "image", layers=[layer])
+        probe(model, normalize(pixels), "pixels", layers=[layer])
         check_int(octaves, "octaves", minimum=1)
         octave_scale = check_number(octave_scale, "octave_scale", minimum=1.0)
         height, width = pixels.shape[-2:]

@@ -26,8 +26,8 @@ class InversionResult(SynthesisResult):
 
 def invert_features(
     model: nn.Module,
+    pixels: Tensor,
     layer: str,
-    inputs: Tensor,
     *,
     normalize: Optional[nn.Module] = None,
     steps: int = 200,
@@ -43,15 +43,16 @@ def invert_features(
     progress: Optional[bool] = None,
     callback=None,
 ) -> InversionResult:
-    """Reconstruct ``inputs`` from their activations at ``layer``.
+    """Reconstruct ``pixels`` from their activations at ``layer``.
 
     Minimises, per image, ``||Φ(x̂) - Φ(x)||² / ||Φ(x)||² + tv * TV_β(x̂) + alpha_norm *
     mean(|x̂ - center|^alpha)`` from a grey image with a little noise; the forward pass
     stops at ``layer``.
 
     Args:
-        model: any network; layer: dotted module name.
-        inputs: ``Tensor[N, C, H, W]`` pixels in [0, 1] (the model sees ``normalize(pixels)``).
+        model: any network.
+        pixels: ``Tensor[N, C, H, W]`` in [0, 1] (the model sees ``normalize(pixels)``).
+        layer: dotted module name.
         normalize: pixels → model inputs (a :class:`~cnnviz_fast.core.Normalize`) or None.
         steps, lr, optimizer (``"adam"``, ``"sgd"``, ``"lbfgs"``), parameterization
         (``"pixels"`` or ``"fourier"``): the optimisation.
@@ -64,10 +65,10 @@ def invert_features(
     """
     with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
-        pixels = check_pixels(inputs, "inputs", device, dtype)
+        pixels = check_pixels(pixels, "pixels", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
 
-        target = probe(model, normalize(pixels), "inputs", layers=[layer])[layer].detach()
+        target = probe(model, normalize(pixels), "pixels", layers=[layer])[layer].detach()
         target_norm = target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
         def loss(features, output, index):

@@ -12,6 +12,7 @@ images an independent classifier reads as the intended digits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,42 +34,82 @@ def _input_shape(input_shape, n: int) -> Tuple[int, int, int, int]:
     return check_shape((n,) + shape, "input_shape")
 
 
+@dataclass
+class Prior:
+    """The natural-image prior of activation maximisation: how the image is
+    parameterized, the penalties added to the objective, the operations applied after
+    each step and the random transforms applied before each forward pass (0 / None
+    switches a piece off). ``visualize_class`` / ``visualize_neuron`` take one as
+    ``prior=`` or its fields as keyword arguments."""
+
+    parameterization: str = "fourier"
+    resolution: Optional[Size] = None
+    l2: float = 0.0
+    tv: float = 0.0
+    alpha_norm: float = 0.0
+    alpha: float = 6.0
+    center: object = None
+    jitter: Optional[int] = None
+    scale: Optional[Tuple[float, float]] = (0.8, 1.2)
+    degrees: float = 15.0
+    blur_every: int = 0
+    blur_sigma: float = 0.5
+    decay: float = 0.0
+    clip_norm: float = 0.0
+    clip_contribution: float = 0.0
+
+    def pieces(self, shape: Tuple[int, int, int, int], center):
+        """``(penalties, step_ops, transforms)`` for images of ``shape``, pulling towards ``center``."""
+        height, width = shape[2:]
+        penalties: List = []
+        if self.l2:
+            penalties.append(R.L2(check_number(self.l2, "l2"), center))
+        if self.tv:
+            penalties.append(R.TotalVariation(check_number(self.tv, "tv")))
+        if self.alpha_norm:
+            penalties.append(R.AlphaNorm(check_number(self.alpha_norm, "alpha_norm"), self.alpha, center))
+        step_ops: List = []
+        if self.decay:
+            step_ops.append(R.Decay(check_number(self.decay, "decay"), center))
+        if self.blur_every:
+            step_ops.append(R.Blur(self.blur_sigma, self.blur_every))
+        if self.clip_norm:
+            step_ops.append(R.ClipSmallNorm(self.clip_norm, center))
+        if self.clip_contribution:
+            step_ops.append(R.ClipSmallContribution(self.clip_contribution, center))
+        jitter = max(1, min(height, width) // 10) if self.jitter is None else self.jitter
+        transforms: List = [R.Jitter(jitter)] if jitter else []
+        if self.scale is not None or self.degrees:
+            transforms.append(R.RandomAffine(self.scale or (1.0, 1.0), self.degrees or 0.0))
+        return penalties, step_ops, transforms
+
+
+def _prior(prior: Optional[Prior], options: dict) -> Prior:
+    if prior is not None and not isinstance(prior, Prior):
+        raise ValueError(f"prior must be a Prior, got {type(prior).__name__}")
+    if prior is not None and options:
+        raise ValueError(f"give prior= or its fields as keywords, not both (got {sorted(options)})")
+    try:
+        return prior if prior is not None else Prior(**options)
+    except TypeError:
+        unknown = sorted(set(options) - set(Prior.__dataclass_fields__))
+        raise ValueError(f"unknown option(s) {unknown}; the prior's options are "
+                         f"{sorted(Prior.__dataclass_fields__)}") from None
+
+
 def _ascend(model: nn.Module, loss: Callable, layers: Sequence[str], needs_output: bool,
-            shape: Tuple[int, int, int, int], normalize, *, steps, lr, optimizer, parameterization,
-            resolution, init, l2, tv, alpha_norm, alpha, center, jitter, scale, degrees, blur_every,
-            blur_sigma, decay, clip_norm, clip_contribution, seed, progress, callback,
-            description) -> SynthesisResult:
-    """Build the prior from the keyword knobs and run the engine."""
+            shape: Tuple[int, int, int, int], normalize, prior: Prior, *, steps, lr, optimizer, init, seed,
+            progress, callback, description) -> SynthesisResult:
+    """Build the image and the prior's pieces, then run the engine."""
     device, dtype = model_device_dtype(model)
-    height, width = shape[2:]
-    center = neutral_pixel(normalize, center)
-    penalties: List = []
-    if l2:
-        penalties.append(R.L2(check_number(l2, "l2"), center))
-    if tv:
-        penalties.append(R.TotalVariation(check_number(tv, "tv")))
-    if alpha_norm:
-        penalties.append(R.AlphaNorm(check_number(alpha_norm, "alpha_norm"), alpha, center))
-    step_ops: List = []
-    if decay:
-        step_ops.append(R.Decay(check_number(decay, "decay"), center))
-    if blur_every:
-        step_ops.append(R.Blur(blur_sigma, blur_every))
-    if clip_norm:
-        step_ops.append(R.ClipSmallNorm(clip_norm, center))
-    if clip_contribution:
-        step_ops.append(R.ClipSmallContribution(clip_contribution, center))
-    if jitter is None:
-        jitter = max(1, min(height, width) // 10)
-    transforms: List = [R.Jitter(jitter)] if jitter else []
-    if scale is not None or degrees:
-        transforms.append(R.RandomAffine(scale or (1.0, 1.0), degrees or 0.0))
+    center = neutral_pixel(normalize, prior.center)
+    penalties, step_ops, transforms = prior.pieces(shape, center)
     generator = make_generator(seed)
     if init is not None:
         init = check_pixels(init, "init", device, dtype)
         if tuple(init.shape) != tuple(shape):
             raise ValueError(f"init must have the shape of the images {tuple(shape)}, got {tuple(init.shape)}")
-    image = make_image(parameterization, shape, resolution=resolution, init=init, generator=generator,
+    image = make_image(prior.parameterization, shape, resolution=prior.resolution, init=init, generator=generator,
                        device=device, dtype=dtype, center=center)
     objective = Objective(loss=loss, layers=tuple(layers), needs_output=needs_output)
     return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
@@ -77,15 +118,21 @@ def _ascend(model: nn.Module, loss: Callable, layers: Sequence[str], needs_outpu
 
 
 _DOC_PRIOR = """
-    Prior and optimisation (keyword-only; 0 / None switches a piece off):
+    Optimisation (keyword-only):
         steps, lr, optimizer: ``"adam"`` (default) or ``"sgd"``.
+        init: starting pixels ``Tensor[N, C, H, W]`` in [0, 1] (default: grey with a
+            little seeded noise). With ``init`` and the same ``seed`` (the transforms),
+            a batch gives the same images as one call per image.
+        seed: initialisation and transforms (same seed, same images); None: random.
+        progress: tqdm bar (None: only in interactive use); callback: ``callback(step,
+            pixels, losses)``, returning True stops.
+
+    Prior: ``prior=Prior(...)``, or its fields as keyword arguments (0 / None switches
+    a piece off):
         parameterization: ``"fourier"`` (Lucid's 1/f-scaled, colour-decorrelated
             spectrum with a sigmoid) or ``"pixels"`` (raw pixels, clamped to [0, 1]).
         resolution: ``(h, w)`` or int: optimise at this resolution and upsample
             bilinearly to ``(H, W)``; default the input size.
-        init: starting pixels ``Tensor[N, C, H, W]`` in [0, 1] (default: grey with a
-            little seeded noise). With ``init`` and the same ``seed`` (the transforms),
-            a batch gives the same images as one call per image.
         l2: weight of ``mean((I - center)^2)``; tv: weight of the total variation;
             alpha_norm, alpha: weight and exponent of ``mean(|I - center|^alpha)``.
         center: the neutral pixel value (a float or one per channel) the L2/α-norm
@@ -97,9 +144,6 @@ _DOC_PRIOR = """
         decay: L2 decay rate per step; clip_norm / clip_contribution: percentile of
             pixels with the smallest norm / contribution set to ``center`` every step
             (Yosinski et al. 2015).
-        seed: initialisation and transforms (same seed, same images); None: random.
-        progress: tqdm bar (None: only in interactive use); callback: ``callback(step,
-            pixels, losses)``, returning True stops.
 
     The model runs in eval mode for the call and is left as it was (``model_guard``);
     only the image gets gradients.
@@ -112,28 +156,15 @@ def visualize_class(
     input_shape: Sequence[int],
     *,
     normalize: Optional[nn.Module] = None,
+    prior: Optional[Prior] = None,
     steps: int = 200,
     lr: float = 0.05,
     optimizer: str = "adam",
-    parameterization: str = "fourier",
-    resolution: Optional[Size] = None,
     init: Optional[Tensor] = None,
-    l2: float = 0.0,
-    tv: float = 0.0,
-    alpha_norm: float = 0.0,
-    alpha: float = 6.0,
-    center=None,
-    jitter: Optional[int] = None,
-    scale: Optional[Tuple[float, float]] = (0.8, 1.2),
-    degrees: float = 15.0,
-    blur_every: int = 0,
-    blur_sigma: float = 0.5,
-    decay: float = 0.0,
-    clip_norm: float = 0.0,
-    clip_contribution: float = 0.0,
     seed: Optional[int] = 0,
     progress: Optional[bool] = None,
     callback=None,
+    **prior_options,
 ) -> SynthesisResult:
     """Images that maximise class scores: ``argmax_I score_target(normalize(I)) - R(I)``.
 
@@ -168,11 +199,8 @@ def visualize_class(
         def loss(features, output, index):
             return -output.gather(1, indices[index, None])[:, 0]
 
-        return _ascend(model, loss, (), True, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
-                       parameterization=parameterization, resolution=resolution, init=init, l2=l2, tv=tv,
-                       alpha_norm=alpha_norm, alpha=alpha, center=center, jitter=jitter, scale=scale,
-                       degrees=degrees, blur_every=blur_every, blur_sigma=blur_sigma, decay=decay,
-                       clip_norm=clip_norm, clip_contribution=clip_contribution, seed=seed,
+        return _ascend(model, loss, (), True, shape, normalize, _prior(prior, prior_options),
+                       steps=steps, lr=lr, optimizer=optimizer, init=init, seed=seed,
                        progress=progress, callback=callback, description="visualize_class")
 
 
@@ -182,28 +210,15 @@ def visualize_neuron(
     input_shape: Sequence[int],
     *,
     normalize: Optional[nn.Module] = None,
+    prior: Optional[Prior] = None,
     steps: int = 200,
     lr: float = 0.05,
     optimizer: str = "adam",
-    parameterization: str = "fourier",
-    resolution: Optional[Size] = None,
     init: Optional[Tensor] = None,
-    l2: float = 0.0,
-    tv: float = 0.0,
-    alpha_norm: float = 0.0,
-    alpha: float = 6.0,
-    center=None,
-    jitter: Optional[int] = None,
-    scale: Optional[Tuple[float, float]] = (0.8, 1.2),
-    degrees: float = 15.0,
-    blur_every: int = 0,
-    blur_sigma: float = 0.5,
-    decay: float = 0.0,
-    clip_norm: float = 0.0,
-    clip_contribution: float = 0.0,
     seed: Optional[int] = 0,
     progress: Optional[bool] = None,
     callback=None,
+    **prior_options,
 ) -> SynthesisResult:
     """Images that maximise units: ``argmax_I neuron(normalize(I)) - R(I)``.
 
@@ -241,11 +256,8 @@ def visualize_neuron(
             return -torch.stack([neurons[i].value(features[neurons[i].layer][row:row + 1])[0]
                                  for row, i in enumerate(index.tolist())])
 
-        return _ascend(model, loss, layers, False, shape, normalize, steps=steps, lr=lr, optimizer=optimizer,
-                       parameterization=parameterization, resolution=resolution, init=init, l2=l2, tv=tv,
-                       alpha_norm=alpha_norm, alpha=alpha, center=center, jitter=jitter, scale=scale,
-                       degrees=degrees, blur_every=blur_every, blur_sigma=blur_sigma, decay=decay,
-                       clip_norm=clip_norm, clip_contribution=clip_contribution, seed=seed,
+        return _ascend(model, loss, layers, False, shape, normalize, _prior(prior, prior_options),
+                       steps=steps, lr=lr, optimizer=optimizer, init=init, seed=seed,
                        progress=progress, callback=callback, description="visualize_neuron")
 
 

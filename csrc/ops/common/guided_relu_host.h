@@ -1,5 +1,7 @@
 #pragma once
 
+#include <cmath>
+#include <optional>
 #include <string_view>
 
 #include <ATen/core/Tensor.h>
@@ -20,6 +22,15 @@ inline Mode parse_mode(std::string_view mode) {
   TORCH_CHECK_VALUE(
       mode == "plain", "mode must be one of 'guided', 'deconvnet', 'plain', got '", mode, "'");
   return Mode::Plain;
+}
+
+// The upper bound of the linear range: none (plain ReLU) or a number > 0; +inf is none.
+inline bool parse_upper(const std::optional<double>& upper) {
+  if (!upper.has_value()) {
+    return false;
+  }
+  TORCH_CHECK_VALUE(*upper > 0, "upper must be None or a number > 0, got ", *upper);
+  return std::isfinite(*upper);
 }
 
 // Elementwise kernels walk the storage linearly: keep contiguous and channels_last

@@ -1,3 +1,4 @@
+#include <optional>
 #include <string_view>
 
 #include <ATen/ATen.h>
@@ -24,38 +25,41 @@ constexpr int64_t kGrain = 32768;
 #define CNNVIZ_AVX2_CLONE 1
 #endif
 
-#define CNNVIZ_FORWARD_LOOP                     \
-  for (int64_t i = begin; i < end; ++i) {       \
-    out[i] = guided_relu::forward(x[i]);        \
+#define CNNVIZ_FORWARD_LOOP                                                  \
+  for (int64_t i = begin; i < end; ++i) {                                    \
+    out[i] = Bounded ? guided_relu::forward(x[i], upper) : guided_relu::forward(x[i]); \
   }
 
-#define CNNVIZ_BACKWARD_LOOP                                   \
-  for (int64_t i = begin; i < end; ++i) {                      \
-    grad_in[i] = guided_relu::backward<M>(grad[i], out[i]);    \
+#define CNNVIZ_BACKWARD_LOOP                                                  \
+  for (int64_t i = begin; i < end; ++i) {                                     \
+    grad_in[i] = guided_relu::backward<M, Bounded>(grad[i], out[i], upper);   \
   }
 
-template <typename scalar_t>
-void forward_loop(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t begin, int64_t end) {
+template <bool Bounded, typename scalar_t>
+void forward_loop(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, scalar_t upper, int64_t begin,
+    int64_t end) {
   CNNVIZ_FORWARD_LOOP
 }
 
-template <Mode M, typename scalar_t>
+template <Mode M, bool Bounded, typename scalar_t>
 void backward_loop(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out, scalar_t upper,
     scalar_t* __restrict__ grad_in, int64_t begin, int64_t end) {
   CNNVIZ_BACKWARD_LOOP
 }
 
 #ifdef CNNVIZ_AVX2_CLONE
-template <typename scalar_t>
+template <bool Bounded, typename scalar_t>
 __attribute__((target("avx2"))) void forward_loop_avx2(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t begin, int64_t end) {
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, scalar_t upper, int64_t begin,
+    int64_t end) {
   CNNVIZ_FORWARD_LOOP
 }
 
-template <Mode M, typename scalar_t>
+template <Mode M, bool Bounded, typename scalar_t>
 __attribute__((target("avx2"))) void backward_loop_avx2(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out, scalar_t upper,
     scalar_t* __restrict__ grad_in, int64_t begin, int64_t end) {
   CNNVIZ_BACKWARD_LOOP
 }
@@ -66,37 +70,51 @@ bool cpu_has_avx2() {
 }
 #endif
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* x, scalar_t* out, int64_t numel) {
+template <bool Bounded, typename scalar_t>
+void forward_kernel(const scalar_t* x, scalar_t* out, scalar_t upper, int64_t numel) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
 #ifdef CNNVIZ_AVX2_CLONE
     if (cpu_has_avx2()) {
-      forward_loop_avx2(x, out, begin, end);
+      forward_loop_avx2<Bounded>(x, out, upper, begin, end);
       return;
     }
 #endif
-    forward_loop(x, out, begin, end);
+    forward_loop<Bounded>(x, out, upper, begin, end);
+  });
+}
+
+template <Mode M, bool Bounded, typename scalar_t>
+void backward_kernel(
+    const scalar_t* grad, const scalar_t* out, scalar_t upper, scalar_t* grad_in, int64_t numel) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+#ifdef CNNVIZ_AVX2_CLONE
+    if (cpu_has_avx2()) {
+      backward_loop_avx2<M, Bounded>(grad, out, upper, grad_in, begin, end);
+      return;
+    }
+#endif
+    backward_loop<M, Bounded>(grad, out, upper, grad_in, begin, end);
   });
 }
 
 template <Mode M, typename scalar_t>
-void backward_kernel(const scalar_t* grad, const scalar_t* out, scalar_t* grad_in, int64_t numel) {
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-#ifdef CNNVIZ_AVX2_CLONE
-    if (cpu_has_avx2()) {
-      backward_loop_avx2<M>(grad, out, grad_in, begin, end);
-      return;
-    }
-#endif
-    backward_loop<M>(grad, out, grad_in, begin, end);
-  });
+void backward_kernel(
+    bool bounded, const scalar_t* grad, const scalar_t* out, scalar_t upper, scalar_t* grad_in,
+    int64_t numel) {
+  if (bounded) {
+    backward_kernel<M, true>(grad, out, upper, grad_in, numel);
+  } else {
+    backward_kernel<M, false>(grad, out, upper, grad_in, numel);
+  }
 }
 
 #undef CNNVIZ_FORWARD_LOOP
 #undef CNNVIZ_BACKWARD_LOOP
 
-at::Tensor guided_relu_cpu(const at::Tensor& x, c10::string_view mode) {
+at::Tensor guided_relu_cpu(
+    const at::Tensor& x, c10::string_view mode, std::optional<double> upper) {
   guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
+  const bool bounded = guided_relu::parse_upper(upper);
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(
       at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
@@ -109,15 +127,25 @@ at::Tensor guided_relu_cpu(const at::Tensor& x, c10::string_view mode) {
   cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "guided_relu_cpu", [&] {
-        forward_kernel<scalar_t>(
-            x_.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x_.numel());
+        // the bound in the tensor's dtype: the forward saturates at exactly this value and
+        // the backward compares the saved output with it
+        const scalar_t u = bounded ? static_cast<scalar_t>(*upper) : scalar_t(0);
+        const scalar_t* xp = x_.const_data_ptr<scalar_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        if (bounded) {
+          forward_kernel<true>(xp, op, u, x_.numel());
+        } else {
+          forward_kernel<false>(xp, op, u, x_.numel());
+        }
       });
   return out;
 }
 
 at::Tensor guided_relu_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& out, c10::string_view mode) {
+    const at::Tensor& grad, const at::Tensor& out, c10::string_view mode,
+    std::optional<double> upper) {
   const Mode m = guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
+  const bool bounded = guided_relu::parse_upper(upper);
   TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor, got ", out.device());
   guided_relu::check_backward_args(grad, out);
   const auto out_ = guided_relu::dense_layout(out);
@@ -133,16 +161,17 @@ at::Tensor guided_relu_backward_cpu(
         const scalar_t* g = grad_.const_data_ptr<scalar_t>();
         const scalar_t* o = out_.const_data_ptr<scalar_t>();
         scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+        const scalar_t u = bounded ? static_cast<scalar_t>(*upper) : scalar_t(0);
         const int64_t numel = out_.numel();
         switch (m) {
           case Mode::Guided:
-            backward_kernel<Mode::Guided>(g, o, gi, numel);
+            backward_kernel<Mode::Guided>(bounded, g, o, u, gi, numel);
             break;
           case Mode::Deconvnet:
-            backward_kernel<Mode::Deconvnet>(g, o, gi, numel);
+            backward_kernel<Mode::Deconvnet>(bounded, g, o, u, gi, numel);
             break;
           case Mode::Plain:
-            backward_kernel<Mode::Plain>(g, o, gi, numel);
+            backward_kernel<Mode::Plain>(bounded, g, o, u, gi, numel);
             break;
         }
       });

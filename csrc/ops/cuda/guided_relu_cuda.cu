@@ -1,3 +1,4 @@
+#include <optional>
 #include <string_view>
 
 #include <ATen/ATen.h>
@@ -18,33 +19,51 @@ namespace {
 
 using guided_relu::Mode;
 
-template <typename scalar_t>
+template <bool Bounded, typename scalar_t>
 __global__ void forward_kernel(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t numel) {
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, scalar_t upper, int64_t numel) {
   CNNVIZ_GRID_STRIDE_LOOP(i, numel) {
-    out[i] = guided_relu::forward(x[i]);
+    out[i] = Bounded ? guided_relu::forward(x[i], upper) : guided_relu::forward(x[i]);
   }
 }
 
-template <Mode M, typename scalar_t>
+template <Mode M, bool Bounded, typename scalar_t>
 __global__ void backward_kernel(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out, scalar_t upper,
     scalar_t* __restrict__ grad_in, int64_t numel) {
   CNNVIZ_GRID_STRIDE_LOOP(i, numel) {
-    grad_in[i] = guided_relu::backward<M>(grad[i], out[i]);
+    grad_in[i] = guided_relu::backward<M, Bounded>(grad[i], out[i], upper);
   }
 }
 
-template <Mode M, typename scalar_t>
-void launch_backward(const scalar_t* g, const scalar_t* o, scalar_t* gi, int64_t numel) {
-  backward_kernel<M, scalar_t>
+template <bool Bounded, typename scalar_t>
+void launch_forward(const scalar_t* x, scalar_t* out, scalar_t upper, int64_t numel) {
+  forward_kernel<Bounded, scalar_t>
       <<<cuda::blocks_for(numel), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          g, o, gi, numel);
+          x, out, upper, numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor guided_relu_cuda(const at::Tensor& x, c10::string_view mode) {
+template <Mode M, typename scalar_t>
+void launch_backward(
+    bool bounded, const scalar_t* g, const scalar_t* o, scalar_t upper, scalar_t* gi,
+    int64_t numel) {
+  if (bounded) {
+    backward_kernel<M, true, scalar_t>
+        <<<cuda::blocks_for(numel), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            g, o, upper, gi, numel);
+  } else {
+    backward_kernel<M, false, scalar_t>
+        <<<cuda::blocks_for(numel), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            g, o, upper, gi, numel);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor guided_relu_cuda(
+    const at::Tensor& x, c10::string_view mode, std::optional<double> upper) {
   guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
+  const bool bounded = guided_relu::parse_upper(upper);
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(
       at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
@@ -58,17 +77,24 @@ at::Tensor guided_relu_cuda(const at::Tensor& x, c10::string_view mode) {
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "guided_relu_cuda", [&] {
-        forward_kernel<scalar_t>
-            <<<cuda::blocks_for(numel), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                x_.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), numel);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // the bound in the tensor's dtype (see guided_relu_cpu.cpp)
+        const scalar_t u = bounded ? static_cast<scalar_t>(*upper) : scalar_t(0);
+        const scalar_t* xp = x_.const_data_ptr<scalar_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        if (bounded) {
+          launch_forward<true>(xp, op, u, numel);
+        } else {
+          launch_forward<false>(xp, op, u, numel);
+        }
       });
   return out;
 }
 
 at::Tensor guided_relu_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& out, c10::string_view mode) {
+    const at::Tensor& grad, const at::Tensor& out, c10::string_view mode,
+    std::optional<double> upper) {
   const Mode m = guided_relu::parse_mode(std::string_view(mode.data(), mode.size()));
+  const bool bounded = guided_relu::parse_upper(upper);
   TORCH_CHECK(out.is_cuda(), "out must be a CUDA tensor, got ", out.device());
   guided_relu::check_backward_args(grad, out);
   const at::cuda::CUDAGuard device_guard(out.device());
@@ -85,15 +111,16 @@ at::Tensor guided_relu_backward_cuda(
         const scalar_t* g = grad_.const_data_ptr<scalar_t>();
         const scalar_t* o = out_.const_data_ptr<scalar_t>();
         scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+        const scalar_t u = bounded ? static_cast<scalar_t>(*upper) : scalar_t(0);
         switch (m) {
           case Mode::Guided:
-            launch_backward<Mode::Guided>(g, o, gi, numel);
+            launch_backward<Mode::Guided>(bounded, g, o, u, gi, numel);
             break;
           case Mode::Deconvnet:
-            launch_backward<Mode::Deconvnet>(g, o, gi, numel);
+            launch_backward<Mode::Deconvnet>(bounded, g, o, u, gi, numel);
             break;
           case Mode::Plain:
-            launch_backward<Mode::Plain>(g, o, gi, numel);
+            launch_backward<Mode::Plain>(bounded, g, o, u, gi, numel);
             break;
         }
       });

@@ -1,0 +1,24 @@
+"""Which map can a user trust? Faithfulness metrics for attribution maps.
+
+- :func:`deletion_curve`, :func:`insertion_curve` (RISE): the target probability as the
+  top-ranked pixels are removed / revealed, and the area under the curve; the masked
+  batches come from :func:`cnnviz_fast.ops.progressive_mask`.
+- :func:`infidelity`, :func:`sensitivity_max`: Captum's definitions.
+- :func:`model_randomization` (Adebayo et al. sanity checks), :func:`spearman`, :func:`ssim`.
+- :func:`pointing_game`.
+- :func:`evaluate`: several methods over a dataset, a summary table (mean, 95% interval).
+
+Every function that runs the model takes ``model, inputs, target`` first, with the targets
+of the attribution methods (an int, N ints, ``"predicted"``, a callable, a Neuron).
+"""
+from .curves import Curve, deletion_curve, insertion_curve, perturbation_curve, step_counts
+from .evaluate import evaluate, format_table
+from .pointing import pointing_game
+from .robustness import infidelity, sensitivity_max, uniform_noise
+from .sanity import Randomization, model_randomization, spearman, ssim
+
+__all__ = [
+    "Curve", "Randomization", "deletion_curve", "evaluate", "format_table", "infidelity", "insertion_curve",
+    "model_randomization", "perturbation_curve", "pointing_game", "sensitivity_max", "spearman", "ssim",
+    "step_counts", "uniform_noise",
+]

@@ -1,0 +1,96 @@
+"""Argument checks and target handling shared by the metrics."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..core.targets import (
+    Neuron, check_target, is_predicted, resolve_target, select_scores, target_for_rows, target_scores,
+)
+
+
+def check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_maps(attributions, inputs: Tensor, argument: str = "attributions", same_size: bool = False) -> Tensor:
+    """``attributions`` as a finite floating ``Tensor[N, h, w]`` (channels summed) for ``inputs``
+    ``[N, C, H, W]``; maps may be ``[N, H, W]``, ``[N, 1 or C, H, W]``, or (unless ``same_size``)
+    at a lower resolution ``h x w`` that divides ``H x W`` (one value per patch)."""
+    if not isinstance(attributions, Tensor):
+        raise ValueError(f"{argument} must be a Tensor, got {type(attributions).__name__}")
+    if not attributions.is_floating_point():
+        raise ValueError(f"{argument} must be a floating-point tensor, got {attributions.dtype}")
+    N, C, H, W = inputs.shape
+    maps = attributions
+    if maps.dim() == 4 and maps.shape[1] in (1, C):
+        maps = maps.sum(1)
+    ok = maps.dim() == 3 and maps.shape[0] == N
+    if ok and same_size:
+        ok = tuple(maps.shape[1:]) == (H, W)
+    elif ok:
+        h, w = maps.shape[1:]
+        ok = h > 0 and w > 0 and H % h == 0 and W % w == 0
+    if not ok:
+        raise ValueError(
+            f"{argument} must have shape [N, H, W] or [N, 1 or C, H, W] matching inputs "
+            f"{tuple(inputs.shape)}" + ("" if same_size else " (or a lower resolution h x w dividing H x W)")
+            + f", got {tuple(attributions.shape)}"
+        )
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"{argument} contains NaN or infinite values")
+    return maps
+
+
+def check_int(value, argument: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{argument} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def resolve(model: nn.Module, inputs: Tensor, target):
+    """Check ``target`` for N inputs; ``"predicted"`` becomes the clean inputs' top classes."""
+    check_target(target, inputs.shape[0])
+    if is_predicted(target):
+        with torch.no_grad():
+            target = resolve_target(target, model(inputs))
+    return target
+
+
+def rows_target(target, images: Tensor, repeats: int):
+    """The target for a batch holding ``repeats`` consecutive copies of each of ``images``
+    (a LongTensor of image indices)."""
+    return target_for_rows(target, images.repeat_interleave(repeats))
+
+
+def is_class_target(target) -> bool:
+    return not isinstance(target, Neuron) and not (callable(target) and not isinstance(target, Tensor))
+
+
+def scores(model: nn.Module, batch: Tensor, target, probability: bool) -> Tensor:
+    """Per-row score ``Tensor[B]``: a class target's softmax probability (or its logit with
+    ``probability=False``); a callable's or a Neuron's value as it is."""
+    if probability and is_class_target(target):
+        output = model(batch)
+        if not isinstance(output, Tensor) or output.dim() != 2:
+            raise ValueError(f"a class target needs a model output [N, classes], got shape "
+                             f"{tuple(getattr(output, 'shape', ()))}; use a callable target")
+        return select_scores(output.softmax(1), target)
+    return target_scores(model, batch, target)
+
+
+def interval95(values: Tensor):
+    """``(mean, low, high, n)``: the mean and its normal-approximation 95% interval
+    ``mean +- 1.96 * sd / sqrt(n)`` (NaN bounds for a single value)."""
+    v = values.detach().double().flatten()
+    v = v[torch.isfinite(v)]
+    n = v.numel()
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(v.mean())
+    half = 1.96 * float(v.std()) / math.sqrt(n) if n > 1 else float("nan")
+    return mean, mean - half, mean + half, n
