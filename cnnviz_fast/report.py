@@ -221,12 +221,19 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
             "smoothgrad": _gradient_picture(attribution.smoothgrad(model, inputs, y, samples=samples, seed=seed)),
             "ig": _gradient_picture(attribution.integrated_gradients(model, inputs, y, steps=steps)),
         }
-        gbp = attribution.guided_backprop(model, inputs, y)
+        nonlinear = "raise"
+        try:
+            gbp = attribution.guided_backprop(model, inputs, y, nonlinear=nonlinear)
+        except ValueError as error:  # activations that do not rectify (SiLU, GELU, ...)
+            nonlinear = "gradient"
+            gbp = attribution.guided_backprop(model, inputs, y, nonlinear=nonlinear)
+            s.notes.append(f"guided backprop: {str(error).splitlines()[0]} — shown with their plain gradient "
+                           "(nonlinear='gradient')")
         maps["gbp"] = _signed_picture(gbp)
-        cam = attribution.grad_cam(model, inputs, y, cam_layer) if cam_layer else None
+        cam = attribution.grad_cam(model, inputs, layer=cam_layer, target=y) if cam_layer else None
         if cam is not None:
             maps["cam"] = torch.stack([heatmap_overlay(p, c) for p, c in zip(shown, cam.cpu())])
-            ggc = attribution.guided_grad_cam(model, inputs, y, cam_layer)
+            ggc = attribution.guided_grad_cam(model, inputs, layer=cam_layer, target=y, nonlinear=nonlinear)
             maps["ggc"] = _signed_picture(ggc)
         occ = attribution.occlusion(model, inputs, y, window=(window, window), stride=(stride, stride))
         maps["occ"] = torch.stack([heatmap_overlay(p, o) for p, o in zip(shown, occ.cpu())])
