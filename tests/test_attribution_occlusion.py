@@ -9,6 +9,8 @@ from cnnviz_fast.attribution import occlusion
 from cnnviz_fast.attribution.occlusion import choose_batch_size
 from cnnviz_fast.core import Neuron, forward_to_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
@@ -156,10 +158,10 @@ def test_memory_budget_chooses_batch_size(digits):
 
     sizes, handle = forward_batch_sizes(model)
     try:
-        tiny = occlusion(model, x, labels, window=(16, 16), stride=(8, 8), memory_budget=1)
+        tiny = occlusion(model, x, labels, window=(16, 16), stride=(8, 8), memory_budget=1, mode="full")
         assert sizes == [3] + [1] * 27, "a tiny budget means one occluded image per forward pass"
         sizes.clear()
-        default = occlusion(model, x, labels, window=(16, 16), stride=(8, 8))
+        default = occlusion(model, x, labels, window=(16, 16), stride=(8, 8), mode="full")
         assert sizes == [3, 27], "the default CPU budget fits all 3 x 9 occluded digits in one pass"
     finally:
         handle.remove()
@@ -170,10 +172,10 @@ def test_batches_group_images_and_split_positions(digits):
     model, x, labels = digits
     sizes, handle = forward_batch_sizes(model)
     try:
-        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=20)  # 9 positions
+        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=20, mode="full")  # 9 positions
         assert sizes == [3, 18, 9]
         sizes.clear()
-        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=4)
+        occlusion(model, x, labels, window=(16, 16), stride=(8, 8), batch_size=4, mode="full")
         assert sizes == [3] + [3, 3, 3] * 3, "9 positions in equal passes of 3"
     finally:
         handle.remove()
@@ -200,7 +202,7 @@ def test_model_restored_after_exception(digits):
     grads_before = [p.requires_grad for p in wrapped.parameters()]
     x_before = x.clone()
     with pytest.raises(RuntimeError, match="boom"):
-        occlusion(wrapped, x, labels, window=(8, 8), stride=(4, 4))
+        occlusion(wrapped, x, labels, window=(8, 8), stride=(4, 4), mode="full")
     assert wrapped.training and all(m.training for m in wrapped.modules())
     assert not any(m._forward_hooks for m in wrapped.modules())
     assert [p.requires_grad for p in wrapped.parameters()] == grads_before
@@ -274,3 +276,23 @@ def test_cuda_matches_cpu(digits):
     # default batch size from free GPU memory
     free = choose_batch_size(10**6, xg.device)
     assert free >= 1
+
+
+def test_full_recomputation_measures_its_batch_size(digits):
+    """No batch size or budget, more work than one pass of the default budget: the first
+    passes try each candidate size (within a quarter of the work), the rest runs at one of
+    them; same result."""
+    model, x, labels = digits
+    x, labels = x[:2], labels[:2]
+    window, stride = (4, 4), (1, 1)  # 29 x 29 = 841 positions per image
+    sizes, handle = forward_batch_sizes(model)
+    try:
+        measured = occlusion(model, x, labels, window=window, stride=stride, mode="full")
+    finally:
+        handle.remove()
+    candidates = [8, 16, 32, 64, 128]  # 248 <= 1682 / 4
+    assert sizes[:6] == [2] + candidates
+    rest = sizes[6:]  # the chosen size, or equal smaller passes splitting an image
+    assert rest[0] in candidates and max(rest) == rest[0] and sum(sizes[1:]) == 2 * 841
+    expected = occlusion(model, x, labels, window=window, stride=stride, mode="full", batch_size=841)
+    torch.testing.assert_close(measured, expected, **TOL)

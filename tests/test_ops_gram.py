@@ -4,7 +4,7 @@ import torch
 
 import cnnviz_fast.ops as ops
 from cnnviz_fast.ops import reference as ref
-from op_cases import CUDA, DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
+from op_cases import DTYPES, LAYOUTS, layout, needs_cuda, needs_ext
 
 TOL = {
     torch.float32: (1e-4, 1e-5),
@@ -160,23 +160,22 @@ def test_cpu_matches_cuda(dtype):
         torch.testing.assert_close(a, b, rtol=rtol * 10, atol=atol * 10)
 
 
-@pytest.mark.parametrize("mod", [ops, ref], ids=["public", "reference"])
-def test_bad_arguments(mod):
+def test_bad_arguments():
     f = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match="features"):
-        mod.gram(torch.randn(4))
+        ops.gram(torch.randn(4))
     with pytest.raises(ValueError, match="features"):
-        mod.gram(torch.randn(2, 4, 0, 3))
+        ops.gram(torch.randn(2, 4, 0, 3))
     with pytest.raises(TypeError, match="features"):
-        mod.gram(torch.ones(2, 4, 3, dtype=torch.long))
+        ops.gram(torch.ones(2, 4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="target_gram"):
-        mod.gram_loss(f, torch.randn(3, 3))
+        ops.gram_loss(f, torch.randn(3, 3))
     with pytest.raises(ValueError, match="target_gram"):
-        mod.gram_loss(f, torch.randn(3, 4, 4))
+        ops.gram_loss(f, torch.randn(3, 4, 4))
     with pytest.raises(ValueError, match="target_gram"):
-        mod.gram_loss([f], [])
+        ops.gram_loss([f], [])
     with pytest.raises(ValueError, match="weight"):
-        mod.gram_loss([f, f], [torch.randn(4, 4)] * 2, [1.0])
+        ops.gram_loss([f, f], [torch.randn(4, 4)] * 2, [1.0])
 
 
 def test_public_rejects_target_dtype_mismatch():

@@ -1,6 +1,7 @@
 """Acceptance of the synthesis methods on the zoo digits model, each judged by something
 other than the method itself: an independent classifier (an SVC on the raw digits), hand
 computations of FGSM, the model's own predictions, activations measured afresh."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -265,7 +266,14 @@ def test_cuda_matches_cpu(model, test_digits):
 
 @pytest.mark.parametrize("parameterization", ["fourier", "pixels"])
 def test_batch_of_classes_equals_one_call_per_class(model, parameterization):
-    init = 0.3 + 0.05 * torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    # In float64. Batched and single convolutions round differently (different blocking),
+    # and Adam divides each gradient component by its running RMS, so a component whose
+    # gradient is near zero can turn a float32 rounding difference (~1e-7 relative) into
+    # a visible step difference after 15 steps (seen once at 1.1e-4). In float64 the
+    # rounding differences are ~1e-16 relative: the images agree to ~1e-12, and 1e-4
+    # tests only that the images of a batch are optimised independently.
+    model = copy.deepcopy(model).double()
+    init = 0.3 + 0.05 * torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     init = init.clamp(0, 1)
     kwargs = dict(normalize=NORM, parameterization=parameterization, steps=15, l2=1.0, tv=1.0, seed=5,
                   progress=False)

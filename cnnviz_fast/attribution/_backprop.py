@@ -12,10 +12,10 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
-from ..core.grad_mode import autograd_on  # noqa: F401  (re-exported for the methods)
 from ..core.model_state import is_exported_graph
 from ..core.validation import check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
@@ -177,11 +177,6 @@ def _refuse_nonlinear(func, args, kwargs, mode: str) -> None:
     )
 
 
-def _guided_relu_backward(grad: Tensor, out: Tensor, mode: str, upper: Optional[float]) -> Tensor:
-    # the backward kernel of ops.guided_relu (compiled when loaded, else its reference)
-    if ops.has_extension():
-        return torch.ops.cnnviz._guided_relu_backward(grad, out, mode, upper)
-    return ops.reference.guided_relu_backward(grad, out, mode, upper)
 
 
 class _GuidedReLUInPlace(torch.autograd.Function):
@@ -204,7 +199,7 @@ class _GuidedReLUInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        return _guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
+        return ops.guided_relu_backward(grad, out, ctx.mode, ctx.upper), None, None
 
 
 class _GuidedReLUMode(TorchFunctionMode):
@@ -302,15 +297,15 @@ def input_gradients(
     return grads, scores.detach(), output
 
 
-def detach_output(output):
-    """The model output without its graph (tensors inside tuples / lists / dicts too)."""
-    if isinstance(output, Tensor):
-        return output.detach()
-    if isinstance(output, (tuple, list)):
-        return type(output)(detach_output(o) for o in output)
-    if isinstance(output, dict):
-        return {k: detach_output(v) for k, v in output.items()}
-    return output
+def detach_output(output, clone: bool = False):
+    """The model output without its graph (tensors inside tuples / lists / dicts too);
+    ``clone`` also turns inference-mode tensors into ordinary ones (call it outside
+    ``torch.inference_mode``)."""
+    def detach(t):
+        if not isinstance(t, Tensor):
+            return t
+        return t.detach().clone() if clone else t.detach()
+    return tree_map(detach, output)
 
 
 def clean_output(model: nn.Module, x: Tensor, target, return_output: bool):

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from ..core import Neuron, get_layer, model_guard, target_scores
 from ..core.targets import is_predicted, resolve_target
-from ._backprop import (autograd_on, check_nonlinear, detach_output, input_gradients, prepare_inputs,
+from ..core import autograd_on
+from ._backprop import (check_nonlinear, detach_output, input_gradients, prepare_inputs,
                         with_output)
 
 __all__ = ["grad_cam", "guided_grad_cam"]

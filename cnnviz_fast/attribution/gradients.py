@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ..core import model_guard
 from ..core.validation import check_baseline, check_number, check_positive_int
-from ._backprop import accumulate_gradients, autograd_on, clean_output, input_gradients, prepare_inputs, with_output
+from ..core import autograd_on
+from ._backprop import accumulate_gradients, clean_output, input_gradients, prepare_inputs, with_output
 
 __all__ = ["integrated_gradients", "saliency", "smoothgrad"]
 

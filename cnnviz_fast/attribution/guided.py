@@ -29,7 +29,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..core import model_guard
-from ._backprop import autograd_on, check_nonlinear, input_gradients, prepare_inputs, with_output
+from ..core import autograd_on
+from ._backprop import check_nonlinear, input_gradients, prepare_inputs, with_output
 
 __all__ = ["deconvnet", "guided_backprop"]
 

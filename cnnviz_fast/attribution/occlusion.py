@@ -1,16 +1,19 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014): slide a grey (baseline) window over the
 image and record how much the target score drops at each position.
 
-Occluded batches are built by one operator call per forward pass
-(:func:`cnnviz_fast.ops.occlude`) and the per-position score drops are spread back onto
-the pixels once at the end (:func:`cnnviz_fast.ops.occlusion_accumulate`), so no Python
-work happens per window position.
+By default the occluded scores come from :mod:`.incremental`, which recomputes each layer
+only where the window changed it (exact). Full recomputation (``mode="full"``, and the
+fallback) builds each occluded batch with one operator call
+(:func:`cnnviz_fast.ops.occlude`). The per-position score drops are spread back onto the
+pixels once at the end (:func:`cnnviz_fast.ops.occlusion_accumulate`), so no Python work
+happens per window position.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, Optional, Tuple, Union
+import time
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +25,8 @@ from ..core.targets import Target, check_target, is_predicted, resolve_target, t
 from ._backprop import detach_output
 from ..core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
 from ..ops import occlude, occlusion_accumulate, occlusion_grid
+from ..ops.reference import occlusion_window_bounds
+from .incremental import IncrementalOcclusion
 
 __all__ = ["occlusion", "choose_batch_size"]
 
@@ -33,6 +38,24 @@ CUDA_FREE_FRACTION = 0.5
 # Live activations per image during an inference forward pass, in units of the largest
 # layer output: a layer's input and output, plus a skip connection held alongside.
 ACTIVATION_COPIES = 3
+# Full recomputation without a batch size or budget times these batch sizes (occluded
+# images per pass, up to MAX_MEASURED_BUDGET bytes) on its first passes and keeps the fastest.
+MEASURED_BATCH_SIZES = (8, 16, 32, 64, 128)
+MAX_MEASURED_BUDGET = 2**30
+# Window positions per pass of the incremental engine (its patches are small; the layers
+# it computes in full run at the deep, small maps).
+INCREMENTAL_BATCH = 128
+# The incremental plan is abandoned for full recomputation when it saves less than this
+# (multiply-adds of its first batch / those of full passes for the same positions).
+PROFITABLE_FRACTION = 0.8
+MODES = ("exact", "full", "approximate")
+# Approximate mode defaults: the projective-field threshold (rectangles capped at this
+# fraction of each map's height and width) and the adaptive drill-down (a pass on every
+# COARSE_STEP-th row and column of the window grid, the rest interpolated except for
+# this fraction of the positions, the highest estimates, computed exactly).
+FIELD_CAP = 0.5
+DRILL_DOWN = 0.1
+COARSE_STEP = 3
 
 
 def occlusion(
@@ -46,6 +69,9 @@ def occlusion(
     memory_budget: Optional[int] = None,
     return_deltas: bool = False,
     return_output: bool = False,
+    mode: str = "exact",
+    field_cap: Optional[float] = None,
+    drill_down: Optional[float] = None,
 ):
     """Occlusion map: how much the target score drops when a window around each pixel is
     replaced by ``baseline``.
@@ -71,17 +97,33 @@ def occlusion(
         baseline: value written inside the window: a number, or a tensor broadcastable to
             ``[N, C, H, W]`` (e.g. a per-channel mean ``[1, C, 1, 1]`` or a blurred copy
             ``[N, C, H, W]``).
-        batch_size: occluded images per forward pass (windows of several images may share
-            a pass). The result does not depend on it. Default: as many as fit in
-            ``memory_budget``, counting per occluded image its own copy plus 3 times the
-            largest layer output (a layer's input, its output and a skip connection),
-            measured during the clean forward pass (the largest tensor an operator makes).
-        memory_budget: bytes one forward pass may use when ``batch_size`` is None.
-            Default: 64 MiB on CPU (larger batches run no faster there: they fall out of
-            cache), half of the free memory on CUDA.
+        batch_size: window positions per pass (windows of several images may share a
+            full-recomputation pass). The result does not depend on it. Default: 128 for
+            the incremental passes; for full recomputation, as many as fit in
+            ``memory_budget`` when one is given (counting per occluded image its own copy
+            plus 3 times the largest layer output, measured during the clean forward pass:
+            the largest tensor an operator makes), else the fastest of 8, 16, ..., 128
+            (within 1 GiB on CPU) timed on the first passes (one pass when all the work
+            fits in the default budget).
+        memory_budget: bytes one full-recomputation pass may use when ``batch_size`` is
+            None. Default: 64 MiB on CPU, half of the free memory on CUDA.
         return_deltas: also return the score drops per window position.
         return_output: also return the model's output on the clean inputs (the pass the
             unoccluded scores come from).
+        mode: ``"exact"`` (default): each window's scores are computed by recomputing only
+            what the window changes, layer by layer (:mod:`.incremental`); equal to full
+            recomputation within float rounding. Used when the model can be captured by
+            ``torch.fx.symbolic_trace`` (its forward runs once with proxies) and the plan
+            saves work; otherwise, and with ``"full"``, every occluded image runs through
+            the whole model. ``"approximate"``: faster, not exact, tuned by ``field_cap``
+            and ``drill_down``.
+        field_cap: approximate mode: the projective-field threshold, in (0, 1]: changed
+            regions are capped at this fraction of each layer's height and width (changes
+            outside are dropped). Default 0.5; 1 disables it.
+        drill_down: approximate mode: windows are first scored on every 3rd row and column
+            of the position grid, the others interpolated, then this fraction (in (0, 1])
+            of all positions, those with the highest interpolated values, is scored exactly.
+            Default 0.1; 1 disables it (every position scored).
 
     Returns:
         ``Tensor[N, H, W]`` on the inputs' device, in the scores' dtype; with
@@ -106,23 +148,28 @@ def occlusion(
             check_positive_int(memory_budget, "memory_budget")
         base = check_baseline(baseline, inputs)
         check_target(target, N)
+        field_cap, drill_down = _check_mode(mode, field_cap, drill_down)
         rows, cols = occlusion_grid(H, W, window, stride)
-        positions = rows * cols
 
         keep_output = return_output or is_predicted(target)
         with torch.inference_mode():
             # a copy: a model that writes into its input must not change the caller's tensor
             scores, output, per_image = _clean_pass(model, inputs.clone(), target, keep_output,
                                                     measure=batch_size is None)
-            if batch_size is None:
-                batch_size = choose_batch_size(per_image, inputs.device, memory_budget)
             target = resolve_target(target, output)
-            deltas = scores.new_empty((N, positions))
-            for n0, n1, first, count in _chunks(N, positions, batch_size):
-                batch = occlude(inputs[n0:n1], window, stride, _rows(base, n0, n1), first, count)
-                images = torch.arange(n0, n1, device=inputs.device).repeat_interleave(count)
-                occluded = target_scores(model, batch.reshape(-1, C, H, W), target_for_rows(target, images))
-                deltas[n0:n1, first:first + count] = scores[n0:n1, None] - occluded.view(n1 - n0, count)
+            deltas = None
+            if mode != "full":
+                engine = IncrementalOcclusion.build(model, target, field_cap=field_cap)
+                if engine is not None:
+                    score = _incremental_scorer(engine, inputs, base, scores, target, window, stride, batch_size)
+                    deltas = _deltas(score, N, rows, cols, drill_down)
+            if deltas is None and drill_down is not None:
+                score = _full_scorer(model, inputs, base, scores, target, window, stride,
+                                     batch_size or choose_batch_size(per_image, inputs.device, memory_budget))
+                deltas = _deltas(score, N, rows, cols, drill_down)
+            if deltas is None:
+                deltas = _full_deltas(model, inputs, base, scores, target, window, stride, batch_size,
+                                      memory_budget, per_image)
 
         # outside inference mode so that the results are ordinary tensors
         with torch.no_grad():
@@ -130,8 +177,181 @@ def occlusion(
             if return_deltas:
                 results += (deltas.reshape(N, rows, cols).clone(),)
             if return_output:
-                results += (_ordinary(output),)
+                results += (detach_output(output, clone=True),)
         return results[0] if len(results) == 1 else results
+
+
+def _check_mode(mode, field_cap, drill_down) -> Tuple[Optional[float], Optional[float]]:
+    """``(field_cap, drill_down)`` for ``mode``; None where the knob is off."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mode != "approximate":
+        for name, value in (("field_cap", field_cap), ("drill_down", drill_down)):
+            if value is not None:
+                raise ValueError(f"{name} applies only to mode='approximate', got {name}={value!r} "
+                                 f"with mode={mode!r}")
+        return None, None
+    knobs = []
+    for name, value, default in (("field_cap", field_cap, FIELD_CAP), ("drill_down", drill_down, DRILL_DOWN)):
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        knobs.append(None if value >= 1 else float(value))
+    return tuple(knobs)
+
+
+class _Fallback(Exception):
+    """The incremental plan is not used for this call (see _incremental_scorer)."""
+
+
+Scorer = Callable[[int, Tensor], Tensor]
+
+
+def _deltas(score: Scorer, n_images: int, rows: int, cols: int, drill_down: Optional[float]) -> Optional[Tensor]:
+    """``deltas [N, rows * cols]`` from ``score(n, positions) -> deltas of those positions``
+    (every position, or the drill-down's choice); None when the scorer gives up."""
+    positions = torch.arange(rows * cols)
+    try:
+        if drill_down is None:
+            return torch.stack([score(n, positions) for n in range(n_images)])
+        return torch.stack([_drill_down(lambda p: score(n, p), rows, cols, drill_down) for n in range(n_images)])
+    except _Fallback:
+        return None
+
+
+def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tensor, scores: Tensor, target,
+                        window, stride, batch_size: Optional[int]) -> Scorer:
+    """Deltas of image ``n`` at some positions from the incremental engine. Raises
+    _Fallback when the traced graph does not reproduce the model's clean score (a trace
+    that missed something) or when its first batch saves too little arithmetic."""
+    N, C, H, W = inputs.shape
+    bounds = occlusion_window_bounds(H, W, window, stride, device=inputs.device)
+    batch = batch_size or INCREMENTAL_BATCH
+    state = {"image": None, "checked": False}
+
+    def score(n: int, positions: Tensor) -> Tensor:
+        if state["image"] != n:
+            clean = engine.clean(inputs[n:n + 1], _rows(base, n, n + 1), _image_target(target, n))
+            if clean.shape != (1,) or not torch.allclose(clean, scores[n:n + 1], rtol=1e-3, atol=1e-5):
+                raise _Fallback
+            state["image"] = n
+        out = []
+        for chunk in positions.to(inputs.device).split(batch):
+            out.append(engine.scores(*(b[chunk] for b in bounds)))
+            if not state["checked"]:
+                if engine.macs_incremental > PROFITABLE_FRACTION * engine.positions * engine.macs_clean:
+                    raise _Fallback
+                state["checked"] = True
+        return scores[n] - torch.cat(out)
+    return score
+
+
+def _full_scorer(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor, target, window, stride,
+                 batch_size: int) -> Scorer:
+    """Deltas of image ``n`` at some positions, each occluded image run through the model."""
+    N, C, H, W = inputs.shape
+    bounds = occlusion_window_bounds(H, W, window, stride, device=inputs.device)
+    hh, ww = torch.arange(H, device=inputs.device), torch.arange(W, device=inputs.device)
+
+    def score(n: int, positions: Tensor) -> Tensor:
+        image, fill = inputs[n:n + 1], _rows(base, n, n + 1)
+        out = []
+        for chunk in positions.to(inputs.device).split(batch_size):
+            r0, r1, c0, c1 = (b[chunk, None] for b in bounds)
+            masks = ((hh >= r0) & (hh < r1))[:, :, None] & ((ww >= c0) & (ww < c1))[:, None, :]
+            occluded = torch.where(masks[:, None], fill, image)
+            out.append(target_scores(model, occluded, target_for_rows(target, torch.full_like(chunk, n))))
+        return scores[n] - torch.cat(out)
+    return score
+
+
+def _drill_down(score: Callable[[Tensor], Tensor], rows: int, cols: int, fraction: float) -> Tensor:
+    """Deltas of one image's ``rows x cols`` positions (flat): exact on a coarse grid (every
+    COARSE_STEP-th row and column, and the last) and on the ``fraction`` of positions with
+    the highest bilinear interpolation of it; interpolated elsewhere."""
+    knots_r = sorted(set(range(0, rows, COARSE_STEP)) | {rows - 1})
+    knots_c = sorted(set(range(0, cols, COARSE_STEP)) | {cols - 1})
+    coarse = (torch.tensor(knots_r)[:, None] * cols + torch.tensor(knots_c)[None, :]).flatten()
+    coarse_deltas = score(coarse)
+    grid = coarse_deltas.view(len(knots_r), len(knots_c))
+    estimate = (_interpolation(knots_r, rows).to(grid) @ grid @ _interpolation(knots_c, cols).to(grid).T).flatten()
+    estimate[coarse.to(estimate.device)] = coarse_deltas
+    todo = torch.ones(rows * cols, dtype=torch.bool)
+    todo[coarse] = False
+    candidates = todo.nonzero()[:, 0]
+    k = min(candidates.numel(), math.ceil(fraction * rows * cols))
+    if k:
+        chosen = candidates[estimate[candidates.to(estimate.device)].topk(k).indices.cpu()]
+        estimate[chosen.to(estimate.device)] = score(chosen)
+    return estimate
+
+
+def _interpolation(knots: List[int], n: int) -> Tensor:
+    """``[n, len(knots)]`` weights of linear interpolation at 0..n-1 from values at ``knots``."""
+    weights = torch.zeros(n, len(knots), dtype=torch.float64)
+    for k, (a, b) in enumerate(zip(knots, knots[1:])):
+        t = torch.arange(a, b + 1, dtype=torch.float64)
+        weights[a:b + 1, k] = (b - t) / (b - a)
+        weights[a:b + 1, k + 1] = (t - a) / (b - a)
+    if len(knots) == 1:
+        weights[:, 0] = 1
+    return weights
+
+
+def _image_target(target, n: int):
+    """Image ``n``'s target for passes over copies of that image only."""
+    if isinstance(target, (list, tuple, Tensor)):
+        return int(torch.as_tensor(target)[n])
+    return target
+
+
+def _full_deltas(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor, target, window, stride,
+                 batch_size: Optional[int], memory_budget: Optional[int], per_image: Optional[int]) -> Tensor:
+    """``deltas [N, positions]`` by full recomputation, in passes of ``batch_size`` occluded
+    images; without one, the memory budget's size, or (no budget given and more work than
+    one pass of it) the fastest of MEASURED_BATCH_SIZES timed on the first passes."""
+    N, C, H, W = inputs.shape
+    positions = math.prod(occlusion_grid(H, W, window, stride))
+    deltas = scores.new_empty((N, positions))
+
+    def run(n0, n1, first, count):
+        batch = occlude(inputs[n0:n1], window, stride, _rows(base, n0, n1), first, count)
+        images = torch.arange(n0, n1, device=inputs.device).repeat_interleave(count)
+        occluded = target_scores(model, batch.reshape(-1, C, H, W), target_for_rows(target, images))
+        deltas[n0:n1, first:first + count] = scores[n0:n1, None] - occluded.view(n1 - n0, count)
+
+    if batch_size is None:
+        batch_size = choose_batch_size(per_image, inputs.device, memory_budget)
+        if memory_budget is None and N * positions > batch_size:
+            largest = choose_batch_size(per_image, inputs.device, max(memory_budget or 0, MAX_MEASURED_BUDGET))
+            candidates = [b for b in MEASURED_BATCH_SIZES if b <= min(largest, positions)] or [batch_size]
+            return _measured_passes(run, N, positions, candidates, inputs.device, deltas)
+    for chunk in _chunks(N, positions, batch_size):
+        run(*chunk)
+    return deltas
+
+
+def _measured_passes(run, n_images: int, positions: int, candidates: List[int], device, deltas: Tensor) -> Tensor:
+    """Run image 0's first passes with each candidate batch size while they take at most a
+    quarter of all the work (trials at a poor size cost time), then everything left with
+    the size that was fastest per image."""
+    seconds = {}
+    first = 0
+    for size in candidates:
+        if first + size > positions or first + size > n_images * positions // 4:
+            break
+        start = time.perf_counter()
+        run(0, 1, first, size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[size] = (time.perf_counter() - start) / size
+        first += size
+    best = min(seconds, key=seconds.get) if seconds else candidates[0]
+    for start in range(first, positions, best):
+        run(0, 1, start, min(best, positions - start))
+    for n0, n1, start, count in _chunks(n_images - 1, positions, best):
+        run(n0 + 1, n1 + 1, start, count)
+    return deltas
 
 
 def choose_batch_size(bytes_per_image: int, device: torch.device, memory_budget: Optional[int] = None) -> int:
@@ -185,18 +405,6 @@ class _LargestTensor(TorchDispatchMode):
             if isinstance(t, Tensor):
                 self.nbytes = max(self.nbytes, t.nbytes)
         return out
-
-
-def _ordinary(output):
-    """An inference-mode output as ordinary tensors (callers may use them in autograd)."""
-    output = detach_output(output)
-    if isinstance(output, Tensor):
-        return output.clone()
-    if isinstance(output, (tuple, list)):
-        return type(output)(_ordinary(o) for o in output)
-    if isinstance(output, dict):
-        return {k: _ordinary(v) for k, v in output.items()}
-    return output
 
 
 def _chunks(n_images: int, positions: int, batch_size: int) -> List[Tuple[int, int, int, int]]:

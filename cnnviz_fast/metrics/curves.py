@@ -51,13 +51,13 @@ def _order(maps: Tensor, inputs: Tensor, patch):
     N, _, H, W = inputs.shape
     h, w = maps.shape[1:]
     if (h, w) != (H, W):  # a lower-resolution map: one value per patch
-        if patch is not None and tuple(ops.reference._pair(patch, "patch")) != (H // h, W // w):
+        if patch is not None and tuple(ops._checks.pair(patch, "patch")) != (H // h, W // w):
             raise ValueError(f"patch must be {(H // h, W // w)} for maps of size {(h, w)} on {(H, W)} images, "
                              f"got {patch!r}")
         patch = (H // h, W // w)
-    elif patch is not None and ops.reference._pair(patch, "patch") != (1, 1):
+    elif patch is not None and ops._checks.pair(patch, "patch") != (1, 1):
         # full-resolution map, coarser cells: the map's mean over each (border-clipped) patch
-        ph, pw = ops.reference._pair(patch, "patch")
+        ph, pw = ops._checks.pair(patch, "patch")
         rows, cols = ops.progressive_grid(H, W, (ph, pw))
         pad = (0, cols * pw - W, 0, rows * ph - H)
         total = nn.functional.pad(maps, pad).reshape(N, rows, ph, cols, pw).sum((2, 4))
@@ -66,7 +66,7 @@ def _order(maps: Tensor, inputs: Tensor, patch):
     else:
         patch = (1, 1)
     order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
-    return order, ops.reference._pair(patch, "patch")
+    return order, ops._checks.pair(patch, "patch")
 
 
 def perturbation_curve(
@@ -92,7 +92,7 @@ def perturbation_curve(
     maps = check_maps(attributions, inputs)
     if maps.device != inputs.device:
         raise ValueError(f"attributions must be on the inputs' device {inputs.device}, got {maps.device}")
-    base = ops.reference._baseline_tensor(baseline, inputs)
+    base = ops._checks.baseline(baseline, inputs)
     N, C, H, W = inputs.shape
     per_image_base = base.dim() == 4 and base.shape[0] == N and N > 1
     order, patch = _order(maps, inputs, patch)

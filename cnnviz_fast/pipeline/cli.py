@@ -83,11 +83,11 @@ def _cmd_merge(args) -> int:
 
 
 def add_saliency_parser(commands) -> argparse.ArgumentParser:
-    from ..cli import BUILTIN_MODELS
+    from ..cli import MODEL_HELP
 
     sal = commands.add_parser("saliency", help="attribution maps for a whole dataset, streamed and resumable "
                                                "(torchrun for many GPUs and nodes)")
-    sal.add_argument("--model", default="digits", help=f"{', '.join(BUILTIN_MODELS)} or package.module:factory")
+    sal.add_argument("--model", default="digits", help=MODEL_HELP)
     sal.add_argument("--weights", help="state dict for --model")
     sal.add_argument("--data", default="digits", help="a folder of images (recursive), a text file of paths, "
                      "digits[:split], samples, or package.module:factory (a Tensor/Dataset/DataLoader)")
@@ -111,6 +111,7 @@ def add_saliency_parser(commands) -> argparse.ArgumentParser:
     sal.add_argument("--decode", choices=["pil", "gpu"], default="pil", help="gpu: nvJPEG on the device")
     sal.add_argument("--pictures", type=int, default=0, help="also save overlays of the first N images as PNG")
     sal.add_argument("--quiet", action="store_true")
+    sal.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sal.set_defaults(run=_cmd_saliency)
     return sal
 
@@ -119,6 +120,7 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="join the output folders of a saliency run's nodes")
     merge.add_argument("out", help="folder to write the merged run into (may be one of the folders)")
     merge.add_argument("folders", nargs="+", help="per-node output folders of the same run")
+    merge.add_argument("--debug", action="store_true", help="show the traceback of an error")
     merge.set_defaults(run=_cmd_merge)
     return merge
 

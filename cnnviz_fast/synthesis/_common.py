@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Normalize, check_images, forward_to_layers
-from ..core.validation import check_int, check_number, model_device_dtype  # noqa: F401 (the suite's checks)
+from ..core.validation import check_int
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:

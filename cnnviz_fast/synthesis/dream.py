@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import autograd_on, model_guard
-from ._common import check_int, check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ..core.validation import check_int, check_number, model_device_dtype
+from ._common import check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
 from .regularizers import Jitter

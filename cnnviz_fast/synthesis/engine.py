@@ -213,7 +213,7 @@ def optimize(
         for p, g in zip(params, _normalise_steps(grads[:len(params)], step_norm)):
             p.grad = g
         if "losses" not in record:  # the first evaluation of this step
-            last_losses[index] = losses.detach()
+            last_losses[index] = losses.detach().to(last_losses.dtype)  # float64 models too
             record.update(losses=last_losses.clone(), pixels=pixels.detach(),
                           native_grad=grads[-1] if native_grad_needed else None)
         return losses.detach().sum()

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import autograd_on, forward_to_layers, model_guard
-from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ..core.validation import check_number, model_device_dtype
+from ._common import check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import make_image
 from .regularizers import AlphaNorm, TotalVariation

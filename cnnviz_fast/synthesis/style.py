@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..core import autograd_on, model_guard
-from ._common import check_normalize, check_number, check_pixels, make_generator, model_device_dtype, probe
+from ..core.validation import check_number, model_device_dtype
+from ._common import check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from ..core.validation import check_pair
 from .parameterization import Size, make_image

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from ..core import Neuron, autograd_on, model_guard
 from ..core.targets import check_target
+from ..core.validation import check_number, model_device_dtype
 from . import regularizers as R
-from ._common import (check_normalize, check_number, check_pixels, make_generator, model_device_dtype, neutral_pixel,
-                      probe)
+from ._common import check_normalize, check_pixels, make_generator, neutral_pixel, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import Size, check_shape, make_image
 

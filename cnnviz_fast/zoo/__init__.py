@@ -8,6 +8,8 @@
   ``DIGITS_NORMALIZE`` / ``IMAGENET_NORMALIZE`` map pixels to model inputs.
 - :func:`resnet18`, :func:`vgg11`, :func:`vgg19`: torchvision-style architectures with
   random weights (for tests, texture synthesis and style transfer).
+- :func:`efficientnet_lite0`: an ImageNet classifier (extra ``cnnviz_fast[imagenet]``),
+  :func:`imagenet_classes` its 1000 class names, :func:`photos` real photos for it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 import torch
 
 from .architectures import DigitsCNN, DigitsCNNFunctional, ResNet, VGG, resnet18, vgg, vgg11, vgg19
-from .data import DIGITS_NORMALIZE, DIGITS_SIZE, IMAGENET_NORMALIZE, digits, sample_images
+from .data import DIGITS_NORMALIZE, DIGITS_SIZE, IMAGENET_NORMALIZE, digits, photos, sample_images
+from .efficientnet import (EFFICIENTNET_LITE0_NORMALIZE, EFFICIENTNET_LITE0_SIZE, EfficientNetLite,
+                           efficientnet_lite0, imagenet_classes)
 
 DIGITS_WEIGHTS = Path(__file__).parent / "weights" / "digits_cnn.pt"
 DIGITS_WEIGHTS_SHA256 = "0c5671518c16346ec73c3c8d9e399b72716385b4c4e15b6dce33f49f286ace11"
@@ -25,8 +29,9 @@ DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 __all__ = [
     "DIGITS_CLASSES", "DIGITS_NORMALIZE", "DIGITS_SIZE", "DigitsCNN", "DigitsCNNFunctional",
-    "IMAGENET_NORMALIZE", "ResNet", "VGG", "digits", "digits_cnn", "resnet18", "sample_images",
-    "vgg", "vgg11", "vgg19",
+    "EFFICIENTNET_LITE0_NORMALIZE", "EFFICIENTNET_LITE0_SIZE", "EfficientNetLite", "IMAGENET_NORMALIZE",
+    "ResNet", "VGG", "digits", "digits_cnn", "efficientnet_lite0", "imagenet_classes", "photos", "resnet18",
+    "sample_images", "vgg", "vgg11", "vgg19",
 ]
 
 

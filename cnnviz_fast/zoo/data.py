@@ -63,13 +63,39 @@ def sample_images(size: int | None = None) -> Dict[str, torch.Tensor]:
     for name, array in zip(bunch.filenames, bunch.images):
         key = name.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
         image = torch.from_numpy(np.array(array)).permute(2, 0, 1).float().div_(255).unsqueeze(0)
-        if size is not None:
-            h, w = image.shape[-2:]
-            scale = size / min(h, w)
-            image = F.interpolate(image, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                                  mode="bilinear", align_corners=False, antialias=True)
-            h, w = image.shape[-2:]
-            top, left = (h - size) // 2, (w - size) // 2
-            image = image[..., top:top + size, left:left + size].clamp(0, 1).contiguous()
-        out[key] = image
+        out[key] = image if size is None else _center_square(image, size)
     return out
+
+
+def _center_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side of ``Tensor[1, C, H, W]`` to ``size`` and crop the centre square."""
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    image = F.interpolate(image, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                          mode="bilinear", align_corners=False, antialias=True)
+    h, w = image.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[..., top:top + size, left:left + size].clamp(0, 1).contiguous()
+
+
+# scikit-image photos that ship inside its wheel (no download), by the name used here
+_SKIMAGE_PHOTOS = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astronaut": "astronaut",
+                   "motorcycle": "stereo_motorcycle"}
+
+
+def photos(size: int | None = 224) -> Dict[str, torch.Tensor]:
+    """Real RGB photos for the ImageNet model: scikit-learn's "china" and "flower" and, when
+    scikit-image is installed, its "cat" (chelsea), "coffee", "rocket", "astronaut" and
+    "motorcycle"; each ``Tensor[1, 3, size, size]`` in [0, 1] (centre crop), or the
+    full photo with ``size=None``."""
+    out = sample_images()
+    try:
+        import skimage.data
+    except ImportError:
+        skimage = None
+    if skimage is not None:
+        for name, function in _SKIMAGE_PHOTOS.items():
+            array = getattr(skimage.data, function)()
+            array = array[0] if isinstance(array, tuple) else array  # stereo pair: left image
+            out[name] = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float().div_(255)[None]
+    return {name: _center_square(image, size) if size else image for name, image in out.items()}

@@ -1,0 +1,419 @@
+"""The tool subcommands of ``cnnviz`` (one method each): visualize, adversarial, invert,
+dream, texture, style, filters, features, neighbors, embed, patches, layers. Each writes
+PNGs (and ``.npy`` where numbers are the product) into ``--out`` through
+:func:`cnnviz_fast.cli.staged_output`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+
+from . import features, synthesis
+from .cli import (CLIError, add_model_options, add_parser, add_run_options, class_names, load_images,
+                  load_model_info, staged_output)
+from .core import Neuron, get_layer
+from .pictures import colorize, image_grid, save_png
+
+
+class Context:
+    """The model, its preprocessing and class names, on ``--device``."""
+
+    def __init__(self, args):
+        self.args = args
+        self.model, self.normalize, self.size, classes = load_model_info(args.model, args.weights, args.mean,
+                                                                         args.std, args.size)
+        self.device = torch.device(args.device)
+        self.model.to(self.device)
+        self.normalize.to(self.device)
+        self.channels = self.normalize.channels
+        self.progress = not args.quiet
+        self._classes = classes
+
+    def images(self, spec, size=None):
+        pixels, names = load_images(spec, size or self.size, self.channels)
+        return pixels.to(self.device), names
+
+    def layer(self, name: str) -> str:
+        get_layer(self.model, name, "--layer")  # one ValueError line naming the closest layers
+        return name
+
+    def labels(self, logits: torch.Tensor) -> List[str]:
+        return class_names(self._classes, logits.shape[-1])
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(message)
+
+
+def _upscale(size: int) -> int:
+    return max(1, 128 // size)
+
+
+# --- synthesis -----------------------------------------------------------------------------
+
+def _cmd_visualize(args) -> int:
+    ctx = Context(args)
+    shape = (ctx.channels, ctx.size, ctx.size)
+    common = dict(normalize=ctx.normalize, steps=args.steps, lr=args.lr, parameterization=args.parameterization,
+                  tv=args.tv, l2=args.l2, seed=args.seed, progress=ctx.progress)
+    if args.neuron:
+        neurons = []
+        for spec in args.neuron:
+            layer, _, channel = spec.rpartition(":")
+            if not layer or not channel.isdigit():
+                raise CLIError(f"--neuron {spec!r}: expected LAYER:CHANNEL, e.g. features.conv5:3")
+            neurons.append(Neuron(ctx.layer(layer), int(channel)))
+        result = synthesis.visualize_neuron(ctx.model, neurons, shape, **common)
+        names = [f"neuron-{n.layer}-{n.channel}" for n in neurons]
+    else:
+        classes = args.classes or [0]
+        result = synthesis.visualize_class(ctx.model, classes, shape, **common)
+        with torch.no_grad():
+            logits = ctx.model(ctx.normalize(result.images.to(ctx.device)))
+        labels = ctx.labels(logits)
+        probs = logits.softmax(1)
+        names = [f"class-{c}" for c in classes]
+        for c, p in zip(classes, probs):
+            ctx.say(f"class {c} ({labels[c]}): probability {float(p[c]):.3f}")
+    with staged_output(Path(args.out)) as stage:
+        for name, image in zip(names, result.images):
+            save_png(image, stage / f"{name}.png", upscale=_upscale(ctx.size))
+        save_png(image_grid(result.images.cpu()), stage / "grid.png", upscale=_upscale(ctx.size))
+    ctx.say(f"wrote {len(names) + 1} PNGs to {args.out}/")
+    return 0
+
+
+def add_visualize_parser(commands) -> None:
+    p = add_parser(commands, "visualize", "images that maximise a class score or a neuron (feature visualization)",
+                   "  cnnviz visualize --model zoo:efficientnet-lite0 --class 1 130 --out classes\n"
+                   "  cnnviz visualize --model zoo:digits --neuron features.conv5:3 features.conv5:7 --out neurons")
+    add_model_options(p)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices (default: 0)")
+    what.add_argument("--neuron", nargs="+", help="LAYER:CHANNEL (the channel's spatial mean)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--parameterization", choices=("fourier", "pixels"), default="fourier")
+    p.add_argument("--tv", type=float, default=0.0, help="total-variation weight")
+    p.add_argument("--l2", type=float, default=0.0, help="L2 weight")
+    add_run_options(p, "cnnviz-visualize")
+    p.set_defaults(run=_cmd_visualize)
+
+
+def _cmd_adversarial(args) -> int:
+    ctx = Context(args)
+    pixels, names = ctx.images(args.images)
+    with torch.no_grad():
+        logits = ctx.model(ctx.normalize(pixels))
+    before, labels = logits.argmax(1), ctx.labels(logits)
+    target = torch.full_like(before, args.target) if args.target is not None else before
+    result = synthesis.adversarial(ctx.model, pixels, target, args.method, eps=args.eps / 255, steps=args.steps,
+                                   targeted=args.target is not None, normalize=ctx.normalize, seed=args.seed,
+                                   progress=ctx.progress)
+    with staged_output(Path(args.out)) as stage:
+        for index, name in enumerate(names):
+            b, a = int(before[index]), int(result.predictions[index])
+            ctx.say(f"{name}: {labels[b]} ({b}) → {labels[a]} ({a})")
+            clean, adv = pixels[index].cpu(), result.images[index].cpu()
+            delta = (0.5 + 0.5 * (adv - clean) / max(args.eps / 255, 1e-8)).clamp(0, 1)  # ±eps → black/white
+            save_png(image_grid([clean, adv, delta], nrow=3, scale=False),
+                     stage / f"{name}-{b}-to-{a}.png", upscale=_upscale(ctx.size))
+            save_png(adv, stage / f"{name}-adversarial.png")
+        np.save(stage / "predictions.npy", np.stack([before.cpu().numpy(), result.predictions.cpu().numpy()], 1))
+    ctx.say(f"success {float(result.success.float().mean()):.0%}; wrote {args.out}/")
+    return 0
+
+
+def add_adversarial_parser(commands) -> None:
+    p = add_parser(commands, "adversarial", "adversarial examples (PGD, FGSM, gradient ascent) with the labels",
+                   "  cnnviz adversarial --model zoo:efficientnet-lite0 --images cat.jpg --eps 2 --out adv\n"
+                   "  cnnviz adversarial --model zoo:digits --images digits --target 3 --method ascent")
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders (or 'photos', 'digits')")
+    p.add_argument("--method", choices=("pgd", "fgsm", "ascent"), default="pgd")
+    p.add_argument("--eps", type=float, default=8.0, help="L∞ radius in grey levels out of 255 (default: 8)")
+    p.add_argument("--steps", type=int, help="iterations (default: the method's)")
+    p.add_argument("--target", type=int, help="targeted attack toward this class (default: untargeted)")
+    add_run_options(p, "cnnviz-adversarial")
+    p.set_defaults(run=_cmd_adversarial)
+
+
+def _cmd_invert(args) -> int:
+    ctx = Context(args)
+    pixels, names = ctx.images(args.images)
+    rows = [pixels.cpu()]
+    with staged_output(Path(args.out)) as stage:
+        for layer in args.layers:
+            result = synthesis.invert_features(ctx.model, pixels, ctx.layer(layer), normalize=ctx.normalize,
+                                               steps=args.steps, seed=args.seed, progress=ctx.progress)
+            rows.append(result.images.cpu())
+            for name, image, error in zip(names, result.images, result.relative_error):
+                save_png(image, stage / f"{name}-{layer}.png", upscale=_upscale(ctx.size))
+                ctx.say(f"{name} from {layer}: relative feature error {float(error):.3f}")
+        save_png(image_grid(torch.cat(rows), nrow=len(names), scale=False), stage / "grid.png",
+                 upscale=_upscale(ctx.size))
+    return 0
+
+
+def add_invert_parser(commands) -> None:
+    p = add_parser(commands, "invert", "reconstruct images from their activations at one or more layers",
+                   "  cnnviz invert --model zoo:digits --images digits --layers features.relu2 features.relu4")
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--layers", nargs="+", required=True, help="layer names (see `cnnviz layers`)")
+    p.add_argument("--steps", type=int, default=200)
+    add_run_options(p, "cnnviz-invert")
+    p.set_defaults(run=_cmd_invert)
+
+
+def _cmd_dream(args) -> int:
+    ctx = Context(args)
+    pixels, names = ctx.images(args.images)
+    result = synthesis.deep_dream(ctx.model, pixels, ctx.layer(args.layer), normalize=ctx.normalize,
+                                  steps=args.steps, octaves=args.octaves, seed=args.seed, progress=ctx.progress)
+    with staged_output(Path(args.out)) as stage:
+        for name, image in zip(names, result.images):
+            save_png(image, stage / f"{name}-dream.png", upscale=_upscale(ctx.size))
+    return 0
+
+
+def add_dream_parser(commands) -> None:
+    p = add_parser(commands, "dream", "DeepDream: amplify what a layer sees in the images",
+                   "  cnnviz dream --model zoo:efficientnet-lite0 --images photo.jpg --layer _blocks.7 --size 320")
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--steps", type=int, default=20, help="steps per octave")
+    p.add_argument("--octaves", type=int, default=3)
+    add_run_options(p, "cnnviz-dream")
+    p.set_defaults(run=_cmd_dream)
+
+
+def _cmd_texture(args) -> int:
+    ctx = Context(args)
+    pixels, names = ctx.images(args.images)
+    layers = [ctx.layer(layer) for layer in args.layers]
+    result = synthesis.synthesize_texture(ctx.model, pixels, layers, normalize=ctx.normalize, steps=args.steps,
+                                          seed=args.seed, progress=ctx.progress)
+    with staged_output(Path(args.out)) as stage:
+        for name, image in zip(names, result.images):
+            save_png(image, stage / f"{name}-texture.png", upscale=_upscale(ctx.size))
+    return 0
+
+
+def add_texture_parser(commands) -> None:
+    p = add_parser(commands, "texture", "texture synthesis: new images with the Gram statistics of the images",
+                   "  cnnviz texture --model zoo:efficientnet-lite0 --images brick.png --size 128 \\\n"
+                   "      --layers _blocks.0 _blocks.2 _blocks.4 _blocks.7")
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--layers", nargs="+", required=True)
+    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    add_run_options(p, "cnnviz-texture")
+    p.set_defaults(run=_cmd_texture)
+
+
+def _cmd_style(args) -> int:
+    ctx = Context(args)
+    content, names = ctx.images(args.content)
+    style, _ = ctx.images(args.style)
+    layers = [ctx.layer(layer) for layer in args.style_layers]
+    result = synthesis.style_transfer(ctx.model, content, style[:1], ctx.layer(args.content_layer), layers,
+                                      normalize=ctx.normalize, steps=args.steps, style_weight=args.style_weight,
+                                      seed=args.seed, progress=ctx.progress)
+    with staged_output(Path(args.out)) as stage:
+        for name, image in zip(names, result.images):
+            save_png(image, stage / f"{name}-styled.png", upscale=_upscale(ctx.size))
+    return 0
+
+
+def add_style_parser(commands) -> None:
+    p = add_parser(commands, "style", "style transfer: the content images painted in the style image's style",
+                   "  cnnviz style --model zoo:efficientnet-lite0 --content photo.jpg --style painting.jpg \\\n"
+                   "      --content-layer _blocks.7 --style-layers _blocks.0 _blocks.2 _blocks.4 --size 160")
+    add_model_options(p)
+    p.add_argument("--content", nargs="+", required=True)
+    p.add_argument("--style", required=True)
+    p.add_argument("--content-layer", required=True)
+    p.add_argument("--style-layers", nargs="+", required=True)
+    p.add_argument("--style-weight", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    add_run_options(p, "cnnviz-style")
+    p.set_defaults(run=_cmd_style)
+
+
+# --- filters and features ------------------------------------------------------------------
+
+def _cmd_filters(args) -> int:
+    ctx = Context(args)
+    layer = ctx.layer(args.layer) if args.layer else None
+    grid = features.filter_grid(ctx.model, layer)
+    with staged_output(Path(args.out)) as stage:
+        save_png(grid, stage / f"filters-{layer or 'first'}.png", upscale=args.upscale)
+    ctx.say(f"wrote {args.out}/filters-{layer or 'first'}.png")
+    return 0
+
+
+def add_filters_parser(commands) -> None:
+    p = add_parser(commands, "filters", "the filters of a convolution as a picture",
+                   "  cnnviz filters --model zoo:efficientnet-lite0 --out filters\n"
+                   "  cnnviz filters --model zoo:digits --layer features.conv2 --upscale 4")
+    add_model_options(p)
+    p.add_argument("--layer", help="a Conv2d (default: the first)")
+    p.add_argument("--upscale", type=int, default=8)
+    add_run_options(p, "cnnviz-filters")
+    p.set_defaults(run=_cmd_filters)
+
+
+def _features(ctx, args):
+    pixels, names = ctx.images(args.images)
+    feats = features.extract_features(ctx.model, ctx.normalize(pixels), ctx.layer(args.layer),
+                                      pool=None if args.pool == "flatten" else args.pool,
+                                      device=ctx.device, progress=ctx.progress)
+    return pixels, names, feats.reshape(len(feats), -1)
+
+
+def _cmd_features(args) -> int:
+    ctx = Context(args)
+    _, names, feats = _features(ctx, args)
+    with staged_output(Path(args.out)) as stage:
+        np.save(stage / "features.npy", feats.cpu().numpy())
+        (stage / "names.txt").write_text("\n".join(names) + "\n")
+        # one row per image, one column per feature, min-max coloured
+        save_png(colorize(feats.cpu()), stage / "features.png", upscale=max(1, 256 // max(feats.shape)))
+    ctx.say(f"wrote {args.out}/features.npy {list(feats.shape)}, names.txt and features.png")
+    return 0
+
+
+def _add_feature_options(p, pool="avg") -> None:
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--pool", choices=("avg", "max", "flatten"), default=pool,
+                   help=f"spatial pooling of [N, C, h, w] outputs, or flatten them (default: {pool})")
+
+
+def add_features_parser(commands) -> None:
+    p = add_parser(commands, "features", "the activations of a layer for every image → features.npy",
+                   "  cnnviz features --model zoo:digits --images digits:all --layer classifier.fc1 --out feats")
+    _add_feature_options(p)
+    add_run_options(p, "cnnviz-features")
+    p.set_defaults(run=_cmd_features)
+
+
+def _cmd_neighbors(args) -> int:
+    ctx = Context(args)
+    pixels, names, feats = _features(ctx, args)
+    k = min(args.k, len(feats) - 1)
+    if k < 1:
+        raise CLIError("--images: need at least 2 images for neighbours")
+    distances, indices = features.nearest_neighbors(feats, None, k=k, metric=args.metric, exclude_self=True)
+    with staged_output(Path(args.out)) as stage:
+        np.save(stage / "indices.npy", indices.cpu().numpy())
+        np.save(stage / "distances.npy", distances.cpu().numpy())
+        shown = range(min(len(names), args.show))
+        rows = torch.cat([torch.cat([pixels[q:q + 1], pixels[indices[q]]]).cpu() for q in shown])
+        save_png(image_grid(rows, nrow=k + 1, scale=False), stage / "neighbors.png", upscale=_upscale(ctx.size))
+    ctx.say(f"wrote {args.out}/indices.npy, distances.npy [{len(feats)}, {k}], neighbors.png")
+    return 0
+
+
+def add_neighbors_parser(commands) -> None:
+    p = add_parser(commands, "neighbors", "nearest neighbours of each image in a layer's feature space",
+                   "  cnnviz neighbors --model zoo:digits --images digits --layer classifier.fc1 -k 5")
+    _add_feature_options(p)
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
+    p.add_argument("--show", type=int, default=10, help="queries drawn in neighbors.png")
+    add_run_options(p, "cnnviz-neighbors")
+    p.set_defaults(run=_cmd_neighbors)
+
+
+def _cmd_embed(args) -> int:
+    ctx = Context(args)
+    pixels, names, feats = _features(ctx, args)
+    points = features.embed(feats, args.method, seed=args.seed)
+    with staged_output(Path(args.out)) as stage:
+        np.save(stage / "embedding.npy", points.cpu().numpy())
+        features.plot_embedding(points, images=pixels.cpu(), path=stage / "embedding.png",
+                                title=f"{args.method} of {args.layer}")
+    ctx.say(f"wrote {args.out}/embedding.npy [{len(points)}, 2] and embedding.png")
+    return 0
+
+
+def add_embed_parser(commands) -> None:
+    p = add_parser(commands, "embed", "a 2-D map (PCA or t-SNE) of the images in a layer's feature space",
+                   "  cnnviz embed --model zoo:digits --images digits:all --layer classifier.fc1 --method tsne")
+    _add_feature_options(p)
+    p.add_argument("--method", choices=("pca", "tsne"), default="pca")
+    add_run_options(p, "cnnviz-embed")
+    p.set_defaults(run=_cmd_embed)
+
+
+def _cmd_patches(args) -> int:
+    ctx = Context(args)
+    pixels, _ = ctx.images(args.images)
+    top = features.max_activating_patches(ctx.model, ctx.normalize(pixels), ctx.layer(args.layer),
+                                          channels=args.channels, k=args.k, guided=args.guided, device=ctx.device,
+                                          progress=ctx.progress)
+    with staged_output(Path(args.out)) as stage:
+        save_png(features.patch_grid(top, inverse=ctx.normalize.inverse), stage / f"patches-{args.layer}.png",
+                 upscale=_upscale(ctx.size))
+    ctx.say(f"wrote {args.out}/patches-{args.layer}.png")
+    return 0
+
+
+def add_patches_parser(commands) -> None:
+    p = add_parser(commands, "patches", "the image patches that activate each channel of a layer most",
+                   "  cnnviz patches --model zoo:digits --images digits:all --layer features.conv4 --channels 0 1 2")
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--channels", type=int, nargs="+", help="default: every channel")
+    p.add_argument("-k", type=int, default=8, help="patches per channel")
+    p.add_argument("--guided", action="store_true", help="also their guided backprop")
+    add_run_options(p, "cnnviz-patches")
+    p.set_defaults(run=_cmd_patches)
+
+
+def _cmd_layers(args) -> int:
+    from .report import candidate_layers
+
+    model, normalize, size, _ = load_model_info(args.model, args.weights, args.mean, args.std, args.size)
+    shapes = {}
+
+    def record(name):
+        def hook(module, args, output):  # returns None: the output is left alone
+            shapes.setdefault(name, tuple(getattr(output, "shape", ())))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+             if n and not isinstance(m, torch.jit.ScriptModule)]
+    try:
+        with torch.no_grad():
+            model(normalize(torch.full((1, normalize.channels, size, size), 0.5)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    suggested = {name for name, _ in candidate_layers(model, normalize(torch.full((1, normalize.channels, size, size),
+                                                                                   0.5)))}
+    for name, module in model.named_modules():
+        if name:
+            mark = "*" if name in suggested else " "
+            print(f"{mark} {name:40s} {type(module).__name__:20s} {list(shapes.get(name, ()))}")
+    return 0
+
+
+def add_layers_parser(commands) -> None:
+    p = add_parser(commands, "layers", "the model's layer names and output shapes (* = used by the report)",
+                   "  cnnviz layers --model zoo:efficientnet-lite0")
+    add_model_options(p)
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(run=_cmd_layers)
+
+
+PARSERS = [add_visualize_parser, add_adversarial_parser, add_invert_parser, add_dream_parser, add_texture_parser,
+           add_style_parser, add_filters_parser, add_features_parser, add_neighbors_parser, add_embed_parser,
+           add_patches_parser, add_layers_parser]

@@ -1,0 +1,348 @@
+"""A static, self-contained HTML report (PNG files next to ``report.html``, relative links,
+no network): :class:`Report` collects sections; :func:`model_sections` adds every method
+of the package for one image classifier and a few images (``cnnviz report``, and the
+ImageNet part of ``cnnviz demo``).
+
+Each section says in one sentence what it shows and with which parameters; a section
+that fails shows its error and the others still run.
+"""
+from __future__ import annotations
+
+import html
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import attribution, features, ops, synthesis
+from .core import Normalize
+from .pictures import colorize, heatmap_overlay, image_grid, save_png
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+@dataclass
+class Section:
+    title: str
+    summary: str = ""
+    pictures: List[Tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    notes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+
+
+class Report:
+    """Sections written as PNGs into ``out``; :meth:`write` renders report.html / report.md."""
+
+    def __init__(self, out: Path, quick: bool = False, progress: bool = True):
+        self.out, self.quick, self.progress = Path(out), quick, progress
+        self.sections: List[Section] = []
+        self.start = time.perf_counter()
+
+    def steps(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def save(self, section: Section, name: str, image: torch.Tensor, caption: str = "", upscale: int = 1) -> None:
+        path = save_png(image, self.out / name, upscale=upscale)
+        section.pictures.append((path.name, caption))
+
+    def run(self, title: str, body: Callable[[Section], None]) -> Section:
+        section = Section(title)
+        start = time.perf_counter()
+        try:
+            body(section)
+        except Exception:  # the report says which method failed and why; the rest still runs
+            section.error = traceback.format_exc()
+        section.seconds = time.perf_counter() - start
+        self.sections.append(section)
+        if self.progress:
+            print(f"[{'FAILED' if section.error else 'ok':>6}] {title} ({section.seconds:.1f} s)", flush=True)
+        return section
+
+    @property
+    def failed(self) -> List[str]:
+        return [s.title for s in self.sections if s.error]
+
+    def write(self, title: str, intro: str) -> Path:
+        total = time.perf_counter() - self.start
+        kernels = "compiled C++ kernels" if ops.has_extension() else "pure-PyTorch reference ops"
+        intro = f"{intro} {kernels}; total {total:.1f} s{' (--quick)' if self.quick else ''}."
+        md = [f"# {title}\n", intro + "\n"]
+        page = ["<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+                f"<title>{html.escape(title)}</title>",
+                "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}"
+                "figure{display:inline-block;margin:6px;vertical-align:top}"
+                "img{max-width:100%;border:1px solid #ccc;image-rendering:pixelated}"
+                "figcaption{font-size:.85em;color:#444;max-width:1100px}.summary{font-style:italic}"
+                "pre{color:#a00;white-space:pre-wrap}</style></head><body>",
+                f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><ul>"]
+        page += [f"<li><a href='#s{i}'>{html.escape(s.title)}</a>{' (FAILED)' if s.error else ''}</li>"
+                 for i, s in enumerate(self.sections)]
+        page.append("</ul>")
+        for index, s in enumerate(self.sections):
+            md.append(f"## {s.title} ({s.seconds:.1f} s){' FAILED' if s.error else ''}\n")
+            page.append(f"<h2 id='s{index}'>{html.escape(s.title)} <small>({s.seconds:.1f} s)</small></h2>")
+            if s.summary:
+                md.append(f"*{s.summary}*\n")
+                page.append(f"<p class='summary'>{html.escape(s.summary)}</p>")
+            for note in s.notes:
+                md.append(f"- {note}")
+                page.append(f"<p>{html.escape(note)}</p>")
+            for picture, caption in s.pictures:
+                md.append(f"\n![{caption or picture}]({picture})")
+                page.append(f"<figure><img src='{html.escape(picture)}' alt='{html.escape(caption or picture)}'>"
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            if s.error:
+                md.append(f"\n```\n{s.error}```")
+                page.append(f"<pre>{html.escape(s.error)}</pre>")
+            md.append("")
+        page.append("</body></html>")
+        (self.out / "report.md").write_text("\n".join(md), encoding="utf-8")
+        report = self.out / "report.html"
+        report.write_text("\n".join(page), encoding="utf-8")
+        return report
+
+
+def candidate_layers(model: nn.Module, inputs: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
+    """``(name, output shape)`` of the layers with image-shaped outputs, in execution order:
+    the activation modules when the model has at least three, else its convolutions, else
+    every module with a 4-D output. Empty for models that take no hooks (TorchScript)."""
+    shapes, kinds, handles = {}, {}, []
+
+    def hook(name, module):
+        def record(_, args, output):
+            if name not in shapes and isinstance(output, torch.Tensor) and output.dim() == 4:
+                shapes[name] = tuple(output.shape)
+                kinds[name] = ("act" if isinstance(module, ACTIVATIONS) else
+                               "conv" if isinstance(module, nn.Conv2d) else "other")
+        return record
+
+    try:
+        for name, module in model.named_modules():
+            if name and not isinstance(module, torch.jit.ScriptModule):
+                handles.append(module.register_forward_hook(hook(name, module)))
+        with torch.no_grad():
+            model(inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for kind in ("act", "conv", "other"):
+        chosen = [(n, s) for n, s in shapes.items() if kinds[n] == kind]
+        if len(chosen) >= 3 or kind == "other":
+            return chosen
+    return []
+
+
+def _pick(layers: Sequence[str], fractions: Sequence[float]) -> List[str]:
+    picked = [layers[min(len(layers) - 1, round(f * (len(layers) - 1)))] for f in fractions]
+    return list(dict.fromkeys(picked))
+
+
+def _label(names: Sequence[str], index: int, prob: Optional[float] = None) -> str:
+    return f"{names[index]} ({index})" + (f" {prob:.0%}" if prob is not None else "")
+
+
+def _gradient_picture(maps: torch.Tensor) -> torch.Tensor:
+    return torch.stack([colorize(m) for m in maps.abs().amax(1)])
+
+
+def _signed_picture(maps: torch.Tensor) -> torch.Tensor:
+    """Signed gradients as images around grey, ±(99th percentile of |g|) → black/white per
+    image (min-max scaling lets a few outliers wash the picture out)."""
+    maps = maps.detach().float().cpu()
+    scale = maps.abs().flatten(1).quantile(0.99, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (0.5 + 0.5 * maps / scale).clamp(0, 1)
+
+
+def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixels: torch.Tensor,
+                   names: Sequence[str], classes: Optional[Sequence[str]] = None, title: str = "model",
+                   layers: Optional[Sequence[str]] = None, visualize_classes: Optional[Sequence[int]] = None,
+                   seed: int = 0, max_images: int = 4, prefix: str = "") -> None:
+    """Every method of the package for an image classifier: attribution side by side,
+    class visualization, adversarial examples, feature inversion from several depths,
+    DeepDream, texture synthesis and style transfer, first-layer filters.
+
+    ``pixels``: ``[M, C, H, W]`` in [0, 1] (the first ``max_images`` are explained);
+    ``classes``: class names (default from the output size); ``layers``: the layers for
+    inversion/dream/texture/style (default: picked along the depth); ``visualize_classes``:
+    classes to visualize (default: the images' predictions). Picture files start with
+    ``prefix``."""
+    from .cli import class_names
+    from .core import get_layer
+
+    for layer in layers or ():
+        get_layer(model, layer, "layers")  # a ValueError naming the closest layers, before any work
+    model = model.eval()
+    device = next((p.device for p in model.parameters()), pixels.device)
+    pixels = pixels[:max_images].to(device)
+    names = list(names)[:max_images]
+    inputs = normalize(pixels)
+    shown = pixels.cpu()  # pictures are drawn on the CPU
+    with torch.no_grad():
+        probs = model(inputs).softmax(1)
+    labels = class_names(classes, probs.shape[1])
+    confidence, predicted = probs.max(1)
+    found = candidate_layers(model, inputs)
+    all_layers = [n for n, _ in found]
+    spatial = [n for n, s in found if s[-1] > 1]
+    chosen = list(layers) if layers else _pick(spatial, (0.15, 0.4, 0.65)) if spatial else []
+    cam_layer = spatial[-1] if spatial else None
+    size = pixels.shape[-1]
+    small = min(size, 64 if report.quick else 128)  # synthesis resolution: CPU time grows with pixels
+    channels = pixels.shape[1]
+
+    def small_pixels(x):
+        return torch.nn.functional.interpolate(x, size=(small, small), mode="bilinear", antialias=True,
+                                               align_corners=False).clamp(0, 1)
+
+    def predictions(s):
+        s.summary = (f"{title} classifies each image ({size}×{size} px); top-1 class and probability "
+                     "(the target of the attributions below).")
+        s.notes += [f"{name}: {_label(labels, int(p), float(c))}" for name, p, c in zip(names, predicted, confidence)]
+        if all_layers:
+            s.notes.append(f"{len(all_layers)} layers with image-shaped outputs, e.g. {', '.join(all_layers[:3])} … "
+                           f"{all_layers[-1]}; Grad-CAM uses {cam_layer}; inversion/dream/texture use {chosen}")
+
+    def attributions(s):
+        y = predicted
+        samples, steps = report.steps(16, 4), report.steps(24, 4)
+        window = max(2, size // report.steps(7, 4))
+        stride = max(1, window // report.steps(2, 1))
+        s.summary = (f"Which pixels matter for the predicted class, one row per image: photo | saliency | "
+                     f"SmoothGrad ({samples} samples, noise 0.15) | integrated gradients ({steps} steps, baseline "
+                     f"the mean colour) | guided backprop | Grad-CAM ({cam_layer}) | guided Grad-CAM | occlusion "
+                     f"({window}×{window} mean-colour window, stride {stride}) | GrabCut mask seeded from Grad-CAM.")
+        maps = {
+            "saliency": _gradient_picture(attribution.saliency(model, inputs, y)),
+            "smoothgrad": _gradient_picture(attribution.smoothgrad(model, inputs, y, samples=samples, seed=seed)),
+            "ig": _gradient_picture(attribution.integrated_gradients(model, inputs, y, steps=steps)),
+        }
+        nonlinear = "raise"
+        try:
+            gbp = attribution.guided_backprop(model, inputs, y, nonlinear=nonlinear)
+        except ValueError as error:  # activations that do not rectify (SiLU, GELU, ...)
+            nonlinear = "gradient"
+            gbp = attribution.guided_backprop(model, inputs, y, nonlinear=nonlinear)
+            s.notes.append(f"guided backprop: {str(error).splitlines()[0]} — shown with their plain gradient "
+                           "(nonlinear='gradient')")
+        maps["gbp"] = _signed_picture(gbp)
+        cam = attribution.grad_cam(model, inputs, layer=cam_layer, target=y) if cam_layer else None
+        if cam is not None:
+            maps["cam"] = torch.stack([heatmap_overlay(p, c) for p, c in zip(shown, cam.cpu())])
+            ggc = attribution.guided_grad_cam(model, inputs, layer=cam_layer, target=y, nonlinear=nonlinear)
+            maps["ggc"] = _signed_picture(ggc)
+        occ = attribution.occlusion(model, inputs, y, window=(window, window), stride=(stride, stride))
+        maps["occ"] = torch.stack([heatmap_overlay(p, o) for p, o in zip(shown, occ.cpu())])
+        if cam is not None:
+            try:
+                mask = attribution.saliency_to_mask(shown.expand(-1, 3, -1, -1), cam.cpu()).cpu()
+                maps["grabcut"] = shown.expand(-1, 3, -1, -1) * (0.25 + 0.75 * mask[:, None].float())
+            except ImportError as error:
+                s.notes.append(f"GrabCut skipped: {error}")
+        for index, name in enumerate(names):
+            row = [shown[index].expand(3, -1, -1)] + [m[index].cpu().expand(3, -1, -1) for m in maps.values()]
+            report.save(s, f"{prefix}attribution-{index}-{name}.png", image_grid(row, nrow=len(row), scale=False),
+                        f"{name}: {_label(labels, int(y[index]), float(confidence[index]))}",
+                        upscale=max(1, 96 // size))
+
+    def class_visualization(s):
+        targets = list(visualize_classes) if visualize_classes else list(dict.fromkeys(predicted.tolist()))[:4]
+        steps = report.steps(128, 6)
+        s.summary = (f"Images that maximise a class score ({steps} Adam steps at {small}×{small} px, Fourier "
+                     "parameterization, jitter, scale 0.8–1.2 and ±15° rotation as regularizers): "
+                     + ", ".join(_label(labels, t) for t in targets) + ".")
+        result = synthesis.visualize_class(model, targets, (channels, small, small), normalize=normalize,
+                                           steps=steps, lr=0.05, seed=seed, progress=report.progress)
+        with torch.no_grad():
+            reached = model(normalize(result.images.to(device))).softmax(1)
+        for index, target in enumerate(targets):
+            report.save(s, f"{prefix}class-{target}.png", result.images[index].cpu(),
+                        f"{_label(labels, target)}: model probability {float(reached[index, target]):.2f}",
+                        upscale=max(1, 128 // small))
+
+    def adversarial(s):
+        eps, steps = 2 / 255, report.steps(10, 2)
+        s.summary = (f"Untargeted PGD (L∞ ε = 2/255, {steps} steps) against the predicted class: clean image, "
+                     "adversarial image, perturbation ×50 around grey, with the model's labels.")
+        result = synthesis.adversarial(model, pixels, predicted, "pgd", eps=eps, steps=steps, normalize=normalize,
+                                       seed=seed, progress=report.progress)
+        with torch.no_grad():
+            adv_probs = model(normalize(result.images.to(device))).softmax(1)
+        for index, name in enumerate(names):
+            after = int(result.predictions[index])
+            adv = result.images[index].cpu()
+            delta = (0.5 + 50 * (adv - shown[index])).clamp(0, 1)
+            report.save(s, f"{prefix}adversarial-{index}-{name}.png",
+                        image_grid([shown[index], adv, delta], nrow=3, scale=False),
+                        f"{name}: {_label(labels, int(predicted[index]), float(confidence[index]))} → "
+                        f"{_label(labels, after, float(adv_probs[index, after]))}", upscale=max(1, 96 // size))
+        s.notes.append(f"attack success: {float(result.success.float().mean()):.0%}; "
+                       f"L∞ {float(result.linf.max()) * 255:.2f}/255")
+
+    def inversion(s):
+        steps = report.steps(150, 5)
+        s.summary = (f"Feature inversion: an image whose activations at a layer match those of the photo "
+                     f"({steps} Adam steps at {small}×{small} px, total-variation and α-norm regularizers), "
+                     f"from shallow to deep: {', '.join(chosen)}.")
+        x = small_pixels(pixels[:2])
+        rows = [x.cpu()]
+        for layer in chosen:
+            result = synthesis.invert_features(model, x, layer, normalize=normalize, steps=steps, seed=seed,
+                                               progress=report.progress)
+            rows.append(result.images.cpu())
+            s.notes.append(f"{layer}: relative feature error "
+                           f"{', '.join(f'{float(e):.2f}' for e in result.relative_error)}")
+        report.save(s, f"{prefix}inversion.png", image_grid(torch.cat(rows), nrow=len(x), scale=False),
+                    "rows: original, then one row per layer, shallow to deep", upscale=max(1, 128 // small))
+
+    def dream(s):
+        layer = chosen[len(chosen) // 2]
+        steps = report.steps(10, 2)
+        s.summary = (f"DeepDream: gradient ascent on the activations of {layer} from the photo "
+                     f"({steps} steps per octave, 3 octaves, at {small}×{small} px).")
+        image = small_pixels(pixels[:1])
+        result = synthesis.deep_dream(model, image, layer, normalize=normalize, steps=steps, seed=seed,
+                                      progress=report.progress)
+        report.save(s, f"{prefix}deep-dream.png", image_grid(torch.cat([image.cpu(), result.images.cpu()]), nrow=2,
+                                                              scale=False), "photo | dream", upscale=max(1, 256 // small))
+
+    def texture_and_style(s):
+        style_layers = _pick(spatial, (0.05, 0.2, 0.35, 0.5)) if not layers else list(layers)
+        content_layer = style_layers[-1]
+        steps = report.steps(60, 3)
+        texture, content = small_pixels(pixels[-1:]), small_pixels(pixels[:1])
+        s.summary = (f"Texture synthesis (Gram matrices of {', '.join(style_layers)}, {steps} L-BFGS steps at "
+                     f"{small}×{small} px) from the last image, and style transfer of the first image in its "
+                     f"style (content layer {content_layer}).")
+        made = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
+                                            seed=seed, progress=report.progress)
+        styled = synthesis.style_transfer(model, content, texture, content_layer, style_layers, normalize=normalize,
+                                          steps=steps, style_weight=10.0, seed=seed, progress=report.progress)
+        report.save(s, f"{prefix}texture-and-style.png",
+                    image_grid(torch.cat([texture.cpu(), made.images.cpu(), content.cpu(), styled.images.cpu()]), nrow=4,
+                               scale=False), "texture | synthesized | content | content in the texture's style",
+                    upscale=max(1, 128 // small))
+
+    def filters(s):
+        first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            s.notes.append("no nn.Conv2d layer")
+            return
+        weight = model.get_submodule(first).weight
+        s.summary = (f"The filters of the first convolution {first} ({weight.shape[0]} filters "
+                     f"{weight.shape[2]}×{weight.shape[3]}), each min-max scaled.")
+        report.save(s, f"{prefix}filters.png", features.filter_grid(model, first), first, upscale=8)
+
+    report.run(f"{title}: predictions", predictions)
+    report.run(f"{title}: which pixels matter (attribution side by side)", attributions)
+    report.run(f"{title}: class visualization", class_visualization)
+    report.run(f"{title}: adversarial examples", adversarial)
+    if chosen:
+        report.run(f"{title}: feature inversion from several depths", inversion)
+        report.run(f"{title}: DeepDream", dream)
+        report.run(f"{title}: texture synthesis and style transfer", texture_and_style)
+    report.run(f"{title}: first-layer filters", filters)
