@@ -281,7 +281,7 @@ def test_cli_kill_and_resume_matches_python_api(tmp_path, model, folder):
     assert not [p for p in out.rglob("*.partial")]
     bad = _python("-m", "cnnviz_fast", "saliency", "--data", str(folder), "--out", str(out), "--method",
                   "guided_backprop", "--quiet")
-    assert bad.returncode != 0 and "other settings" in bad.stderr
+    assert bad.returncode == 2 and "cnnviz saliency: error:" in bad.stderr and "other settings" in bad.stderr
 
 
 def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model, inputs):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
 
 from .run import METHODS
 
@@ -29,8 +28,8 @@ def _load_data(spec: str, size: int, channels: int, normalize):
         try:
             return getattr(importlib.import_module(module), attr)()
         except (ImportError, AttributeError) as error:
-            raise SystemExit(f"--data {spec!r}: cannot load factory ({error})")
-    raise SystemExit(f"--data {spec!r}: no such folder or file, and not digits[:split], samples or module:factory")
+            raise ValueError(f"--data {spec!r}: cannot load factory ({error})") from error
+    raise ValueError(f"--data {spec!r}: no such folder or file, and not digits[:split], samples or module:factory")
 
 
 def _cmd_saliency(args) -> int:
@@ -54,15 +53,13 @@ def _cmd_saliency(args) -> int:
             kwargs["samples"] = args.samples
         kwargs["seed"] = args.seed
     target = "predicted" if args.target == "predicted" else int(args.target)
-    try:
-        summary = saliency_maps(
-            model, data, args.out, args.method, target, normalize=normalize, size=size,
-            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device or device,
-            dtype=args.dtype, channels_last=args.channels_last, map_dtype=args.map_dtype,
-            shard_size=args.shard_size, overlays=args.pictures, decode=args.decode, progress=not args.quiet,
-            **kwargs)
-    except ValueError as error:
-        raise SystemExit(f"cnnviz saliency: {error}")
+    # a ValueError (bad input, other settings in --out) becomes one line and exit status 2 in cli.main
+    summary = saliency_maps(
+        model, data, args.out, args.method, target, normalize=normalize, size=size,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device or device,
+        dtype=args.dtype, channels_last=args.channels_last, map_dtype=args.map_dtype,
+        shard_size=args.shard_size, overlays=args.pictures, decode=args.decode, progress=not args.quiet,
+        **kwargs)
     if rank == 0:
         print(f"{args.out}: {summary.line()} [{args.method}, {world} rank(s)]")
     if world > 1:
@@ -74,10 +71,7 @@ def _cmd_saliency(args) -> int:
 def _cmd_merge(args) -> int:
     from .results import merge
 
-    try:
-        images, skipped = merge(args.out, args.folders)
-    except ValueError as error:
-        raise SystemExit(f"cnnviz merge: {error}")
+    images, skipped = merge(args.out, args.folders)
     print(f"{args.out}: index of {images} images, {skipped} skipped")
     return 0
 
@@ -123,16 +117,3 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     merge.add_argument("--debug", action="store_true", help="show the traceback of an error")
     merge.set_defaults(run=_cmd_merge)
     return merge
-
-
-def main(argv=None) -> int:  # pragma: no cover - convenience for python -m cnnviz_fast.pipeline.cli
-    parser = argparse.ArgumentParser(prog="cnnviz")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_saliency_parser(commands)
-    add_merge_parser(commands)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
