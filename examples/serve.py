@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnviz_fast as cv
-from cnnviz_fast.cli import BUILTIN_MODELS, load_model
+from cnnviz_fast.cli import MODEL_HELP, load_model
 from cnnviz_fast.pipeline import to_map
 
 MAX_BODY = 16 * 2**20  # bytes
@@ -173,7 +173,7 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits",
-                        help=f"one of {sorted(BUILTIN_MODELS)} or package.module:factory (default digits)")
+                        help=f"{MODEL_HELP} (default digits)")
     parser.add_argument("--weights", help="a state dict file (loaded with weights_only=True)")
     parser.add_argument("--method", default="saliency", choices=cv.explainer.METHODS)
     parser.add_argument("--layer", help="the layer of grad_cam / guided_grad_cam")
@@ -184,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     model, normalize, size = load_model(args.model, args.weights)
     arguments = {"layer": args.layer} if args.layer else {}
-    labels = cv.zoo.DIGITS_CLASSES if args.model.startswith("digits") else None
+    labels = cv.zoo.DIGITS_CLASSES if args.model.removeprefix("zoo:").startswith("digits") else None
     service = Service(model, normalize, size, args.method, labels=labels, map_size=args.map_size, **arguments)
     server = make_server(service, args.host, args.port, args.verbose)
     print(f"serving {service.explainer!r} on http://{args.host}:{server.server_port}/explain", flush=True)
