@@ -51,6 +51,14 @@ def _upscale(size: int) -> int:
     return max(1, 128 // size)
 
 
+def _save_images(args, ctx, names, images, suffix: str) -> int:
+    """One PNG per input image, ``<name><suffix>.png``, written to ``--out`` all at once."""
+    with staged_output(Path(args.out)) as stage:
+        for name, image in zip(names, images):
+            save_png(image, stage / f"{name}{suffix}.png", upscale=_upscale(ctx.size))
+    return 0
+
+
 # --- synthesis -----------------------------------------------------------------------------
 
 def _cmd_visualize(args) -> int:
@@ -173,10 +181,7 @@ def _cmd_dream(args) -> int:
     pixels, names = ctx.images(args.images)
     result = synthesis.deep_dream(ctx.model, pixels, ctx.layer(args.layer), normalize=ctx.normalize,
                                   steps=args.steps, octaves=args.octaves, seed=args.seed, progress=ctx.progress)
-    with staged_output(Path(args.out)) as stage:
-        for name, image in zip(names, result.images):
-            save_png(image, stage / f"{name}-dream.png", upscale=_upscale(ctx.size))
-    return 0
+    return _save_images(args, ctx, names, result.images, "-dream")
 
 
 def add_dream_parser(commands) -> None:
@@ -197,10 +202,7 @@ def _cmd_texture(args) -> int:
     layers = [ctx.layer(layer) for layer in args.layers]
     result = synthesis.synthesize_texture(ctx.model, pixels, layers, normalize=ctx.normalize, steps=args.steps,
                                           seed=args.seed, progress=ctx.progress)
-    with staged_output(Path(args.out)) as stage:
-        for name, image in zip(names, result.images):
-            save_png(image, stage / f"{name}-texture.png", upscale=_upscale(ctx.size))
-    return 0
+    return _save_images(args, ctx, names, result.images, "-texture")
 
 
 def add_texture_parser(commands) -> None:
@@ -223,10 +225,7 @@ def _cmd_style(args) -> int:
     result = synthesis.style_transfer(ctx.model, content, style[:1], ctx.layer(args.content_layer), layers,
                                       normalize=ctx.normalize, steps=args.steps, style_weight=args.style_weight,
                                       seed=args.seed, progress=ctx.progress)
-    with staged_output(Path(args.out)) as stage:
-        for name, image in zip(names, result.images):
-            save_png(image, stage / f"{name}-styled.png", upscale=_upscale(ctx.size))
-    return 0
+    return _save_images(args, ctx, names, result.images, "-styled")
 
 
 def add_style_parser(commands) -> None:
