@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
 from ..core.model_state import is_exported_graph
-from ..core.validation import check_model_inputs
+from ..core.validation import check_choice, check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
 from .. import ops
 
@@ -160,8 +160,7 @@ _METHOD_NAMES = {"guided": "guided backpropagation", "deconvnet": "deconvnet"}
 
 
 def check_nonlinear(nonlinear) -> str:
-    if nonlinear not in NONLINEAR_OPTIONS:
-        raise ValueError(f"nonlinear must be one of {NONLINEAR_OPTIONS}, got {nonlinear!r}")
+    check_choice(nonlinear, NONLINEAR_OPTIONS, "nonlinear")
     return nonlinear
 
 

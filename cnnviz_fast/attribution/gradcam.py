@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Neuron, get_layer, model_guard, target_scores
-from ..core.targets import is_predicted, resolve_target
 from ..core import autograd_on
-from ._backprop import (check_nonlinear, detach_output, input_gradients, prepare_inputs,
-                        with_output)
+from ..core.targets import is_predicted, resolve_target
+from ..core.validation import check_choice
+from ._backprop import check_nonlinear, detach_output, input_gradients, prepare_inputs, with_output
 
 __all__ = ["grad_cam", "guided_grad_cam"]
 
@@ -79,8 +79,7 @@ def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str,
 
 
 def _check_interpolate(interpolate: str) -> None:
-    if interpolate not in _INTERPOLATE_MODES:
-        raise ValueError(f"interpolate must be one of {_INTERPOLATE_MODES}, got {interpolate!r}")
+    check_choice(interpolate, _INTERPOLATE_MODES, "interpolate")
 
 
 def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",

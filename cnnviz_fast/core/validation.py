@@ -132,3 +132,11 @@ def check_model_inputs(model: nn.Module, inputs: Tensor, argument: str = "inputs
                 raise ValueError(f"{argument} are float64 but the model's parameters are {name}; pass "
                                  f"{argument}.to(torch.{name}) (or convert the model with model.double())")
             return
+
+
+def check_choice(value, choices, argument: str):
+    """``value`` if it is one of ``choices``; else ValueError listing them."""
+    if value not in choices:
+        shown = sorted(choices) if isinstance(choices, (set, frozenset, dict)) else list(choices)
+        raise ValueError(f"{argument} must be one of {shown}, got {value!r}")
+    return value

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..core.validation import check_positive_int
+from ..core.validation import check_choice, check_positive_int
 from .neighbors import _check_matrix
 
 if TYPE_CHECKING:
@@ -67,8 +67,7 @@ def pca(features: torch.Tensor, dim: int = 2, solver: str = "auto",
     check_positive_int(dim, "dim")
     if dim > min(features.shape):
         raise ValueError(f"dim must be at most min(M, D) = {min(features.shape)} for PCA, got {dim}")
-    if solver not in _PCA_SOLVERS:
-        raise ValueError(f"solver must be one of {_PCA_SOLVERS}, got {solver!r}")
+    check_choice(solver, _PCA_SOLVERS, "solver")
     device = torch.device(device) if device is not None else features.device
     mean, components = _pca_components(features, dim, solver, device, chunk_size)
     out = torch.empty(features.shape[0], dim, dtype=torch.float32, device=device)
@@ -137,8 +136,7 @@ def embed(features: torch.Tensor, method: str = "pca", dim: int = 2, *, backend:
     jobs, ``n_jobs=1`` can be several times faster than oversubscribed threads).
     """
     features = _check_matrix(features, "features")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_choice(method, _METHODS, "method")
     check_positive_int(dim, "dim")
     if method == "pca":
         return pca(features, dim, solver, device)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from ..core import forward_to_layers, get_layer, model_guard
 from ..core.data import checked_batch, data_length, iter_batches
 from ..core.npy_writer import NpyWriter
-from ..core.validation import check_positive_int, model_device_dtype
+from ..core.validation import check_choice, check_positive_int, model_device_dtype
 
 _POOLS = (None, "avg", "max")
 
@@ -79,8 +79,7 @@ def extract_features(
     """
     get_layer(model, layer)
     check_positive_int(batch_size, "batch_size")
-    if pool not in _POOLS:
-        raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
+    check_choice(pool, _POOLS, "pool")
     if length is not None:
         check_positive_int(length, "length", minimum=0)
     known = _known_length(data)

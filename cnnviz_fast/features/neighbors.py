@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..core.validation import check_finite, check_positive_int
+from ..core.validation import check_choice, check_finite, check_positive_int
 
 _METRICS = ("l2", "cosine")
 _BACKENDS = ("torch", "faiss")
@@ -78,10 +78,8 @@ def nearest_neighbors(
     if queries.shape[1] != features.shape[1]:
         raise ValueError(f"queries must have the features' dimension {features.shape[1]}, "
                          f"got {queries.shape[1]}")
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_choice(metric, _METRICS, "metric")
+    check_choice(backend, _BACKENDS, "backend")
     check_positive_int(k, "k")
     check_positive_int(chunk_size, "chunk_size")
     check_positive_int(query_chunk_size, "query_chunk_size")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..core import model_guard
-from ..core.validation import check_images
+from ..core.validation import check_choice, check_images
 from ._common import check_int, check_maps, check_model, resolve, rows_target, scores
 
 __all__ = ["Curve", "deletion_curve", "insertion_curve", "perturbation_curve", "step_counts"]
@@ -85,8 +85,7 @@ def perturbation_curve(
     :func:`deletion_curve` for the arguments); ``mode`` is ``"deletion"`` or ``"insertion"``."""
     check_model(model)
     check_images(inputs)
-    if mode not in ops.MASK_MODES:
-        raise ValueError(f"mode must be one of {ops.MASK_MODES}, got {mode!r}")
+    check_choice(mode, ops.MASK_MODES, "mode")
     check_int(steps, "steps")
     check_int(batch_size, "batch_size")
     maps = check_maps(attributions, inputs)

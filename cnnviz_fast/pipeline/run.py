@@ -20,7 +20,7 @@ from torch import nn
 from .. import attribution
 from ..core.preprocess import Normalize
 from ..core.targets import is_predicted, resolve_target
-from ..core.validation import check_positive_int
+from ..core.validation import check_choice, check_positive_int
 from . import distributed
 from .results import check_settings, write_index
 from .sources import FileSource, StreamSource, PositionBatches, make_source
@@ -127,14 +127,11 @@ def saliency_maps(
         decode: ``"pil"`` (Pillow in the workers) or ``"gpu"`` (nvJPEG on the device).
         progress: a progress bar and a summary line on rank 0.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    check_choice(method, METHODS, "method")
     if not (is_predicted(target) or (isinstance(target, int) and not isinstance(target, bool))):
         raise ValueError(f"target must be 'predicted' or a class index, got {target!r}")
-    if dtype not in AUTOCAST:
-        raise ValueError(f"dtype must be one of {list(AUTOCAST)}, got {dtype!r}")
-    if map_dtype not in MAP_DTYPES:
-        raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
+    check_choice(dtype, AUTOCAST, "dtype")
+    check_choice(map_dtype, MAP_DTYPES, "map_dtype")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(shard_size, "shard_size")
     check_positive_int(overlays, "overlays", minimum=0)

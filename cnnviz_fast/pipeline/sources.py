@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from ..core.validation import check_choice
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DECODERS = ("pil", "gpu")
@@ -325,8 +326,7 @@ def make_source(data, size: Optional[int] = None, channels: Optional[int] = None
                 batch_size: int = 64) -> Source:
     """The :class:`Source` for ``data``: a folder or text file of paths (needs ``size`` and
     ``channels``), a Tensor, a map-style Dataset, an IterableDataset or a DataLoader."""
-    if decode not in DECODERS:
-        raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
+    check_choice(decode, DECODERS, "decode")
     if isinstance(data, (str, os.PathLike)):
         if size is None or channels is None:
             raise ValueError("size and channels are required to decode image files")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..core import Neuron, autograd_on, model_guard
 from ..core.targets import check_target, resolve_target, select_scores
-from ..core.validation import check_int, check_number, model_device_dtype
+from ..core.validation import check_choice, check_int, check_number, model_device_dtype
 from ._common import check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
@@ -84,8 +84,7 @@ def adversarial(
         as it was; only the images get gradients.
     """
     with model_guard(model), autograd_on():
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_choice(method, METHODS, "method")
         device, dtype = model_device_dtype(model)
         pixels = check_pixels(pixels, "pixels", device, dtype)
         n = pixels.shape[0]

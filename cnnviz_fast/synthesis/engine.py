@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..core import autograd_on, capture_layers, forward_to_layers, model_guard
 from ._common import identity
-from ..core.validation import check_int
+from ..core.validation import check_choice, check_int
 from .parameterization import ImageParameterization
 
 Features = Dict[str, Tensor]
@@ -171,8 +171,7 @@ def optimize(
         callback: ``callback(step, pixels, losses)`` after each step (``pixels`` the
             images before the step, ``losses`` ``Tensor[N]``); returning True stops.
     """
-    if step_norm not in STEP_NORMS:
-        raise ValueError(f"step_norm must be one of {STEP_NORMS}, got {step_norm!r}")
+    check_choice(step_norm, STEP_NORMS, "step_norm")
     check_int(steps, "steps", minimum=0)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")

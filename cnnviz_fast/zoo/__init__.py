@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.validation import check_choice
 from .architectures import DigitsCNN, DigitsCNNFunctional, ResNet, VGG, resnet18, vgg, vgg11, vgg19
 from .data import DIGITS_NORMALIZE, DIGITS_SIZE, IMAGENET_NORMALIZE, digits, photos, sample_images
 from .efficientnet import (EFFICIENTNET_LITE0_NORMALIZE, EFFICIENTNET_LITE0_SIZE, EfficientNetLite,
@@ -42,8 +43,7 @@ def digits_cnn(pretrained: bool = True, relu: str = "module", check: bool = True
     with functional/in-place ReLUs. ``check`` verifies the weights' SHA-256.
     """
     classes = {"module": DigitsCNN, "functional": DigitsCNNFunctional}
-    if relu not in classes:
-        raise ValueError(f"relu must be one of {sorted(classes)}, got {relu!r}")
+    check_choice(relu, classes, "relu")
     model = classes[relu]()
     if pretrained:
         data = DIGITS_WEIGHTS.read_bytes()

@@ -9,6 +9,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..core.validation import check_choice
 
 
 def _conv(cin: int, cout: int) -> nn.Conv2d:
@@ -161,8 +162,7 @@ class VGG(nn.Module):
 
 def vgg(name: str = "vgg11", num_classes: int = 1000, seed: int = 0, **kwargs) -> VGG:
     """VGG-11/16/19 (torchvision layout and names) with random weights from ``seed``."""
-    if name not in _VGG_CONFIGS:
-        raise ValueError(f"name must be one of {sorted(_VGG_CONFIGS)}, got {name!r}")
+    check_choice(name, _VGG_CONFIGS, "name")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return VGG(_VGG_CONFIGS[name], num_classes, **kwargs).eval()

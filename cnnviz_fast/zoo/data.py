@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.preprocess import Normalize
-from ..core.validation import check_int
+from ..core.validation import check_choice, check_int
 
 DIGITS_SIZE = 32
 # Mean/std of the upsampled digits' pixels (train split), rounded; models of the zoo
@@ -41,8 +41,7 @@ def digits(split: str = "test", size: int = DIGITS_SIZE) -> Tuple[torch.Tensor, 
     Normalise with ``DIGITS_NORMALIZE`` before feeding a zoo digits model.
     """
     images, labels, splits = _digits_arrays()
-    if split not in splits:
-        raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
+    check_choice(split, splits, "split")
     check_int(size, "size", minimum=8)
     idx = splits[split]
     x = torch.from_numpy(images[idx]).unsqueeze(1)
