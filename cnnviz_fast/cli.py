@@ -340,10 +340,11 @@ def add_train_digits_parser(commands) -> None:
 
 def _parsers():
     from . import cli_tools
+    from .metrics.cli import add_parser as add_evaluate_parser
     from .pipeline.cli import add_merge_parser, add_saliency_parser
 
     return [add_demo_parser, add_report_parser, add_saliency_parser, add_merge_parser, *cli_tools.PARSERS,
-            add_info_parser, add_train_digits_parser]
+            add_evaluate_parser, add_info_parser, add_train_digits_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,3 +182,15 @@ def test_layers_lists_names_shapes_and_the_reports_choices(capsys):
     assert status == 0, err
     line = next(line for line in out.splitlines() if " features.relu4 " in line)
     assert line.startswith("*") and "ReLU" in line and "[1, 64, 16, 16]" in line
+
+
+def test_evaluate_ranks_methods_by_deletion_auc(capsys, tmp_path):
+    out = tmp_path / "table.md"
+    assert cli.main(["evaluate", "--limit", "8", "--steps", "8", "--methods", "grad_cam,random",
+                     "--out", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2].split()[0])
+            for line in out.read_text().splitlines()[2:]}
+    assert set(rows) == {"grad_cam", "random"}
+    assert rows["grad_cam"] < rows["random"]  # a real map deletes the evidence faster than noise
+    assert cli.main(["evaluate", "--methods", "nope"]) == 2
+    assert "--methods must name" in capsys.readouterr().err

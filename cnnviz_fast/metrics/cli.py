@@ -5,7 +5,6 @@ Wire it into the main parser with ``add_parser(subparsers)``; the command prints
 """
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,8 +28,9 @@ def _method(name: str, layer):
         return lambda model, x, target: torch.rand(x.shape[0], *x.shape[2:], device=x.device)
     if name in ("grad_cam", "guided_grad_cam"):
         if not layer:
-            raise SystemExit(f"--layer is required for {name} with this model")
-        return partial(getattr(A, name), layer=layer)
+            raise ValueError(f"--layer is required for {name} with this model")
+        method = getattr(A, name)
+        return lambda model, x, target: method(model, x, layer, target)
     return getattr(A, name)
 
 
@@ -58,13 +58,13 @@ def run(args) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise SystemExit(f"--methods must name some of {', '.join(METHODS)}, got {args.methods!r}")
+        raise ValueError(f"--methods must name some of {', '.join(METHODS)}, got {args.methods!r}")
     if args.limit < 1 or args.steps < 1 or args.images_per_batch < 1:
-        raise SystemExit("--limit, --steps and --images-per-batch must be >= 1")
+        raise ValueError("--limit, --steps and --images-per-batch must be >= 1")
     model, normalize, size = load_model(args.model, args.weights)
     pixels, _ = load_images(args.data, size, normalize.channels)
     inputs = normalize(pixels[: args.limit])
-    layer = args.layer or DEFAULT_LAYERS.get(args.model)
+    layer = args.layer or DEFAULT_LAYERS.get(args.model.removeprefix("zoo:"))
     methods = {name: _method(name, layer) for name in names}
     summary = evaluate(model, inputs, methods, target="predicted", steps=args.steps, batch_size=args.batch_size,
                        images_per_batch=args.images_per_batch)
