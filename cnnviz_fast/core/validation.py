@@ -137,6 +137,8 @@ def check_model_inputs(model: nn.Module, inputs: Tensor, argument: str = "inputs
 def check_choice(value, choices, argument: str):
     """``value`` if it is one of ``choices``; else ValueError listing them."""
     if value not in choices:
-        shown = sorted(choices) if isinstance(choices, (set, frozenset, dict)) else list(choices)
+        shown = list(choices)
+        if isinstance(choices, (set, frozenset)):  # no order of its own: show a stable one
+            shown = sorted(shown, key=repr)
         raise ValueError(f"{argument} must be one of {shown}, got {value!r}")
     return value
