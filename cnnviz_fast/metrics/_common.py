@@ -11,12 +11,6 @@ from ..core.targets import (
 )
 
 
-def check_model(model) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
-
-
 def check_maps(attributions, inputs: Tensor, argument: str = "attributions", same_size: bool = False) -> Tensor:
     """``attributions`` as a finite floating ``Tensor[N, h, w]`` (channels summed) for ``inputs``
     ``[N, C, H, W]``; maps may be ``[N, H, W]``, ``[N, 1 or C, H, W]``, or (unless ``same_size``)
@@ -44,12 +38,6 @@ def check_maps(attributions, inputs: Tensor, argument: str = "attributions", sam
     if not bool(torch.isfinite(maps).all()):
         raise ValueError(f"{argument} contains NaN or infinite values")
     return maps
-
-
-def check_int(value, argument: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def resolve(model: nn.Module, inputs: Tensor, target):

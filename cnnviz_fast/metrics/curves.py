@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..core import model_guard
-from ..core.validation import check_choice, check_images
-from ._common import check_int, check_maps, check_model, resolve, rows_target, scores
+from ..core.model_state import check_model
+from ..core.validation import check_choice, check_images, check_positive_int
+from ._common import check_maps, resolve, rows_target, scores
 
 __all__ = ["Curve", "deletion_curve", "insertion_curve", "perturbation_curve", "step_counts"]
 
@@ -41,7 +42,7 @@ class Curve:
 def step_counts(cells: int, steps: int) -> list:
     """The number of cells moved at each of the ``steps + 1`` points: ``floor(k * cells / steps)``
     for ``k = 0..steps`` (0 and ``cells`` included)."""
-    check_int(steps, "steps")
+    check_positive_int(steps, "steps")
     return [k * cells // steps for k in range(steps + 1)]
 
 
@@ -86,8 +87,8 @@ def perturbation_curve(
     check_model(model)
     check_images(inputs)
     check_choice(mode, ops.MASK_MODES, "mode")
-    check_int(steps, "steps")
-    check_int(batch_size, "batch_size")
+    check_positive_int(steps, "steps")
+    check_positive_int(batch_size, "batch_size")
     maps = check_maps(attributions, inputs)
     if maps.device != inputs.device:
         raise ValueError(f"attributions must be on the inputs' device {inputs.device}, got {maps.device}")

@@ -7,7 +7,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ._common import check_int, check_model, interval95
+from ..core.model_state import check_model
+from ..core.validation import check_positive_int
+from ._common import interval95
 from .curves import deletion_curve, insertion_curve
 
 __all__ = ["METRICS", "evaluate", "format_table"]
@@ -74,7 +76,7 @@ def evaluate(
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
-    check_int(images_per_batch, "images_per_batch")
+    check_positive_int(images_per_batch, "images_per_batch")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from ..core import model_guard
 from ..core.layers import get_layer
+from ..core.model_state import check_model
 from ..core.validation import check_images
-from ._common import check_model, resolve
+from ._common import resolve
 
 __all__ = ["Randomization", "model_randomization", "spearman", "ssim"]
 
