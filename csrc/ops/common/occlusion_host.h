@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "image_checks.h"
+
 namespace cnnviz {
 namespace occlusion {
 
@@ -40,24 +42,7 @@ inline void check_occlude_args(
       first + count <= g.rows * g.cols,
       "first + count must be <= the number of window positions ", g.rows, "x", g.cols, "=",
       g.rows * g.cols, ", got first=", first, ", count=", count);
-  TORCH_CHECK(
-      baseline.device() == images.device(), "baseline must be on the images' device ",
-      images.device(), ", got ", baseline.device());
-  TORCH_CHECK(
-      baseline.scalar_type() == images.scalar_type(), "baseline must have the images' dtype ",
-      images.scalar_type(), ", got ", baseline.scalar_type());
-  TORCH_CHECK(
-      baseline.numel() == 1 || baseline.sizes() == images.sizes(),
-      "baseline must have 1 element or the images' shape ", images.sizes(), ", got ",
-      baseline.sizes());
-}
-
-inline void check_images(const at::Tensor& images) {
-  TORCH_CHECK(
-      images.dim() == 4, "images must be a 4-D tensor [N, C, H, W], got ", images.dim(), "-D");
-  TORCH_CHECK(
-      at::isFloatingType(images.scalar_type()), "images must be a floating-point tensor, got ",
-      images.scalar_type());
+  check_baseline(images, baseline);
 }
 
 inline void check_deltas(const at::Tensor& deltas, int64_t H, int64_t W, const Geometry& g) {

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "image_checks.h"
+
 namespace cnnviz {
 namespace progressive {
 
@@ -15,11 +17,7 @@ struct Grid {
 inline Grid check_progressive_args(
     const at::Tensor& images, const at::Tensor& ranks, const at::Tensor& baseline,
     at::IntArrayRef counts, at::IntArrayRef patch) {
-  TORCH_CHECK(
-      images.dim() == 4, "images must be a 4-D tensor [N, C, H, W], got ", images.dim(), "-D");
-  TORCH_CHECK(
-      at::isFloatingType(images.scalar_type()), "images must be a floating-point tensor, got ",
-      images.scalar_type());
+  check_images(images);
   const int64_t N = images.size(0), H = images.size(2), W = images.size(3);
   TORCH_CHECK(H > 0 && W > 0, "images must have a non-empty image plane, got H=", H, ", W=", W);
   TORCH_CHECK(patch.size() == 2, "patch must have 2 values (ph, pw), got ", patch.size());
@@ -42,16 +40,7 @@ inline Grid check_progressive_args(
     TORCH_CHECK(
         c >= 0 && c <= g.rows * g.cols, "counts must lie in [0, ", g.rows * g.cols, "], got ", c);
   }
-  TORCH_CHECK(
-      baseline.device() == images.device(), "baseline must be on the images' device ",
-      images.device(), ", got ", baseline.device());
-  TORCH_CHECK(
-      baseline.scalar_type() == images.scalar_type(), "baseline must have the images' dtype ",
-      images.scalar_type(), ", got ", baseline.scalar_type());
-  TORCH_CHECK(
-      baseline.numel() == 1 || baseline.sizes() == images.sizes(),
-      "baseline must have 1 element or the images' shape ", images.sizes(), ", got ",
-      baseline.sizes());
+  check_baseline(images, baseline);
   return g;
 }
 

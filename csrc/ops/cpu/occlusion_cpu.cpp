@@ -122,7 +122,7 @@ void accumulate_kernel(
 at::Tensor occlude_cpu(
     const at::Tensor& images, at::IntArrayRef window, at::IntArrayRef stride,
     const at::Tensor& baseline, int64_t first, int64_t count) {
-  occlusion::check_images(images);
+  cnnviz::check_images(images);
   TORCH_CHECK(images.device().is_cpu(), "images must be a CPU tensor, got ", images.device());
   const int64_t N = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const Geometry g = occlusion::check_geometry(window, stride, H, W);
