@@ -365,3 +365,35 @@ def test_evaluate_cli(tmp_path, capsys):
     args = parser.parse_args(["evaluate", "--methods", "lime"])
     with pytest.raises(ValueError, match="--methods must name"):  # cnnviz's main makes it one line, exit 2
         args.run(args)
+
+
+class WritesIntoItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = small_cnn()
+
+    def forward(self, x):
+        x.mul_(1.5)  # a careless model; the caller's tensor must not see it
+        return self.net(x)
+
+
+METRIC_CALLS = {
+    "deletion": lambda m, x: M.deletion_curve(m, x, "predicted", torch.rand(2, 11, 11, dtype=x.dtype), steps=3),
+    "insertion": lambda m, x: M.insertion_curve(m, x, 1, torch.rand(2, 11, 11, dtype=x.dtype), steps=3),
+    "infidelity": lambda m, x: M.infidelity(m, x, "predicted", torch.rand_like(x), noise_perturbation,
+                                            n_perturb_samples=2),
+    "sensitivity_max": lambda m, x: M.sensitivity_max(m, x, 1, saliency, n_perturb_samples=2),
+    "model_randomization": lambda m, x: M.model_randomization(m, x, 1, saliency),
+}
+
+
+@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", sorted(METRIC_CALLS))
+def test_inputs_never_modified_in_any_grad_mode(name, grad_mode):
+    model = WritesIntoItsInput()
+    x = torch.rand(2, 3, 11, 11, dtype=torch.float64)
+    original = x.clone()
+    mode = {"enabled": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    with mode[grad_mode]():
+        METRIC_CALLS[name](model, x)
+    assert torch.equal(x, original)

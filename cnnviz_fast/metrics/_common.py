@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..core.validation import check_images
 from ..core.targets import (
     Neuron, check_target, is_predicted, resolve_target, select_scores, target_for_rows, target_scores,
 )
@@ -38,6 +39,14 @@ def check_maps(attributions, inputs: Tensor, argument: str = "attributions", sam
     if not bool(torch.isfinite(maps).all()):
         raise ValueError(f"{argument} contains NaN or infinite values")
     return maps
+
+
+def checked_copy(inputs) -> Tensor:
+    """Checked ``inputs`` as a private copy: the metrics run the model on them many times,
+    and a model may write into its input; the caller's tensor stays as it was (a copy made
+    here is also an ordinary tensor when the caller is in ``inference_mode``)."""
+    with torch.inference_mode(False):
+        return check_images(inputs).detach().clone()
 
 
 def resolve(model: nn.Module, inputs: Tensor, target):

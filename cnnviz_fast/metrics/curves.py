@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..core import model_guard
 from ..core.model_state import check_model
-from ..core.validation import check_choice, check_images, check_positive_int
-from ._common import check_maps, resolve, rows_target, scores
+from ..core.validation import check_choice, check_positive_int
+from ._common import checked_copy, check_maps, resolve, rows_target, scores
 
 __all__ = ["Curve", "deletion_curve", "insertion_curve", "perturbation_curve", "step_counts"]
 
@@ -85,7 +85,7 @@ def perturbation_curve(
     """Deletion or insertion curve of each image's attribution map (see
     :func:`deletion_curve` for the arguments); ``mode`` is ``"deletion"`` or ``"insertion"``."""
     check_model(model)
-    check_images(inputs)
+    inputs = checked_copy(inputs)
     check_choice(mode, ops.MASK_MODES, "mode")
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from ..core import model_guard
 from ..core.targets import target_scores
 from ..core.model_state import check_model
-from ..core.validation import check_images, check_positive_int
-from ._common import resolve, rows_target
+from ..core.validation import check_positive_int
+from ._common import checked_copy, resolve, rows_target
 
 __all__ = ["infidelity", "sensitivity_max", "uniform_noise"]
 
@@ -32,15 +32,16 @@ def _chunks(n_samples: int, n_images: int, batch_size: Optional[int]):
         done += m
 
 
-def _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func) -> None:
-    """The arguments infidelity and sensitivity_max share."""
+def _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func) -> Tensor:
+    """The arguments infidelity and sensitivity_max share; returns the inputs' private copy."""
     check_model(model)
-    check_images(inputs)
+    inputs = checked_copy(inputs)
     check_positive_int(n_perturb_samples, "n_perturb_samples", minimum=1)
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size", minimum=1)
     if not callable(perturb_func):
         raise ValueError(f"perturb_func must be callable, got {type(perturb_func).__name__}")
+    return inputs
 
 
 def infidelity(
@@ -75,7 +76,7 @@ def infidelity(
         ``Tensor[N]``. The model runs in eval mode and is restored afterwards (Captum runs it
         in whatever mode it is in: pass an eval-mode model to compare).
     """
-    _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func)
+    inputs = _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func)
     if not isinstance(attributions, Tensor) or attributions.shape != inputs.shape:
         raise ValueError(f"attributions must be a Tensor of the inputs' shape {tuple(inputs.shape)}, got "
                          f"{tuple(getattr(attributions, 'shape', ())) or type(attributions).__name__}")
@@ -149,7 +150,7 @@ def sensitivity_max(
     Returns:
         ``Tensor[N]``; a zero map counts as norm 1 (as in Captum).
     """
-    _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func)
+    inputs = _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func)
     if not callable(method):
         raise ValueError(f"method must be callable (model, inputs, target) -> maps, got {type(method).__name__}")
     takes_radius = len(inspect.signature(perturb_func).parameters) > 1

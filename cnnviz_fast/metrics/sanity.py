@@ -15,11 +15,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import model_guard
+from ..core import autograd_on, model_guard
 from ..core.layers import get_layer
 from ..core.model_state import check_model
-from ..core.validation import check_images
-from ._common import resolve
+from ._common import checked_copy, resolve
 
 __all__ = ["Randomization", "model_randomization", "spearman", "ssim"]
 
@@ -161,7 +160,7 @@ def model_randomization(
         :class:`Randomization`. The randomized models are deep copies of ``model``.
     """
     check_model(model)
-    check_images(inputs)
+    inputs = checked_copy(inputs)
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
     if not callable(method):
@@ -178,8 +177,10 @@ def model_randomization(
     original = _as_2d(method(model, inputs, target, **method_kwargs), absolute)
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     rho, sim = [], []
-    randomized = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=devices):
+    # outside the caller's inference_mode: copies made there would hold inference tensors,
+    # which the method's backward pass cannot use
+    with autograd_on(), torch.random.fork_rng(devices=devices):
+        randomized = copy.deepcopy(model)
         for step, name in enumerate(names):
             if mode == "independent":
                 randomized = copy.deepcopy(model)
