@@ -1,9 +1,9 @@
 """Attribution benchmarks: ours timed beside the reference implementation in the same run.
 
-    python benchmarks/bench_attribution.py [--quick] [--only saliency,guided,...] [--no-write]
+    python benchmarks/bench_attribution.py [--quick] [--device cpu|cuda] [--only saliency,guided,...] [--no-write]
 
 One function per method section (``bench_<section>(quick, device) -> rows``), listed in
-SECTIONS; ``main`` runs them on the CPU and, when present, on CUDA, and writes
+SECTIONS; ``main`` runs them on ``--device`` (cpu or cuda), and writes
 benchmarks/results/attribution-<machine>.{md,json}. Each section checks that the
 outputs agree before timing; contenders are timed by ``common.interleaved``.
 Occlusion has its own script, bench_occlusion.py.
@@ -15,7 +15,7 @@ CPU (ResNet-18, 1000 classes, random weights, batch 16 of 112x112, one class per
   grad_cam        vs pytorch-grad-cam GradCAM, layer4                  target: >= 2x faster
   smoothgrad / integrated_gradients vs Captum NoiseTunnel / IntegratedGradients (info:
   2 images x 8 samples/steps, 16 images per pass on both sides)
-CUDA: the same at 224x224.
+CUDA (--device cuda): the same at 224x224.
 """
 from __future__ import annotations
 
@@ -186,8 +186,7 @@ SECTIONS = {
 def main():
     args = argument_parser(__doc__, SECTIONS).parse_args()
     print(machine_description(), flush=True)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = [r for device in devices for name in args.only for r in SECTIONS[name](args.quick, device)]
+    rows = [r for name in args.only for r in SECTIONS[name](args.quick, args.device)]
     finish(args, "attribution", rows, title="Attribution benchmarks (gradient methods)",
            notes=("ratio = anchor / ours (speedup) for '>=' targets and the info rows; ours / anchor (or the "
                   f"stated share) for '<=' targets. {rounds_for(args.quick)} rounds. The machine may have "

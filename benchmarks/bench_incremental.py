@@ -1,6 +1,6 @@
 """Incremental occlusion against full recomputation and Captum, same run.
 
-    python benchmarks/bench_incremental.py [--quick] [--threads N] [--models resnet18,vgg16,mobilenet] [--no-write]
+    python benchmarks/bench_incremental.py [--quick] [--device cpu|cuda] [--threads N] [--models resnet18,vgg16,mobilenet] [--no-write]
 
 One 3x224x224 image (scikit-learn's "flower" photo, shipped with the package's
 dependencies), window 16, stride 8 (VGG-16: stride 16), target: the clean image's top
@@ -38,7 +38,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, write_results  # noqa: E402
+from common import device_argument, machine_description, synchronize, write_results  # noqa: E402
 
 from captum.attr import Occlusion  # noqa: E402
 
@@ -106,7 +106,7 @@ def plan_speedup(model, x, target, window, stride) -> float:
     H, W = x.shape[2:]
     engine = IncrementalOcclusion.build(model, target)
     with torch.inference_mode():
-        engine.clean(x, torch.zeros(()), target)
+        engine.clean(x, torch.zeros((), device=x.device), target)
         bounds = occlusion_window_bounds(H, W, window, stride)
         for chunk in torch.arange(bounds[0].numel()).split(128):
             engine.scores(*(b[chunk] for b in bounds))
@@ -134,26 +134,32 @@ def row(name, ours_s, anchor_s, target="", extra=None):
     return out
 
 
-def bench_model(name: str, rounds: int) -> List[Dict]:
+def bench_model(name: str, rounds: int, device: str = "cpu") -> List[Dict]:
     build, step, exact_target = MODELS[name]
     torch.manual_seed(0)
-    x = (zoo.sample_images(224)["flower"] - 0.45) / 0.25
-    model = unit_variance(build().eval(), x)
+    x = ((zoo.sample_images(224)["flower"] - 0.45) / 0.25).to(device)
+    model = unit_variance(build().eval().to(device), x)
     window, stride = (16, 16), (step, step)
     with torch.inference_mode():
         target = int(model(x).argmax())
     rows_, cols_ = occlusion_grid(224, 224, window, stride)
-    print(f"\n{name}: 1x3x224x224, window {window}, stride {stride}, {rows_ * cols_} positions, class {target}",
+    print(f"\n{name} ({device}): 1x3x224x224, window {window}, stride {stride}, {rows_ * cols_} positions, class {target}",
           flush=True)
 
     def run(mode, **kw):
-        return occlusion(model, x, target, window=window, stride=stride, mode=mode, **kw)
+        out = occlusion(model, x, target, window=window, stride=stride, mode=mode, **kw)
+        synchronize(device)
+        return out
 
     def captum(per_eval):
-        return Occlusion(model).attribute(x, sliding_window_shapes=(3, *window), strides=(3, *stride),
-                                          baselines=0.0, target=target, perturbations_per_eval=per_eval)[:, 0]
+        out = Occlusion(model).attribute(x, sliding_window_shapes=(3, *window), strides=(3, *stride),
+                                         baselines=0.0, target=target, perturbations_per_eval=per_eval)[:, 0]
+        synchronize(device)
+        return out
 
-    # equality first (these runs also warm up every path)
+    if device != "cpu":  # untimed warm-up: cuDNN's algorithm search, the allocator's first blocks
+        run("exact"), run("full"), captum(CAPTUM_PER_EVAL[-1])
+    # equality first (on the CPU these runs also warm up every path)
     start = time.perf_counter()
     exact = run("exact")
     t_exact = time.perf_counter() - start
@@ -185,6 +191,7 @@ def bench_model(name: str, rounds: int) -> List[Dict]:
                                  {"pearson": pearson(approx, exact), "top5_iou": top_iou(approx[0], exact[0])})
 
     measured = t_full / t_exact
+    name = f"{name} ({device})" if device != "cpu" else name
     out = [row(f"{name} exact vs full recomputation", t_exact, t_full,
                f">= {exact_target}x" if exact_target else "",
                {"theoretical": theoretical, "measured_over_theoretical": measured / theoretical})]
@@ -201,11 +208,11 @@ def bench_model(name: str, rounds: int) -> List[Dict]:
     return out
 
 
-def digits_quality(settings: Dict[str, Dict] = APPROXIMATE) -> List[Dict]:
+def digits_quality(settings: Dict[str, Dict] = APPROXIMATE, device: str = "cpu") -> List[Dict]:
     """Approximation error on a trained network (speed is not the point at 32 px)."""
     pixels, labels = zoo.digits()
-    x, labels = zoo.DIGITS_NORMALIZE(pixels[:8]), labels[:8]
-    model = zoo.digits_cnn()
+    x, labels = zoo.DIGITS_NORMALIZE(pixels[:8]).to(device), labels[:8].to(device)
+    model = zoo.digits_cnn().to(device)
     window, stride = (8, 8), (2, 2)
     start = time.perf_counter()
     exact = occlusion(model, x, labels, window=window, stride=stride)
@@ -230,6 +237,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quality-only", action="store_true",
                         help="only the approximation error on the trained digits CNN, more settings "
                              "(results: incremental-quality-<machine>)")
@@ -238,21 +246,22 @@ def main():
         torch.set_num_threads(args.threads)
     print(machine_description(), flush=True)
     if args.quality_only:
-        rows = digits_quality(QUALITY)
+        rows = digits_quality(QUALITY, args.device)
         if not args.no_write:
             print(write_results("incremental-quality", rows, title="Approximate occlusion: error on a trained network",
                                 notes="Trained digits CNN, 8 test digits 32x32, window 8, stride 2; ratio = exact "
                                       "seconds / approximate seconds; Pearson and top-5% IoU: mean over the digits."))
         return
     rows = []
-    rows += digits_quality()
+    rows += digits_quality(device=args.device)
     for name in args.models.split(","):
-        rows += bench_model(name, 1 if args.quick else args.rounds)
+        rows += bench_model(name, 1 if args.quick else args.rounds, args.device)
     if not args.no_write:
         notes = ("ratio = anchor seconds / ours (speedup). 'theoretical' = multiply-adds of full recomputation / "
                  "those of the incremental plan. One image 3x224x224, window 16, stride 8 (VGG-16: 16); random "
-                 "weights. Captum limited to perturbations_per_eval 16 and 64, one run each. The 2-core machine "
-                 "was shared with other jobs (see the load average): timings are noisy.")
+                 "weights. Captum limited to perturbations_per_eval 16 and 64, one run each. "
+                 + (f"Device: {args.device}." if args.device != "cpu" else
+                    "The 2-core machine was shared with other jobs (see the load average): timings are noisy."))
         print(write_results("incremental", rows, notes=notes, title="Incremental occlusion benchmarks"))
 
 

@@ -102,13 +102,13 @@ def bench_masks(name, x, steps, rounds):
     N, C, H, W = x.shape
     pixels_per_step = H * W // steps
     maps = torch.rand(N, H, W, generator=torch.Generator().manual_seed(0))
-    order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
+    order = maps.flatten(1).argsort(dim=1, descending=True, stable=True).to(x.device)
     counts = M.step_counts(H * W, steps)[1:]
 
     def quantus_loop():
         a = np.broadcast_to(maps[:, None].numpy(), x.shape).reshape(N, -1)
         indices = np.argsort(-a, axis=1)
-        cur, out = x.numpy().reshape(N, -1), []
+        cur, out = x.cpu().numpy().reshape(N, -1), []
         for k in range(steps):
             ix = indices[:, k * C * pixels_per_step : (k + 1) * C * pixels_per_step]
             cur = batch_baseline_replacement_by_indices(arr=cur, indices=ix, perturb_baseline=0.0)
@@ -116,9 +116,9 @@ def bench_masks(name, x, steps, rounds):
         return np.stack(out, 1)
 
     ours = lambda: ops.progressive_mask(x, order, counts, 0.0, "deletion")  # noqa: E731
-    assert np.array_equal(ours().numpy(), quantus_loop())
+    assert np.array_equal(ours().cpu().numpy(), quantus_loop())
     t = interleaved({"ours": ours, "quantus": quantus_loop}, rounds)
-    return [row(f"{name}: deletion masks only, {N} images {H}x{W}, {steps} steps vs Quantus per-step loop",
+    return [row(f"{name} {x.device.type}: deletion masks only, {N} images {H}x{W}, {steps} steps vs Quantus per-step loop",
                 t["ours"], t["quantus"], unit="s", max_abs_diff=0.0)]
 
 
@@ -152,6 +152,17 @@ def main(argv=None):
     torch.manual_seed(0)
     print(machine_description(), "| extension:", ops.has_extension(), flush=True)
     rows = []
+    if args.device == "cuda":  # Quantus moves each step's batch host -> device; we build batches on the GPU
+        resnet = zoo.resnet18().eval().cuda()
+        x = zoo.IMAGENET_NORMALIZE(torch.cat(list(zoo.sample_images(224).values()))).repeat(4, 1, 1, 1).cuda()
+        with torch.no_grad():
+            y = resnet(x).argmax(1)
+        rows += bench_curves("ResNet-18 (random)", resnet, x, y, steps=98, rounds=rounds, batch=256)
+        rows += bench_infidelity("ResNet-18 (random)", resnet, x, y, rounds)
+        rows += bench_masks("224 px", x, 98, rounds)
+        finish(args, "metrics", rows, "Same run, equal values checked first; GPU: 8 images of 224 px.",
+               title="Faithfulness metrics vs Quantus / Captum")
+        return
     digits = zoo.digits_cnn().eval()
     x = zoo.DIGITS_NORMALIZE(zoo.digits("test")[0][:8])
     with torch.no_grad():
@@ -167,13 +178,6 @@ def main(argv=None):
         rows += bench_curves("ResNet-18 (random)", resnet, x, y, steps=98, rounds=rounds)
         rows += bench_infidelity("ResNet-18 (random)", resnet, x, y, rounds)
         rows += bench_masks("224 px", x, 98, rounds)
-    if torch.cuda.is_available():  # Quantus moves each step's batch host -> device; we build batches on the GPU
-        resnet = zoo.resnet18().eval().cuda()
-        x = zoo.IMAGENET_NORMALIZE(torch.cat(list(zoo.sample_images(224).values()))).repeat(4, 1, 1, 1).cuda()
-        with torch.no_grad():
-            y = resnet(x).argmax(1)
-        rows += bench_curves("ResNet-18 (random)", resnet, x, y, steps=98, rounds=rounds, batch=256)
-        rows += bench_infidelity("ResNet-18 (random)", resnet, x, y, rounds)
     notes = (
         "Same run, equal values checked first (curves: every point, max |diff| shown; infidelity: relative "
         "diff). CPU only (no GPU drawn for this session). Quantus's curve has K points (after each step) and "

@@ -1,6 +1,6 @@
 """Occlusion benchmarks: cnnviz_fast.occlusion timed beside Captum in the same run.
 
-    python benchmarks/bench_occlusion.py [--quick] [--no-write] [--results-dir DIR]
+    python benchmarks/bench_occlusion.py [--quick] [--device cpu|cuda] [--no-write] [--results-dir DIR]
 
 CPU: ResNet-18 (1000 classes), one 112x112 image (--quick: 64x64), window 16, stride 8
 (13x13 = 169 windows; --quick 7x7 = 49).
@@ -10,8 +10,8 @@ CPU: ResNet-18 (1000 classes), one 112x112 image (--quick: 64x64), window 16, st
   and the same occluded images in equal passes of at most 32, pre-built, under inference_mode)
                                                                          target: <= 1.10x
   (info, not --quick) mode="full"'s measured batch size against batch_size 8, 32 and all
-CUDA (when present): 8 images of 224x224, vs Captum at its defaults (perturbations_per_eval=1)
-                                                                         target: >= 5x
+CUDA (--device cuda): 8 images of 224x224 vs Captum at perturbations_per_eval 64 and 256 (>= 1x),
+  exact vs mode="full" (info); one image vs Captum's default (perturbations_per_eval=1)  target: >= 5x
 Only public calls are timed. Outputs are checked equal before timing.
 Results: benchmarks/results/occlusion-<machine>.{md,json}.
 """
@@ -88,28 +88,38 @@ def bench_cpu(quick: bool) -> List[dict]:
 
 
 def bench_cuda(quick: bool) -> List[dict]:
-    if not torch.cuda.is_available():
-        print("CUDA: no GPU, skipped", flush=True)
-        return []
+    """8 images at 224 px against Captum at its best batching (perturbations_per_eval 64, 256),
+    and one image against Captum's default (one window per forward)."""
     model = zoo.resnet18().cuda()
     x = torch.rand(8, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     target = list(range(8))
+    rounds = 1 if quick else 3
+    label = "cuda ResNet-18 8x3x224x224"
 
-    def ours():
-        return cv.occlusion(model, x, target, window=WINDOW, stride=STRIDE)
+    def ours(images=x, targets=target, mode="exact"):
+        return cv.occlusion(model, images, targets, window=WINDOW, stride=STRIDE, mode=mode)
 
-    def anchor():  # Captum at its defaults: one window per forward pass
-        return captum(model, x, target, 1)
-
-    torch.testing.assert_close(ours(), anchor(), atol=1e-3, rtol=1e-3)
-    t = interleaved({"ours": ours, "anchor": anchor}, 1 if quick else 3)
-    return [row("cuda ResNet-18 8x3x224x224 occlusion vs Captum defaults", t["ours"], t["anchor"], ">= 5x")]
+    expected = ours(mode="full")
+    torch.testing.assert_close(ours(), expected, atol=1e-3, rtol=1e-3)
+    contenders = {"ours": ours, "full": lambda: ours(mode="full")}
+    for per_eval in (64, 256):
+        torch.testing.assert_close(captum(model, x, target, per_eval), expected, atol=1e-3, rtol=1e-3)
+        contenders[f"captum{per_eval}"] = lambda p=per_eval: captum(model, x, target, p)
+    t = interleaved(contenders, rounds)
+    rows = [row(f"{label} occlusion vs Captum ppe={p}", t["ours"], t[f"captum{p}"], ">= 1x") for p in (64, 256)]
+    rows += [row(f"{label} occlusion mode='full' vs Captum ppe={p}", t["full"], t[f"captum{p}"], ">= 1x")
+             for p in (64, 256)]
+    rows.append(row(f"{label} occlusion (exact, incremental) vs mode='full'", t["ours"], t["full"]))
+    one = x[:1]
+    t = interleaved({"ours": lambda: ours(one, 0), "anchor": lambda: captum(model, one, 0, 1)}, 1)
+    rows.append(row("cuda ResNet-18 1x3x224x224 occlusion vs Captum defaults (ppe=1)", t["ours"], t["anchor"], ">= 5x"))
+    return rows
 
 
 def main():
     args = argument_parser(__doc__).parse_args()
     print(machine_description(), flush=True)
-    rows = bench_cpu(args.quick) + bench_cuda(args.quick)
+    rows = bench_cpu(args.quick) if args.device == "cpu" else bench_cuda(args.quick)
     finish(args, "occlusion", rows, title="Occlusion benchmarks",
            notes="ratio = anchor / ours (speedup) for '>=' targets and the info rows; ours / floor for "
                  "'<='. The machine may have been shared with other jobs (noisy).")

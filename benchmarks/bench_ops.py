@@ -138,12 +138,43 @@ def bench_guided_relu(shape, device, rounds):
                   ">= 1.3x", rounds)
 
 
-SECTIONS = ("gram", "occlusion", "guided")
+# --------------------------------------------------------------------------- GPU sizes
+def bench_gpu_sizes(rounds):
+    """CUDA only, information rows: each kernel on a problem that fills the GPU, against the
+    plain PyTorch call that moves the same bytes or does the same products, with our
+    achieved bandwidth (bytes read + written once / time)."""
+    out = []
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    window, stride = (16, 16), (8, 8)
+    P = ops.occlusion_grid(224, 224, window, stride)[0] * ops.occlusion_grid(224, 224, window, stride)[1]
+    written = x.numel() * P * x.element_size()
+    t = interleaved({"ours": lambda: ops.occlude(x, window, stride, 0.0),
+                     "copy": lambda: x[:, None].expand(4, P, 3, 224, 224).clone()}, rounds)
+    out.append(row(f"cuda occlude 4 x {P} x [3,224,224] fp32 vs expand().clone() (same bytes written)",
+                   t["ours"], t["copy"], "", ours_gb_s=written / t["ours"] / 1e9))
+    for dtype in (torch.float32, torch.float16):
+        y = torch.randn(32, 64, 112, 112, device="cuda", dtype=dtype)
+        g = torch.randn_like(y)
+        moved = 3 * y.numel() * y.element_size()  # backward: read x and grad, write grad_in
+        t = interleaved({"ours": lambda: ops.guided_relu_backward(g, y, "guided"),
+                         "plain": lambda: torch.where(y > 0, g.clamp(min=0), 0)}, rounds)
+        out.append(row(f"cuda guided_relu backward [32,64,112,112] {str(dtype)[6:]} vs torch.where (same bytes)",
+                       t["ours"], t["plain"], "", ours_gb_s=moved / t["ours"] / 1e9))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        f = torch.randn(8, 512, 3136, device="cuda", dtype=dtype)
+        flops = 2 * 8 * 512 * 512 * 3136
+        t = interleaved({"ours": lambda: ops.gram(f),
+                         "bmm": lambda: torch.bmm(f, f.transpose(1, 2)).div_(f.shape[2])}, rounds)
+        out.append(row(f"cuda gram [8,512,3136] {str(dtype)[6:]} vs torch.bmm in the same dtype",
+                       t["ours"], t["bmm"], "", ours_tflop_s=flops / t["ours"] / 1e12))
+    return out
+
+
+SECTIONS = ("gram", "occlusion", "guided", "gpu-sizes")
 
 
 def main():
     parser = argument_parser(__doc__, SECTIONS)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     rounds = 3 if args.quick else 10
     path = "compiled extension" if ops.has_extension() else "REFERENCE PATH (no extension)"
@@ -155,6 +186,8 @@ def main():
         rows += bench_occlude(args.device, rounds)
     if "guided" in args.only:
         rows.append(bench_guided_relu((16, 64, 56, 56), args.device, rounds))
+    if "gpu-sizes" in args.only and args.device == "cuda":
+        rows += bench_gpu_sizes(rounds)
     finish(args, "ops" if args.device == "cpu" else f"ops-{args.device}", rows, title="cnnviz ops vs anchors",
            notes=f"Device: {args.device}; path: {path}; {rounds} rounds. ratio = anchor / ours (speedup); "
                  "speedup_vs_reference = our pure-PyTorch reference / ours.")

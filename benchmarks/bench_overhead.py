@@ -48,15 +48,16 @@ def bare_grad_cam(model, x, layer, target: int):
     return run
 
 
-def small_models():
+def small_models(device):
     """(name, model, input, layer): a tiny CNN, whose own compute is so small that the
     difference to the bare code is the package's fixed cost, and the zoo digits CNN."""
     torch.manual_seed(0)
     tiny = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
-    yield "tiny CNN, 1x1x8x8", tiny, torch.rand(1, 1, 8, 8), "0"
-    digits = zoo.digits_cnn()
-    yield "digits CNN, 1x1x32x32", digits, zoo.DIGITS_NORMALIZE(zoo.digits("test")[0][:1]), "features.conv3"
+    yield "tiny CNN, 1x1x8x8", tiny.to(device), torch.rand(1, 1, 8, 8, device=device), "0"
+    digits = zoo.digits_cnn().to(device)
+    yield ("digits CNN, 1x1x32x32", digits, zoo.DIGITS_NORMALIZE(zoo.digits("test")[0][:1]).to(device),
+           "features.conv3")
 
 
 def main(argv=None) -> None:
@@ -64,13 +65,13 @@ def main(argv=None) -> None:
     print(machine_description(), flush=True)
     rounds, number = (3, 20) if args.quick else (10, 40)
 
-    resnet = zoo.resnet18().eval()
-    image = torch.rand(1, 3, 224, 224)
+    resnet = zoo.resnet18().eval().to(args.device)
+    image = torch.rand(1, 3, 224, 224, device=args.device)
     anchor = interleaved({"resnet18": bare_gradient(resnet, image, 1)}, rounds=max(3, rounds // 3), number=3)
     anchor = anchor["resnet18"]
 
     rows = []
-    for model_name, small, x, layer in small_models():
+    for model_name, small, x, layer in small_models(args.device):
         target = int(small(x).argmax())
         explain_saliency = cv.Explainer(small, "saliency")
         explain_cam = cv.Explainer(small, "grad_cam", layer=layer)
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
         for name, (ours, bare) in cases.items():
             contenders[name], contenders[name + " (bare)"] = ours, bare
         times = interleaved(contenders, rounds, number)
-        rows += [row(f"{model_name} {name}: overhead vs ResNet-18 forward + autograd.grad",
+        rows += [row(f"{args.device} {model_name} {name}: overhead vs ResNet-18 forward + autograd.grad",
                      times[name] - times[name + " (bare)"], anchor, "<= 0.05x",
                      call_ms=times[name] * 1e3, bare_ms=times[name + " (bare)"] * 1e3) for name in cases]
     finish(args, "overhead", rows, title="Fixed cost of a call (batch 1)",

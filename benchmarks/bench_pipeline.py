@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import machine_description, write_results  # noqa: E402
+from common import device_argument, machine_description, synchronize, write_results  # noqa: E402
 
 from cnnviz_fast import zoo  # noqa: E402
 from cnnviz_fast.pipeline import saliency_maps  # noqa: E402
@@ -79,9 +79,11 @@ def bare_throughput(model, inputs: torch.Tensor, batch_size: int) -> float:
         return grad.abs().amax(1)
 
     step(inputs[:batch_size])
+    synchronize(inputs.device)
     start = time.perf_counter()
     for first in range(0, len(inputs), batch_size):
         step(inputs[first:first + batch_size])
+    synchronize(inputs.device)
     return len(inputs) / (time.perf_counter() - start)
 
 
@@ -107,20 +109,22 @@ def captum_loop(model, folder: Path, size, channels, normalize, batch_size, work
     files = sorted(folder.rglob("*.jpg"))
     loader = DataLoader(PlainFolder(files, size, channels, normalize), batch_size=batch_size, num_workers=workers)
     saliency = Saliency(model)
+    device = next(model.parameters()).device
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for index, x in enumerate(loader):
+        x = x.to(device)
         with torch.no_grad():
             predicted = model(x).argmax(1)
         maps = saliency.attribute(x, target=predicted, abs=True).amax(1)
-        np.save(out / f"batch{index:06d}.npy", maps.numpy())
+        np.save(out / f"batch{index:06d}.npy", maps.cpu().numpy())
     return len(files) / (time.perf_counter() - start)
 
 
-def pipeline_throughput(model, folder, size, normalize, batch_size, workers, out) -> float:
+def pipeline_throughput(model, folder, size, normalize, batch_size, workers, out, decode="pil") -> float:
     start = time.perf_counter()
     summary = saliency_maps(model, folder, out, normalize=normalize, size=size, batch_size=batch_size,
-                            num_workers=workers, shard_size=batch_size * 8, progress=False)
+                            num_workers=workers, shard_size=batch_size * 8, progress=False, decode=decode)
     assert summary.complete
     return summary.images / (time.perf_counter() - start)
 
@@ -155,6 +159,9 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--only", default="throughput,rss,resume")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--decode", choices=("pil", "gpu"), default="pil",
+                        help="the pipeline's decoding: Pillow in the workers, or nvJPEG on the GPU")
     args = parser.parse_args()
     print(machine_description())
     rows = []
@@ -163,14 +170,15 @@ def main() -> None:
         if "throughput" in args.only:
             for name, count in (("digits", args.images), ("resnet18", args.resnet_images)):
                 factory, normalize, size, jpeg, channels = MODELS[name]
-                model = factory().eval()
+                model = factory().eval().to(args.device)
                 folder = make_jpegs(work / f"{name}-jpegs", count, jpeg, channels)
-                tensors = decoded(folder, size, channels, normalize)
+                tensors = decoded(folder, size, channels, normalize).to(args.device)
                 speeds = {"bare": [], "cnnviz": [], "captum": []}
                 for round_ in range(args.rounds):  # interleaved: load changes hit all three alike
                     speeds["bare"].append(bare_throughput(model, tensors, args.batch_size))
                     speeds["cnnviz"].append(pipeline_throughput(model, folder, size, normalize, args.batch_size,
-                                                                args.num_workers, work / f"{name}-out{round_}"))
+                                                                args.num_workers, work / f"{name}-out{round_}",
+                                                                args.decode))
                     speeds["captum"].append(captum_loop(model, folder, size, channels, normalize, args.batch_size,
                                                         args.num_workers, work / f"{name}-captum{round_}"))
                     print(name, {k: round(v[-1], 1) for k, v in speeds.items()})
@@ -179,7 +187,8 @@ def main() -> None:
                     # the ratio within each round (same load on both sides), median over rounds
                     ratios = [a / b for a, b in zip(speeds["cnnviz"], speeds[anchor])]
                     ratio = statistics.median(ratios)
-                    rows.append({"task": task, "model": name, "images": count, "batch": args.batch_size,
+                    rows.append({"task": task, "model": name, "device": args.device, "decode": args.decode,
+                                 "images": count, "batch": args.batch_size,
                                  "workers": args.num_workers, "anchor_img_s": statistics.median(speeds[anchor]),
                                  "cnnviz_img_s": ours, "ratio": ratio,
                                  "round_ratios": " ".join(f"{r:.2f}" for r in ratios),
@@ -237,7 +246,7 @@ def main() -> None:
                  "decoding cannot be hidden as it is next to a GPU. Against Captum the saving is one forward of "
                  "three passes (forward + backward ~ 3 forwards), so ~1.33x is the compute-bound ceiling on a CPU; "
                  "beyond it only decode/writing overlap helps.")
-        print(write_results("pipeline", rows, notes=notes, title="Dataset-scale saliency pipeline"))
+        print(write_results("pipeline" + ("-nvjpeg" if args.decode == "gpu" else ""), rows, notes=notes, title="Dataset-scale saliency pipeline"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmarks of the synthesis suite, anchors timed in the same run (interleaved round by
 round so that load on a shared machine hits both sides alike).
 
-    python benchmarks/bench_synthesis.py [--quick] [--no-write] [--only style,texture,classes,adversarial]
+    python benchmarks/bench_synthesis.py [--quick] [--device cpu|cuda] [--no-write] [--only style,texture,classes,adversarial]
 
   style_transfer     random-weight VGG-19 (width / 2) at 128x128 (--quick: width / 4, 64x64),
                      content relu2_2, style relu1_1..relu5_1, L-BFGS, 10 iterations (--quick: 3);
@@ -96,13 +96,15 @@ def check_close(name, short, full):
     return difference
 
 
-def bench_gatys(rows, quick, texture):
+def bench_gatys(rows, quick, device, texture):
     torch.manual_seed(0)
     divisor, size, steps, rounds = (4, 64, 3, 3) if quick else (2, 128, 10, 5)
-    vgg = zoo.vgg("vgg19", width_divisor=divisor)
+    if device == "cuda" and not quick:
+        divisor, size = 1, 256  # the full VGG-19 at a size a GPU user runs
+    vgg = zoo.vgg("vgg19", width_divisor=divisor).to(device)
     vgg.requires_grad_(False)  # the plain loop needs it; ours never asks for parameter gradients
     photos = zoo.sample_images(size=size)
-    content, style = photos["china"], photos["flower"]
+    content, style = photos["china"].to(device), photos["flower"].to(device)
     style_layers = STYLE[:4] if texture else STYLE
     names = [f"features.{i}" for i in style_layers]
     cut = vgg.features[:max(style_layers + ([] if texture else [CONTENT])) + 1]  # the fair anchor
@@ -110,6 +112,7 @@ def bench_gatys(rows, quick, texture):
 
     if texture:
         start = (0.5 + 0.1 * torch.randn(style.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+        start = start.to(device)
 
         def ours(steps=steps):
             result = cv.synthesize_texture(vgg, style, names, normalize=NORM, steps=steps, progress=False)
@@ -130,7 +133,7 @@ def bench_gatys(rows, quick, texture):
 
     difference = check_close(task, (ours(2)[0], plain(cut, 2)[0]), (ours(), plain(cut)))
     times = interleaved({"ours": ours, "cut": lambda: plain(cut), "whole": lambda: plain(whole)}, rounds)
-    label = f"{task} vgg19/{divisor} {size}x{size}, {len(names)} Gram layers, per L-BFGS iteration"
+    label = f"{device} {task} vgg19/{divisor} {size}x{size}, {len(names)} Gram layers, per L-BFGS iteration"
     rows.append(row(f"{label} vs plain Gatys loop, Sequential cut at last layer", times["ours"] / steps,
                     times["cut"] / steps, ">= 1.3x", max_image_difference_2_iterations=difference))
     rows.append(row(f"{label} vs plain Gatys loop over all of vgg.features", times["ours"] / steps,
@@ -139,10 +142,11 @@ def bench_gatys(rows, quick, texture):
 
 # --- class visualisation: one batch vs one call per class -------------------------------
 
-def bench_classes(rows, quick):
-    model = zoo.digits_cnn()
+def bench_classes(rows, quick, device):
+    model = zoo.digits_cnn().to(device)
     steps, rounds = (10, 3) if quick else (50, 5)
     init = (0.3 + 0.05 * torch.randn(10, 1, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    init = init.to(device)
     kwargs = dict(normalize=zoo.DIGITS_NORMALIZE, resolution=8, l2=10.0, tv=5.0, center=0.0, progress=False,
                   seed=0)
     def batch(steps=steps):
@@ -162,17 +166,17 @@ def bench_classes(rows, quick):
     if difference > 1e-4 or score_error > 0.05:
         raise SystemExit("classes: the batch and the separate calls disagree")
     times = interleaved({"batch": batch, "separate": separate}, rounds)
-    rows.append(row(f"visualize_class digits CNN, 10 classes in one batch, {steps} steps vs 10 calls, one class each",
+    rows.append(row(f"{device} visualize_class digits CNN, 10 classes in one batch, {steps} steps vs 10 calls, one class each",
                     times["batch"], times["separate"], ">= 2x", unit="s", max_image_difference_5_steps=difference))
 
 
 # --- adversarial success rates -----------------------------------------------------------
 
-def bench_adversarial(rows, quick):
-    model = zoo.digits_cnn()
+def bench_adversarial(rows, quick, device):
+    model = zoo.digits_cnn().to(device)
     pixels, labels = zoo.digits("test")
     count = 50 if quick else 200
-    pixels, labels = pixels[:count], labels[:count]
+    pixels, labels = pixels[:count].to(device), labels[:count].to(device)
     settings = [("fgsm", 8, None), ("pgd", 8, 40), ("pgd", 32, 20), ("pgd", 64, 20)]
     if quick:
         settings = [("fgsm", 8, None), ("pgd", 8, 10), ("pgd", 64, 10)]
@@ -192,8 +196,8 @@ def bench_adversarial(rows, quick):
               f"targeted (label+1) {rates['targeted']:.3f}", flush=True)
 
 
-SECTIONS = {"style": lambda rows, quick: bench_gatys(rows, quick, texture=False),
-            "texture": lambda rows, quick: bench_gatys(rows, quick, texture=True),
+SECTIONS = {"style": lambda rows, quick, device: bench_gatys(rows, quick, device, texture=False),
+            "texture": lambda rows, quick, device: bench_gatys(rows, quick, device, texture=True),
             "classes": bench_classes, "adversarial": bench_adversarial}
 
 
@@ -202,7 +206,7 @@ def main():
     print(machine_description(), flush=True)
     rows = []
     for name in args.only:
-        SECTIONS[name](rows, args.quick)
+        SECTIONS[name](rows, args.quick, args.device)
     notes = (
         "ratio = anchor / ours (speedup) per L-BFGS iteration (whole runs timed, divided by the "
         "iterations) or per call; the machine was shared with other "

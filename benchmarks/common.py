@@ -141,6 +141,8 @@ def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.Argument
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="where to write (default: benchmarks/results)")
     parser.add_argument("--threads", type=int, action=_SetThreads,
                         help="torch intra-op threads (default: torch's; 1 steadies timings on a busy machine)")
+    parser.add_argument("--device", type=device_argument, default="cpu",
+                        help="where the models and data live: cpu (default) or cuda")
     if sections:
         def only(text: str) -> List[str]:
             chosen = [s for s in text.split(",") if s]
@@ -151,6 +153,21 @@ def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.Argument
         parser.add_argument("--only", type=only, default=list(sections),
                             help=f"comma-separated subset of {','.join(sections)}")
     return parser
+
+
+def device_argument(text: str) -> str:
+    """``--device``: 'cpu' or 'cuda', refused up front when no GPU is visible."""
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("--device cuda: no CUDA device is visible")
+    return text
+
+
+def synchronize(device: str) -> None:
+    """Waits for queued GPU work, so that a host clock read after it times the work."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 class _SetThreads(argparse.Action):

@@ -136,6 +136,9 @@ at::Tensor gram_loss_backward_cuda(
   TORCH_CHECK(
       grad_loss.device() == features.device(), "grad_loss must be on the features' device ",
       features.device(), ", got ", grad_loss.device());
+  TORCH_CHECK(
+      diff.device() == features.device(), "diff must be on the features' device ",
+      features.device(), ", got ", diff.device());
   const at::cuda::CUDAGuard device_guard(features.device());
   const auto F = gram::prepare_features(features);
   const auto acc_dtype = at::toOpMathType(features.scalar_type());
