@@ -7,13 +7,14 @@
 # second call can carry it back instead of building again.
 #
 #   OUT=<folder> bash scripts/device_check.sh [step,step,...]     (default: every step)
-#   steps: build tests ops attribution occlusion incremental metrics synthesis overhead pipeline
+#   steps: build tests ops attribution occlusion incremental metrics synthesis overhead profile
+#          pipeline nvjpeg
 #
 # Packages the image lacks travel in .devsite (made here by scripts/device_site.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/device-check}"
-STEPS="${1:-build,tests,ops,attribution,occlusion,incremental,metrics,synthesis,overhead,pipeline}"
+STEPS="${1:-build,tests,ops,attribution,occlusion,incremental,metrics,synthesis,overhead,profile,pipeline,nvjpeg}"
 WORK=/tmp/device-check-work
 mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.devsite${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +58,9 @@ step incremental 150 bench bench_incremental.py
 step metrics 120 bench bench_metrics.py
 step synthesis 120 bench bench_synthesis.py
 step overhead 60 bench bench_overhead.py
-step pipeline 150 bench bench_pipeline.py --only throughput --images 4096 --resnet-images 2048 \
+step profile 60 "$PY" scripts/profile_call_overhead.py cuda
+step pipeline 120 bench bench_pipeline.py --only throughput --images 2048 --resnet-images 1024 \
   --batch-size 128 --num-workers 8 --rounds 2
+step nvjpeg 90 bench bench_pipeline.py --only throughput --images 1024 --resnet-images 1024 \
+  --batch-size 128 --num-workers 8 --rounds 1 --decode gpu
 echo "=== done at $(date +%T)"

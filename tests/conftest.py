@@ -17,6 +17,17 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ieee_float32_on_cuda():
+    """Float32 as on the CPU. cuDNN convolutions default to TF32 (10-bit mantissa), which
+    moves float32 results by ~1e-3 relative: CPU-vs-GPU and exact-vs-full comparisons would
+    then test TF32, not our code."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Reproducible random tensors in every test."""

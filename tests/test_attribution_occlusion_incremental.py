@@ -357,9 +357,11 @@ def test_model_restored_after_exception_in_incremental_pass(digits64):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_exact_equals_full_and_cpu():
-    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5)).cuda()
-    x = torch.randn(2, 3, 48, 40, device="cuda")
-    exact = assert_exact(model, x, [1, 4], (8, 8), (4, 4), tol=dict(atol=1e-4, rtol=1e-3))
+    # float64, as the CPU tests: occluded scores differ from the clean one by little, so
+    # float32 rounding is a large part of each delta
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5)).double().cuda()
+    x = torch.randn(2, 3, 48, 40, device="cuda", dtype=torch.float64)
+    exact = assert_exact(model, x, [1, 4], (8, 8), (4, 4))
     approx = occlusion(model, x, [1, 4], window=(8, 8), stride=(4, 4), mode="approximate")
     assert exact.device.type == "cuda" and approx.device.type == "cuda"
     cpu = occlusion(model.cpu(), x.cpu(), [1, 4], window=(8, 8), stride=(4, 4))

@@ -409,8 +409,10 @@ def test_gpu_pinned_overlapped_and_gpu_decode(tmp_path, model, folder):
         result = open_results(tmp_path / decode)
         assert result.paths == cpu.paths
         if decode == "pil":
+            # float16 shards: equal float32 maps up to rounding may land one half-precision
+            # step (2^-10 relative) apart; allow two
             torch.testing.assert_close(torch.from_numpy(result.maps()), torch.from_numpy(cpu.maps()),
-                                       rtol=1e-3, atol=1e-5)
+                                       rtol=2e-3, atol=1e-5)
         else:  # another JPEG decoder and resize: close pixels, so mostly the same predictions
             assert (result.predicted == cpu.predicted).mean() >= 0.8
 

@@ -86,17 +86,27 @@ def target_layer(target: Target) -> Optional[str]:
     return target.layer if isinstance(target, Neuron) else None
 
 
-def _class_indices(target, n: int, device) -> torch.Tensor:
+def _class_indices(target, n: int, device, classes: Optional[int] = None) -> torch.Tensor:
+    """``Tensor[n]`` of class indices on ``device``; with ``classes``, each checked to lie in
+    ``[0, classes)``. The checks run where the target is given (ints, lists and CPU tensors on
+    the host), so that a GPU model is not stopped between its forward and backward passes;
+    only a target already on the GPU costs one read back."""
     if isinstance(target, (bool, str)):
         raise ValueError(f"target must be {_EXPECTED}, got {target!r}")
     if isinstance(target, int):
+        if classes is not None and not 0 <= target < classes:
+            raise ValueError(f"target classes must lie in [0, {classes}), got {target}")
         return torch.full((n,), target, dtype=torch.long, device=device)
-    indices = torch.as_tensor(target, device=device)
+    indices = torch.as_tensor(target)
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dim() != 1:
         raise ValueError(f"target must be an int or a 1-D sequence of ints, got {target!r}")
     if indices.numel() != n:
         raise ValueError(f"target must hold one class per image ({n}), got {indices.numel()}")
-    return indices.long()
+    if classes is not None and n:
+        low, high = indices.aminmax()
+        if int(low) < 0 or int(high) >= classes:
+            raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")
+    return indices.to(device=device, dtype=torch.long)
 
 
 def check_target(target: Target, n: int, allow_predicted: bool = True) -> None:
@@ -157,10 +167,7 @@ def select_scores(output: torch.Tensor, target: Target) -> torch.Tensor:
     n = output.shape[0]
     if is_predicted(target):
         return output.gather(1, output.argmax(1, keepdim=True))[:, 0]
-    indices = _class_indices(target, n, output.device)
-    classes = output.shape[1]
-    if n and (int(indices.min()) < 0 or int(indices.max()) >= classes):
-        raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")
+    indices = _class_indices(target, n, output.device, classes=output.shape[1])
     return output.gather(1, indices[:, None])[:, 0]
 
 

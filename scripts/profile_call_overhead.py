@@ -1,0 +1,56 @@
+"""Where a call's fixed cost goes: torch.profiler over cv.saliency / guided_backprop /
+grad_cam on a tiny CNN (batch 1) against the bare forward + autograd.grad, on cpu or cuda.
+Prints, per contender, the CPU time per call, the host-device syncs per call, and the ops
+with the most CPU time. A dev tool for the overhead benchmark (benchmarks/bench_overhead.py).
+
+    python scripts/profile_call_overhead.py [cpu|cuda]
+"""
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+import cnnviz_fast as cv  # noqa: E402
+
+device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval().to(device)
+x = torch.rand(1, 1, 8, 8, device=device)
+
+
+def bare():
+    leaf = x.detach().requires_grad_(True)
+    return torch.autograd.grad(model(leaf)[:, 1].sum(), leaf)[0]
+
+
+contenders = {"bare": bare, "saliency": lambda: cv.saliency(model, x, 1),
+              "guided_backprop": lambda: cv.guided_backprop(model, x, 1),
+              "grad_cam": lambda: cv.grad_cam(model, x, "0", 1)}
+calls = 50
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+for name, fn in contenders.items():
+    for _ in range(10):
+        fn()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) / calls * 1e6
+    events = prof.key_averages()
+    ops_us = sum(e.self_cpu_time_total for e in events) / calls
+    syncs = {e.key: e.count / calls for e in events
+             if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")}
+    print(f"\n=== {name} ({device}): {wall_us:.0f} us per call (wall), {ops_us:.0f} us in profiled ops; "
+          f"scalar reads / syncs per call: {syncs}")
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    for e in top:
+        print(f"  {e.key[:60]:60s} {e.count / calls:6.1f}/call {e.self_cpu_time_total / calls:8.1f} us/call")
