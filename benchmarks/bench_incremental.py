@@ -167,6 +167,9 @@ def bench_model(name: str, rounds: int, device: str = "cpu") -> List[Dict]:
     full = run("full")
     t_full = time.perf_counter() - start
     scale = float(full.abs().max())
+    # float32: on a GPU, convolution algorithms change with the batch size (seen: 1.5e-6 of a
+    # 9.5e-3 map between Captum's batches and ours), so the GPU check allows 1e-3 of the map
+    scale *= 1 if device == "cpu" else 10
     torch.testing.assert_close(exact, full, atol=1e-4 * scale, rtol=1e-3)
     print(f"exact == full (max |difference| {float((exact - full).abs().max()):.2e}, max |map| {scale:.3g})",
           flush=True)

@@ -54,3 +54,36 @@ for name, fn in contenders.items():
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     for e in top:
         print(f"  {e.key[:60]:60s} {e.count / calls:6.1f}/call {e.self_cpu_time_total / calls:8.1f} us/call")
+
+
+# Does the one read of the input check (check_finite: is the sum finite?) cost time on a GPU?
+# ResNet-18, 16 x 3 x 224 x 224: bare forward + grad, saliency, and saliency with the check off.
+if device == "cuda":
+    from torch.utils import benchmark
+
+    import cnnviz_fast.core.validation as validation
+    from cnnviz_fast import zoo
+
+    resnet, images = zoo.resnet18().eval().cuda(), torch.rand(16, 3, 224, 224, device="cuda")
+    targets = torch.arange(16) * 37 % 1000
+
+    def bare16():
+        leaf = images.detach().requires_grad_(True)
+        return torch.autograd.grad(resnet(leaf).gather(1, targets.cuda()[:, None]).sum(), leaf)[0].abs()
+
+    def unchecked():
+        saved = validation.check_finite
+        validation.check_finite = lambda tensor, argument: tensor
+        try:
+            return cv.saliency(resnet, images, targets)
+        finally:
+            validation.check_finite = saved
+
+    runs = {"bare": bare16, "saliency": lambda: cv.saliency(resnet, images, targets), "saliency, no finite read": unchecked}
+    timers = {k: benchmark.Timer("f()", globals={"f": f}) for k, f in runs.items()}
+    best = {k: float("inf") for k in runs}
+    for _ in range(5):  # interleaved rounds, the minimum of each
+        for k in runs:
+            best[k] = min(best[k], timers[k].timeit(20).mean)
+    for k, seconds in best.items():
+        print(f"ResNet-18 16x3x224x224 {k:28s} {seconds * 1e3:7.2f} ms  ({seconds / best['bare']:.2f}x bare)")

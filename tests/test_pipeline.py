@@ -449,3 +449,21 @@ def test_npy_writer_commits_atomically(tmp_path):
     assert list(tmp_path.glob("b.npy*")) == []
     with pytest.raises(ValueError, match="rows must have shape"):
         NpyWriter(tmp_path / "c.npy", (2, 3), np.float32).write(rows[:, :1])
+
+
+def test_device_decode_falls_back_to_pillow(folder, monkeypatch):
+    """Files torchvision's decoders refuse (nvJPEG has no CMYK, say) are decoded by Pillow as on
+    the CPU path; only files Pillow cannot read either are skipped."""
+    import torchvision.io as tio
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported by this decoder")
+
+    monkeypatch.setattr(tio, "decode_jpeg", refuse)
+    monkeypatch.setattr(tio, "decode_image", refuse)
+    files = [folder / "a" / "01-rgb.jpg", folder / "a" / "not-an-image.jpg", next(folder.rglob("*-cmyk.jpg"))]
+    raw = [torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) for path in files]
+    kept, pixels, failed = decode_on_device(raw, 32, 1, torch.device("cpu"))
+    assert kept == [0, 2] and [i for i, _ in failed] == [1]
+    for row, path in zip(pixels, [files[0], files[2]]):
+        assert torch.equal(row, torch.from_numpy(decode_image(path, 32, 1)).permute(2, 0, 1))

@@ -83,13 +83,23 @@ def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
     """Decode file bytes with ``torchvision.io`` on ``device`` (nvJPEG on a GPU), resize there.
 
     Returns ``(kept, pixels uint8[K, C, size, size], failed [(index, reason)])``. A batch whose
-    joint JPEG decode fails is retried one file at a time, so one bad file skips only itself.
+    joint JPEG decode fails is retried one file at a time, so one bad file skips only itself;
+    a file torchvision's decoders refuse (CMYK JPEG, 16-bit PNG, ...) is decoded by Pillow,
+    as in the CPU path, and skipped only when Pillow fails too.
     """
     import torchvision.io as tio
 
     mode = tio.ImageReadMode.RGB if channels == 3 else tio.ImageReadMode.GRAY
     decoded: List[Optional[torch.Tensor]] = [None] * len(raw)
     failed: List[Tuple[int, str]] = []
+
+    def with_pillow(i: int) -> None:
+        try:
+            array = decode_image(raw[i].numpy().tobytes(), size, channels)
+            decoded[i] = torch.from_numpy(array).permute(2, 0, 1).to(device)
+        except Exception as error:  # noqa: BLE001 - a bad file is a skip, whatever it raised
+            failed.append((i, f"decode: {error}".splitlines()[0]))
+
     jpegs = [i for i, data in enumerate(raw) if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8]
     try:
         for i, image in zip(jpegs, tio.decode_jpeg([raw[i] for i in jpegs], mode=mode, device=device)):
@@ -98,15 +108,15 @@ def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
         for i in jpegs:
             try:
                 decoded[i] = tio.decode_jpeg(raw[i], mode=mode, device=device)
-            except RuntimeError as error:
-                failed.append((i, f"decode: {error}".splitlines()[0]))
+            except RuntimeError:
+                with_pillow(i)
     for i, data in enumerate(raw):
         if i in jpegs:
             continue
         try:  # PNG and others: torchvision's CPU decoders, then on to the device
             decoded[i] = tio.decode_image(data, mode=mode).to(device)
-        except RuntimeError as error:
-            failed.append((i, f"decode: {error}".splitlines()[0]))
+        except RuntimeError:
+            with_pillow(i)
     kept = [i for i, image in enumerate(decoded) if image is not None]
     pixels = [torch.nn.functional.interpolate(decoded[i][None].float(), size=(size, size), mode="bilinear",
                                               antialias=True, align_corners=False)[0] for i in kept]
