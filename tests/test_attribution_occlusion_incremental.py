@@ -23,7 +23,7 @@ occlusion_module = importlib.import_module("cnnviz_fast.attribution.occlusion") 
 def always_incremental(monkeypatch):
     """Keep the incremental plan even where it saves little (tiny test images), so that
     its exactness is what is tested; test_unprofitable_plan_runs_full checks the default."""
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", math.inf)
+    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": math.inf, "cuda": math.inf})
 
 TOL64 = dict(atol=1e-10, rtol=1e-8)
 
@@ -171,10 +171,19 @@ def test_digits_cnn(digits64, relu, window, stride):
 
 
 def test_unprofitable_plan_runs_full(digits64, monkeypatch):
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", 0.8)
+    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 0.8, "cuda": 0.25})
     x, labels = digits64
     # a window covering the whole image saves nothing: full recomputation runs
     assert_exact(zoo.digits_cnn().double(), x, labels, (32, 32), (1, 1), incremental=False)
+
+
+def test_profitable_fraction_is_per_device(digits64, monkeypatch):
+    x, labels = digits64
+    model = zoo.digits_cnn().double()
+    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 0.8, "cuda": 0.25})
+    assert_exact(model, x, labels, (4, 4), (2, 2))  # saves > 2x: kept at the CPU's threshold
+    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 0.8})
+    assert_exact(model, x, labels, (4, 4), (2, 2), incremental=False)  # the input's device's entry decides
 
 
 def test_digits_saves_work(digits64):

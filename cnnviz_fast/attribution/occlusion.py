@@ -46,8 +46,13 @@ MAX_MEASURED_BUDGET = 2**30
 # it computes in full run at the deep, small maps).
 INCREMENTAL_BATCH = 128
 # The incremental plan is abandoned for full recomputation when it saves less than this
-# (multiply-adds of its first batch / those of full passes for the same positions).
-PROFITABLE_FRACTION = 0.8
+# (multiply-adds of its first batch / those of full passes for the same positions), per
+# device type. On a GPU the plan's gathers and small convolutions use the device far less
+# well than full batched passes: on an H200 it reached 15-39 % of its theoretical saving
+# (70 % and more on a CPU), so ResNet-18 (2.2x fewer multiply-adds) and MobileNetV2 (1.8x)
+# ran slower than full recomputation and VGG-16 (6.5x) 2.5x faster
+# (benchmarks/results/incremental-*-nvidia-h200.md).
+PROFITABLE_FRACTION = {"cpu": 0.8, "cuda": 0.25}
 MODES = ("exact", "full", "approximate")
 # Approximate mode defaults: the projective-field threshold (rectangles capped at this
 # fraction of each map's height and width) and the adaptive drill-down (a pass on every
@@ -239,7 +244,8 @@ def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tens
         for chunk in positions.to(inputs.device).split(batch):
             out.append(engine.scores(*(b[chunk] for b in bounds)))
             if not state["checked"]:
-                if engine.macs_incremental > PROFITABLE_FRACTION * engine.positions * engine.macs_clean:
+                fraction = PROFITABLE_FRACTION.get(inputs.device.type, PROFITABLE_FRACTION["cuda"])
+                if engine.macs_incremental > fraction * engine.positions * engine.macs_clean:
                     raise _Fallback
                 state["checked"] = True
         return scores[n] - torch.cat(out)
