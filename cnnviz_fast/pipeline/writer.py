@@ -73,8 +73,9 @@ class ShardWriter:
         first = self.npy.rows
         self.npy.write(maps)
         for k, position in enumerate(positions):
+            values = [repr(float(v)) for v in extra[k]] if extra is not None else []
             self.lines.append([int(position), ids[k], first + k, int(predicted[k]), int(target[k]),
-                               repr(float(score[k])), ""] + ([repr(float(v)) for v in extra[k]] if extra is not None else []))
+                               repr(float(score[k])), ""] + values)
 
     def skip(self, position: int, ident: str, reason: str) -> None:
         self.lines.append([position, ident, -1, -1, -1, "", reason] + [""] * len(self.extra_columns))
