@@ -31,6 +31,7 @@ class Section:
     summary: str = ""
     pictures: List[Tuple[str, str]] = field(default_factory=list)  # (file name, caption)
     notes: List[str] = field(default_factory=list)
+    table: str = ""  # a Markdown table (as format_table writes it), an HTML table on the page
     seconds: float = 0.0
     error: str = ""
 
@@ -78,7 +79,8 @@ class Report:
                 "figure{display:inline-block;margin:6px;vertical-align:top}"
                 "img{max-width:100%;border:1px solid #ccc;image-rendering:pixelated}"
                 "figcaption{font-size:.85em;color:#444;max-width:1100px}.summary{font-style:italic}"
-                "pre{color:#a00;white-space:pre-wrap}</style></head><body>",
+                "pre{color:#a00;white-space:pre-wrap}table{border-collapse:collapse}"
+                "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>",
                 f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><ul>"]
         page += [f"<li><a href='#s{i}'>{html.escape(s.title)}</a>{' (FAILED)' if s.error else ''}</li>"
                  for i, s in enumerate(self.sections)]
@@ -92,6 +94,9 @@ class Report:
             for note in s.notes:
                 md.append(f"- {note}")
                 page.append(f"<p>{html.escape(note)}</p>")
+            if s.table:
+                md.append(f"\n{s.table}\n")
+                page.append(_html_table(s.table))
             for picture, caption in s.pictures:
                 md.append(f"\n![{caption or picture}]({picture})")
                 page.append(f"<figure><img src='{html.escape(picture)}' alt='{html.escape(caption or picture)}'>"
@@ -105,6 +110,15 @@ class Report:
         report = self.out / "report.html"
         report.write_text("\n".join(page), encoding="utf-8")
         return report
+
+
+def _html_table(markdown: str) -> str:
+    """A Markdown table (header, ``|---|`` rule, rows) as an HTML table."""
+    rows = [[html.escape(cell.strip()) for cell in line.strip().strip("|").split("|")]
+            for line in markdown.strip().splitlines()]
+    head, body = rows[0], rows[2:]
+    return ("<table><tr>" + "".join(f"<th>{cell}</th>" for cell in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in body) + "</table>")
 
 
 def candidate_layers(model: nn.Module, inputs: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:

@@ -3,7 +3,8 @@
     out/run.json        method, its arguments, target, model fingerprint, source, shard size
     out/shards/*.npy    maps [rows, H, W] (float16 unless map_dtype=float32)
     out/shards/*.csv    per-item metadata of each shard
-    out/index.csv       item, path, shard, row, predicted, target, score (items that decoded)
+    out/index.csv       item, path, shard, row, predicted, target, score (items that decoded),
+                        then the run's extra columns (run.json "extra", e.g. deletion/insertion AUCs)
     out/errors.jsonl    one {"item", "path", "reason"} line per skipped input
     out/overlays/*.png  optional pictures of the first items
 """
@@ -49,6 +50,11 @@ def expected_shards(settings: dict, out: Path) -> Optional[int]:
     return None if length is None else -(-length // settings["shard_size"])
 
 
+def extra_columns(settings: dict) -> List[str]:
+    """Names of a run's extra per-item columns (none for plain saliency runs)."""
+    return list(settings.get("extra", {}).get("columns", []))
+
+
 def write_index(out: Path) -> Tuple[int, int]:
     """Join the shards' CSVs into ``index.csv`` and ``errors.jsonl`` (each written atomically).
 
@@ -56,6 +62,7 @@ def write_index(out: Path) -> Tuple[int, int]:
     is not complete in this folder.
     """
     settings = json.loads((out / "run.json").read_text())
+    extra = extra_columns(settings)
     total = expected_shards(settings, out)
     done = finished_shards(out)
     if total is None:
@@ -70,7 +77,7 @@ def write_index(out: Path) -> Tuple[int, int]:
     with open(index_partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as index, \
             open(errors_partial, "w", encoding="utf-8", errors="surrogateescape") as errors:
         table = csv.writer(index)
-        table.writerow(INDEX_COLUMNS)
+        table.writerow(INDEX_COLUMNS + extra)
         for shard in range(total):
             with open(shard_paths(out, shard)[1], encoding="utf-8", errors="surrogateescape", newline="") as lines:
                 for line in csv.DictReader(lines):
@@ -80,7 +87,7 @@ def write_index(out: Path) -> Tuple[int, int]:
                         skipped += 1
                     else:
                         table.writerow([line["position"], line["id"], shard, line["row"], line["predicted"],
-                                        line["target"], line["score"]])
+                                        line["target"], line["score"]] + [line[name] for name in extra])
                         images += 1
         for handle in (index, errors):
             handle.flush()
@@ -129,7 +136,8 @@ def merge(out: Union[str, Path], folders: Sequence[Union[str, Path]]) -> Tuple[i
 class Results:
     """A finished output folder: ``len``, ``results[i]`` (the i-th image in input order),
     ``results.get(path)``, iteration in order. Each item is a dict with ``item``, ``path``,
-    ``shard``, ``row``, ``predicted``, ``target``, ``score`` and ``map`` (``ndarray[H, W]``).
+    ``shard``, ``row``, ``predicted``, ``target``, ``score``, ``map`` (``ndarray[H, W]``) and the
+    run's extra columns; ``results.extra[name]`` holds each extra column (float64, input order).
     Shards are memory-mapped; a few stay open."""
 
     def __init__(self, out: Union[str, Path], cache: int = 8):
@@ -144,6 +152,8 @@ class Results:
         numbers = np.array([[row[0], row[2], row[3], row[4], row[5]] for row in rows], dtype=np.int64).reshape(-1, 5)
         self.items, self.shards, self.rows, self.predicted, self.targets = numbers.T
         self.scores = np.array([float(row[6]) for row in rows], dtype=np.float64)
+        values = np.array([row[7:] for row in rows], dtype=np.float64).reshape(len(rows), -1)
+        self.extra: Dict[str, np.ndarray] = {name: values[:, k] for k, name in enumerate(extra_columns(self.settings))}
         self._by_path: Optional[Dict[str, int]] = None
         self._open: "OrderedDict[int, np.ndarray]" = OrderedDict()
         self._cache = cache
@@ -168,7 +178,8 @@ class Results:
         index %= len(self)
         return {"item": int(self.items[index]), "path": self.paths[index], "shard": int(self.shards[index]),
                 "row": int(self.rows[index]), "predicted": int(self.predicted[index]),
-                "target": int(self.targets[index]), "score": float(self.scores[index]), "map": self.map(index)}
+                "target": int(self.targets[index]), "score": float(self.scores[index]), "map": self.map(index),
+                **{name: float(column[index]) for name, column in self.extra.items()}}
 
     def get(self, path: str) -> dict:
         """The result for an input path (as in ``index.csv``: relative to the folder or as listed)."""

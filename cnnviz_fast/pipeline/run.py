@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,6 +39,21 @@ METHODS: Dict[str, Callable] = {
 }
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAP_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtraColumns:
+    """Per-image numbers computed with each batch and stored next to its maps (extra columns
+    of the shard CSVs and ``index.csv``; :class:`~cnnviz_fast.pipeline.Results` reads them).
+
+    ``compute(model, inputs, classes, maps) -> Tensor[N, len(names)]`` gets the batch's model
+    inputs, target classes ``LongTensor[N]`` and maps ``[N, H, W]`` (float32, before the cast
+    to ``map_dtype``); ``settings`` (JSON) are recorded in run.json, so that a resumed run
+    computes the same columns."""
+
+    names: Sequence[str]
+    settings: dict
+    compute: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -102,7 +117,7 @@ def saliency_maps(
     batch_size: int = 64, num_workers: Optional[int] = None, device: Union[str, torch.device, None] = None,
     dtype: Optional[str] = None, channels_last: bool = False, map_dtype: str = "float16",
     shard_size: int = 1024, overlays: int = 0, decode: str = "pil", progress: bool = True,
-    **method_kwargs,
+    extra: Optional[ExtraColumns] = None, **method_kwargs,
 ) -> RunSummary:
     """Attribution maps for every input of ``data`` with one method, streamed to the folder ``out``.
 
@@ -126,6 +141,8 @@ def saliency_maps(
         overlays: also write PNG overlays of the first ``overlays`` items.
         decode: ``"pil"`` (Pillow in the workers) or ``"gpu"`` (nvJPEG on the device).
         progress: a progress bar and a summary line on rank 0.
+        extra: per-image numbers computed from each batch and stored with it (see
+            :class:`ExtraColumns`; :func:`cnnviz_fast.metrics.evaluate_dataset` uses it).
     """
     check_choice(method, METHODS, "method")
     if not (is_predicted(target) or (isinstance(target, int) and not isinstance(target, bool))):
@@ -155,10 +172,12 @@ def saliency_maps(
         "method": method, "method_kwargs": method_kwargs, "target": target, "model": model_fingerprint(model),
         "normalize": None if normalize is None else [normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()],
         "size": size, "dtype": dtype, "map_dtype": map_dtype, "shard_size": shard_size, "source": source.describe(),
+        **({"extra": {"columns": list(extra.names), **extra.settings}} if extra is not None else {}),
     })
     check_settings(out, settings)
     done = set(finished_shards(out))
-    writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays)
+    writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays,
+                              extra_columns=extra.names if extra is not None else ())
     function = METHODS[method]
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, AUTOCAST[dtype])) if dtype else contextlib.nullcontext
@@ -199,7 +218,7 @@ def saliency_maps(
                 batch = source.decode_batch(batch, device)
             skipped += len(batch.skipped)
             if not len(batch.positions):
-                writer.put((batch.positions, [], np.empty((0, 0, 0)), [], [], [], None, batch.skipped, None))
+                writer.put((batch.positions, [], np.empty((0, 0, 0)), [], [], [], None, batch.skipped, None, None))
                 bar.update(len(batch.skipped))
                 continue
             x = batch.inputs.to(device, non_blocking=True)
@@ -211,8 +230,11 @@ def saliency_maps(
             output = output.float()
             classes = resolve_target(target, output) if is_predicted(target) else torch.full(
                 (output.shape[0],), target, dtype=torch.long, device=output.device)
-            columns = [to_map(attributions).to(getattr(torch, map_dtype)), output.argmax(1), classes,
+            maps = to_map(attributions).detach()
+            columns = [maps.to(getattr(torch, map_dtype)), output.argmax(1), classes,
                        output.gather(1, classes[:, None])[:, 0]]
+            if extra is not None:
+                columns.append(extra.compute(model, x, classes, maps.float()).double())
             pixels = None
             if int(batch.positions[0]) < overlays:
                 first = int(np.searchsorted(batch.positions, overlays))
@@ -228,7 +250,7 @@ def saliency_maps(
             else:
                 host, ready = [c.detach() for c in columns], None
             writer.put((batch.positions, batch.ids, host[0], host[1].numpy(), host[2].numpy(), host[3].numpy(),
-                        ready, batch.skipped, pixels))
+                        ready, batch.skipped, pixels, host[4].numpy() if extra is not None else None))
             images += len(batch.positions)
             bar.update(len(batch.positions) + len(batch.skipped))
         writer.close()

@@ -2,7 +2,8 @@
 
 Shard k holds the items at positions ``[k·S, (k+1)·S)``: ``shards/<k>.npy`` (the maps of the
 items that decoded, in position order) and ``shards/<k>.csv`` (one line per item: position,
-id, row in the .npy or -1, predicted class, target, score, skip reason). Both are written
+id, row in the .npy or -1, predicted class, target, score, skip reason, then the run's extra
+columns if any, e.g. deletion / insertion AUCs). Both are written
 under ``.partial`` names; the CSV is renamed first and the ``.npy`` last, so a shard is
 finished exactly when its ``.npy`` exists, and a run killed at any moment leaves no file that
 looks complete but is not. Every name is built from numbers, never from input file names.
@@ -16,7 +17,7 @@ import queue
 import signal
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,31 +59,32 @@ def write_atomic(path: Path, text: str) -> None:
 class ShardWriter:
     """One shard being filled; ``commit`` makes it finished."""
 
-    def __init__(self, out: Path, shard: int, map_dtype: np.dtype):
-        self.shard, self.map_dtype = shard, map_dtype
+    def __init__(self, out: Path, shard: int, map_dtype: np.dtype, extra_columns: Sequence[str] = ()):
+        self.shard, self.map_dtype, self.extra_columns = shard, map_dtype, list(extra_columns)
         self.npy_path, self.csv_path = shard_paths(out, shard)
         for leftover in self.npy_path.parent.glob(f"{shard:06d}.*partial"):  # from a killed attempt
             leftover.unlink(missing_ok=True)
         self.npy: Optional[NpyWriter] = None
         self.lines: List[list] = []  # one shard's metadata: small, kept in memory until commit
 
-    def add(self, positions, ids, maps: np.ndarray, predicted, target, score) -> None:
+    def add(self, positions, ids, maps: np.ndarray, predicted, target, score, extra=None) -> None:
         if self.npy is None:
             self.npy = NpyWriter(self.npy_path, maps.shape[1:], self.map_dtype, durable=True)
         first = self.npy.rows
         self.npy.write(maps)
         for k, position in enumerate(positions):
+            values = [repr(float(v)) for v in extra[k]] if extra is not None else []
             self.lines.append([int(position), ids[k], first + k, int(predicted[k]), int(target[k]),
-                               repr(float(score[k])), ""])
+                               repr(float(score[k])), ""] + values)
 
     def skip(self, position: int, ident: str, reason: str) -> None:
-        self.lines.append([position, ident, -1, -1, -1, "", reason])
+        self.lines.append([position, ident, -1, -1, -1, "", reason] + [""] * len(self.extra_columns))
 
     def commit(self) -> None:
         self.lines.sort(key=lambda line: line[0])
         text = io.StringIO()
         table = csv.writer(text)
-        table.writerow(CSV_COLUMNS)
+        table.writerow(CSV_COLUMNS + self.extra_columns)
         table.writerows(self.lines)
         write_atomic(self.csv_path, text.getvalue())
         if self.npy is None:  # every item skipped: an empty array marks the shard finished
@@ -99,12 +101,14 @@ class BackgroundWriter:
 
     ``put`` blocks when the queue is full (so memory stays bounded) and re-raises an error the
     thread met. On a GPU the maps arrive with a CUDA event, recorded after their non-blocking
-    copy to pinned memory; the thread waits on it before reading them.
+    copy to pinned memory; the thread waits on it before reading them. ``extra_columns``: names
+    of the per-item numbers (``[N, E]``) that come with each batch, written after the fixed columns.
     """
 
     def __init__(self, out: Path, shard_size: int, map_dtype: np.dtype, rank: int = 0,
-                 overlays: int = 0, depth: int = 4):
+                 overlays: int = 0, depth: int = 4, extra_columns: Sequence[str] = ()):
         self.out, self.shard_size, self.map_dtype, self.overlays = Path(out), shard_size, map_dtype, overlays
+        self.extra_columns = list(extra_columns)
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
         self.queue: "queue.Queue" = queue.Queue(depth)
         self.error: Optional[BaseException] = None
@@ -166,7 +170,7 @@ class BackgroundWriter:
         if self.current is not None and self.current.shard != shard:
             self._commit()
         if self.current is None:
-            self.current = ShardWriter(self.out, shard, self.map_dtype)
+            self.current = ShardWriter(self.out, shard, self.map_dtype, self.extra_columns)
         return self.current
 
     def _commit(self) -> None:
@@ -176,7 +180,7 @@ class BackgroundWriter:
         if self.kill_after is not None and self.committed >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _write(self, positions, ids, maps, predicted, target, score, ready, skipped, pixels) -> None:
+    def _write(self, positions, ids, maps, predicted, target, score, ready, skipped, pixels, extra) -> None:
         if ready is not None:
             ready.synchronize()
         events = [(int(p), k, None) for k, p in enumerate(positions)] + [(p, i, r) for p, i, r in skipped]
@@ -192,7 +196,8 @@ class BackgroundWriter:
             good = [k for _, k, reason in events[start:end] if reason is None]
             if good:
                 rows = slice(good[0], good[-1] + 1)  # good items of a batch are consecutive in it
-                writer.add(positions[rows], ids[rows], maps[rows], predicted[rows], target[rows], score[rows])
+                writer.add(positions[rows], ids[rows], maps[rows], predicted[rows], target[rows], score[rows],
+                           None if extra is None else extra[rows])
             for position, ident, reason in events[start:end]:
                 if reason is not None:
                     writer.skip(position, ident, reason)
