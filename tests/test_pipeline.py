@@ -2,6 +2,7 @@
 kill-and-resume (one process and two torchrun ranks), settings refusal, merge, the reader."""
 import csv
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -300,7 +301,11 @@ def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model
     done_before = len(finished_shards(out))
     resumed = _python(*command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "2 rank(s)" in resumed.stdout and f"{done_before} shards already done" in resumed.stdout
+    # at least those shards are skipped; once, on a heavily loaded machine, rank 0 of the killed
+    # run committed 3 more shards after torchrun had returned (its SIGTERM lands late), so the
+    # count may be higher. Committed shards are whole and equal to recomputed ones either way.
+    resumed_count = re.search(r"\((\d+) shards already done\)", resumed.stdout)
+    assert "2 rank(s)" in resumed.stdout and resumed_count and int(resumed_count.group(1)) >= done_before
     results = open_results(out)
     digits = zoo.DIGITS_NORMALIZE(zoo.digits("test")[0])
     assert [r["item"] for r in results] == list(range(len(digits)))
