@@ -264,6 +264,9 @@ def test_efficientnet_lite0_runs_incrementally():
     # the padded maps are patched, not recomputed (without the rule: 1.0; its 2x2 and 4x4
     # last stages are changed everywhere at this size)
     assert plan_ratio(model, x, 3, (8, 8), (8, 8)) > 1.15
+    # neurons of traced-through modules (a same-padded conv, a block) end the graph there
+    for neuron in (Neuron("_blocks.4._depthwise_conv", 7, y=3, x=2), Neuron("_blocks.3", 5)):
+        assert_exact(model, x, neuron, (16, 16), (16, 16))
 
 
 def test_neuron_and_callable_targets(digits64):

@@ -277,6 +277,7 @@ class IncrementalOcclusion:
             return None  # more than one required input
         if isinstance(target, Neuron):
             ends = [n for n in nodes if n.op == "call_module" and n.target == target.layer]
+            ends = ends or _module_output(nodes, target.layer)
         else:
             output = next(n for n in nodes if n.op == "output")
             ends = [output.args[0]] if isinstance(output.args[0], fx.Node) else []
@@ -521,6 +522,15 @@ class _Ref:
     """Marks a node argument while deciding how a node runs."""
     def __init__(self, node):
         self.node = node
+
+
+def _module_output(nodes: List[fx.Node], name: str) -> List[fx.Node]:
+    """``[node]`` returned by the traced-through (not leaf) module ``name``, the only one of
+    its nodes read outside it; ``[]`` when that is not one node. (A wrong pick is caught by
+    the caller's check of the clean score against the model's.)"""
+    inside = {n for n in nodes if any(path == name for path, _ in n.meta.get("nn_module_stack", {}).values())}
+    outputs = [n for n in inside if any(user not in inside for user in n.users)]
+    return outputs if len(outputs) == 1 else []
 
 
 def _depends_on(node: fx.Node, values) -> bool:
