@@ -528,7 +528,8 @@ def _module_output(nodes: List[fx.Node], name: str) -> List[fx.Node]:
     """``[node]`` returned by the traced-through (not leaf) module ``name``, the only one of
     its nodes read outside it; ``[]`` when that is not one node. (A wrong pick is caught by
     the caller's check of the clean score against the model's.)"""
-    inside = {n for n in nodes if any(path == name for path, _ in n.meta.get("nn_module_stack", {}).values())}
+    inside = {n for n in nodes  # nn_module_stack: {key: (dotted name, type)} of the modules a node ran in
+              if any(isinstance(v, tuple) and v[0] == name for v in n.meta.get("nn_module_stack", {}).values())}
     outputs = [n for n in inside if any(user not in inside for user in n.users)]
     return outputs if len(outputs) == 1 else []
 
