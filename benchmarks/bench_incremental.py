@@ -1,6 +1,6 @@
 """Incremental occlusion against full recomputation and Captum, same run.
 
-    python benchmarks/bench_incremental.py [--quick] [--device cpu|cuda] [--threads N] [--models resnet18,vgg16,mobilenet] [--no-write]
+    python benchmarks/bench_incremental.py [--quick] [--device cpu|cuda] [--threads N] [--models resnet18,vgg16,mobilenet,efficientnet] [--no-write]
 
 One 3x224x224 image (scikit-learn's "flower" photo, shipped with the package's
 dependencies), window 16, stride 8 (VGG-16: stride 16), target: the clean image's top
@@ -8,6 +8,8 @@ class. Models from torchvision with random weights (ResNet-18's batch norms with
 statistics, so that none is an identity; every batch norm then rescaled to unit output
 deviation on the image, without which MobileNetV2's maps are rounding noise); the
 MobileNet is torchvision's MobileNetV2 (depthwise convolutions, ReLU6, inverted residuals).
+"efficientnet" (not in the default --models): the zoo's trained EfficientNet-Lite0
+(TensorFlow SAME padding), the trained 224 px network the approximate targets are meant for.
 
 Per model, after checking that mode="exact" equals mode="full" (and Captum):
   theoretical speedup: multiply-adds of full recomputation / those of the incremental plan
@@ -85,10 +87,27 @@ def unit_variance(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
+def random_weights(build: Callable[[], nn.Module]) -> Callable:
+    """``device -> (model, image)``: a torchvision model with random weights on the flower
+    photo, its batch norms rescaled to unit output deviation."""
+    def make(device):
+        x = ((zoo.sample_images(224)["flower"] - 0.45) / 0.25).to(device)
+        return unit_variance(build().eval().to(device), x), x
+    return make
+
+
+def trained_efficientnet(device):
+    """The zoo's trained EfficientNet-Lite0 on the flower photo, its own preprocessing."""
+    x = zoo.EFFICIENTNET_LITE0_NORMALIZE(zoo.sample_images(224)["flower"])
+    return zoo.efficientnet_lite0().to(device), x.to(device)
+
+
+# name: (device -> (model, image), stride, exact-vs-full target)
 MODELS = {
-    "resnet18": (lambda: randomize_batchnorm(torchvision.models.resnet18()), 8, 3.0),
-    "vgg16": (lambda: torchvision.models.vgg16(), 16, 4.0),
-    "mobilenet": (lambda: torchvision.models.mobilenet_v2(), 8, None),
+    "resnet18": (random_weights(lambda: randomize_batchnorm(torchvision.models.resnet18())), 8, 3.0),
+    "vgg16": (random_weights(lambda: torchvision.models.vgg16()), 16, 4.0),
+    "mobilenet": (random_weights(lambda: torchvision.models.mobilenet_v2()), 8, None),
+    "efficientnet": (trained_efficientnet, 8, None),
 }
 
 
@@ -137,8 +156,7 @@ def row(name, ours_s, anchor_s, target="", extra=None):
 def bench_model(name: str, rounds: int, device: str = "cpu") -> List[Dict]:
     build, step, exact_target = MODELS[name]
     torch.manual_seed(0)
-    x = ((zoo.sample_images(224)["flower"] - 0.45) / 0.25).to(device)
-    model = unit_variance(build().eval().to(device), x)
+    model, x = build(device)
     window, stride = (16, 16), (step, step)
     with torch.inference_mode():
         target = int(model(x).argmax())
@@ -238,7 +256,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="resnet18,vgg16,mobilenet", help=f"of {', '.join(MODELS)}")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--device", type=device_argument, default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quality-only", action="store_true",

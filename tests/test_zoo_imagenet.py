@@ -2,6 +2,9 @@
 shipped state dict and the model recognises real photos (scikit-learn's and scikit-image's)."""
 import pytest
 import torch
+import torch.nn.functional as F
+
+from cnnviz_fast.zoo.efficientnet import Conv2dSame
 
 from cnnviz_fast import zoo
 
@@ -36,6 +39,29 @@ def test_same_padding_gives_tensorflow_output_sizes(model):
             model(torch.zeros(1, 3, size, size))
         handle.remove()
         assert feats["head"].shape[-1] == -(-size // 32)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 2, 1), (5, 2, 1), (4, 3, 1), (3, 1, 2), (1, 1, 1), (2, 2, 1)])
+def test_same_padding_is_tensorflows_pad_then_conv_bitwise(kernel, stride, dilation):
+    torch.manual_seed(0)
+    conv = Conv2dSame(3, 4, kernel, stride, dilation=dilation)
+    for height, width in ((17, 24), (23, 9), (8, 8)):
+        x = torch.randn(2, 3, height, width)
+        pads = []
+        for n in (width, height):  # TensorFlow: output ceil(n / stride), the odd pixel after
+            total = max((-(-n // stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+        expected = F.conv2d(F.pad(x, pads), conv.weight, conv.bias, stride, 0, dilation)
+        assert torch.equal(conv(x), expected)
+
+
+def test_traced_by_torch_fx_with_the_same_outputs(model):
+    graph = torch.fx.symbolic_trace(model)
+    assert any(node.target is zoo.efficientnet.pad_same for node in graph.graph.nodes)
+    for size in (224, 97):  # the padding follows the input's size in the graph too
+        x = torch.randn(1, 3, size, size + 6)
+        with torch.no_grad():
+            assert torch.equal(graph(x), model(x))
 
 
 # Expected top-1 classes, decided by looking at the photos (and confirmed by running):

@@ -14,7 +14,9 @@ output kept. A batch of window positions then runs node by node, each value bein
   are still computed exactly, just at full cost).
 
 Rectangle rules: convolution (any kernel, stride, padding, dilation, groups), max and
-average pooling (as convolutions over a patch gathered with the padding value), batch
+average pooling (as convolutions over a patch gathered with the padding value), constant
+padding (``F.pad``, and :func:`~cnnviz_fast.core.padding.pad_same` whose pads follow
+the input's size: the rectangle shifts by the top/left pad), batch
 norm in eval mode and pointwise activations (applied to the patch), and elementwise
 sums/products/concatenation (on the union of the inputs' rectangles). A windowed
 operator gathers, for all positions at once, its input patch (changed region plus halo)
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..core.padding import pad_same, same_padding
 from ..core.targets import Neuron, Target, select_scores
 
 __all__ = ["IncrementalOcclusion", "FULL_FRACTION"]
@@ -199,6 +202,26 @@ def _window_of(node: fx.Node, module: Optional[nn.Module], args, kwargs) -> Opti
     return None
 
 
+def _pad_offset(node: fx.Node, args, kwargs) -> Optional[Tuple[int, int]]:
+    """``(top, left)``: how far a constant padding of the last two dimensions (``F.pad``
+    with non-negative pads, :func:`pad_same`) shifts the map, or None. ``args[0]``: the
+    clean input."""
+    if node.op != "call_function":
+        return None
+    if node.target is pad_same:
+        b = _bind(args, kwargs, ["x", "kernel_size", "stride", "dilation", "value"], dict(dilation=(1, 1)))
+        (top, _), (left, _) = (same_padding(int(n), k, s, d) for n, k, s, d in
+                               zip(b["x"].shape[-2:], b["kernel_size"], b["stride"], b["dilation"]))
+        return top, left
+    if node.target is F.pad:
+        b = _bind(args, kwargs, ["input", "pad", "mode", "value"], dict(mode="constant"))
+        pads = b["pad"]
+        if b["mode"] != "constant" or len(pads) not in (2, 4) or any(not isinstance(p, int) or p < 0 for p in pads):
+            return None  # other modes read the map; negative pads crop it
+        return (pads[2] if len(pads) == 4 else 0), pads[0]
+    return None
+
+
 def _floor_div(a: Tensor, b: int) -> Tensor:
     return torch.div(a, b, rounding_mode="floor")
 
@@ -254,6 +277,7 @@ class IncrementalOcclusion:
             return None  # more than one required input
         if isinstance(target, Neuron):
             ends = [n for n in nodes if n.op == "call_module" and n.target == target.layer]
+            ends = ends or _module_output(nodes, target.layer)
         else:
             output = next(n for n in nodes if n.op == "output")
             ends = [output.args[0]] if isinstance(output.args[0], fx.Node) else []
@@ -376,6 +400,10 @@ class IncrementalOcclusion:
             window = _window_of(node, module, (None,) + tuple(constants[0]), constants[1])
             if window is not None:
                 return self._run_window(node, args[0].node, window, values)
+            offset = _pad_offset(node, (self._cache[args[0].node],) + tuple(constants[0]), constants[1])
+            x = values.get(args[0].node)
+            if offset is not None and isinstance(x, Patch):  # the changed rectangle moves with the map
+                return Patch(x.data, x.top + offset[0], x.left + offset[1])
         if _is_pointwise(node, module):
             return self._run_pointwise(node, module, values)
         if node.op == "call_function" and node.target is torch.cat:
@@ -494,6 +522,16 @@ class _Ref:
     """Marks a node argument while deciding how a node runs."""
     def __init__(self, node):
         self.node = node
+
+
+def _module_output(nodes: List[fx.Node], name: str) -> List[fx.Node]:
+    """``[node]`` returned by the traced-through (not leaf) module ``name``, the only one of
+    its nodes read outside it; ``[]`` when that is not one node. (A wrong pick is caught by
+    the caller's check of the clean score against the model's.)"""
+    inside = {n for n in nodes  # nn_module_stack: {key: (dotted name, type)} of the modules a node ran in
+              if any(isinstance(v, tuple) and v[0] == name for v in n.meta.get("nn_module_stack", {}).values())}
+    outputs = [n for n in inside if any(user not in inside for user in n.users)]
+    return outputs if len(outputs) == 1 else []
 
 
 def _depends_on(node: fx.Node, values) -> bool:

@@ -11,16 +11,18 @@ so hooks and layer names address each activation. Convolutions pad like TensorFl
 from __future__ import annotations
 
 import hashlib
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
+import torch.fx
 from torch import nn
 
+from ..core.padding import pad_same
 from ..core.preprocess import Normalize
+
+torch.fx.wrap("pad_same")  # one node when traced: its padding depends on the input's size
 
 # The TensorFlow Lite models take pixels mapped to [-1, 1]: (255·x − 127) / 128.
 EFFICIENTNET_LITE0_NORMALIZE = Normalize(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
@@ -38,11 +40,7 @@ class Conv2dSame(nn.Conv2d):
     ``ceil(input / stride)``, the odd pixel of padding on the bottom/right."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads) if any(pads) else x)
+        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))
 
 
 class MBConvBlock(nn.Module):
