@@ -420,3 +420,15 @@ def test_cuda_exact_equals_full_and_cpu():
     assert exact.device.type == "cuda" and approx.device.type == "cuda"
     cpu = occlusion(model.cpu(), x.cpu(), [1, 4], window=(8, 8), stride=(4, 4))
     torch.testing.assert_close(exact.cpu(), cpu, atol=1e-4, rtol=1e-3)
+
+
+def test_measured_incremental_batch_sizes(digits64, monkeypatch):
+    """Without batch_size the first passes try each candidate size (while they are at most a
+    quarter of the positions), then the rest runs at one size; the result stays exact."""
+    monkeypatch.setattr(occlusion_module, "INCREMENTAL_BATCH_SIZES", (8, 16, 32))
+    sizes = []
+    scores = IncrementalOcclusion.scores
+    monkeypatch.setattr(IncrementalOcclusion, "scores", lambda self, *b: sizes.append(len(b[0])) or scores(self, *b))
+    x, labels = digits64
+    assert_exact(zoo.digits_cnn().double(), x[:1], labels[:1], (4, 4), (1, 1))  # 29 x 29 = 841 positions
+    assert sizes[:3] == [8, 16, 32] and len(set(sizes[3:-1])) == 1 and sum(sizes) == 841
