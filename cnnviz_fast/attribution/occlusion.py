@@ -357,9 +357,10 @@ def _full_deltas(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
 
 
 def _measured_passes(run, n_images: int, positions: int, candidates: List[int], device, deltas: Tensor) -> Tensor:
-    """Run image 0's first passes with each candidate batch size while they take at most a
-    quarter of all the work (trials at a poor size cost time), then everything left with
-    the size that was fastest per image."""
+    """Run image 0's first passes with each candidate batch size (ascending) while they take
+    at most a quarter of all the work and each is faster per image than the one before
+    (trials past the best size cost ever more time), then everything left with the size
+    that was fastest per image."""
     seconds = {}
     first = 0
     for size in candidates:
@@ -371,6 +372,8 @@ def _measured_passes(run, n_images: int, positions: int, candidates: List[int], 
             torch.cuda.synchronize(device)
         seconds[size] = (time.perf_counter() - start) / size
         first += size
+        if seconds[size] > min(seconds.values()):
+            break
     best = min(seconds, key=seconds.get) if seconds else candidates[0]
     for start in range(first, positions, best):
         run(0, 1, start, min(best, positions - start))
