@@ -1,3 +1,4 @@
+#include <limits>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -14,6 +15,12 @@
 
 namespace cnnviz {
 namespace ops {
+
+// The Gram product as one cuBLAS GEMM (min_block = "no block is small enough to split"):
+// the recursive halving of gram_host.cpp saves multiply-adds and pays on CPUs, but on an
+// H200 it ran at 0.58x the speed of one torch.bmm ([8, 512, 3136] float32,
+// benchmarks/results/ops-cuda-*-nvidia-h200.md).
+constexpr int64_t kOneGemm = std::numeric_limits<int64_t>::max();
 
 namespace {
 
@@ -85,8 +92,7 @@ at::Tensor gram_cuda(const at::Tensor& features) {
   if (total == 0) {
     return out;
   }
-  const int64_t tile = gram::tile_size(F.C);
-  const auto R = gram::symmetric_product(F.f, tile);
+  const auto R = gram::symmetric_product(F.f, kOneGemm);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, features.scalar_type(), "gram_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -111,8 +117,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_cuda(
   if (total == 0) {
     return {at::zeros({}, features.options()), diff};
   }
-  const int64_t tile = gram::tile_size(F.C);
-  const auto R = gram::symmetric_product(F.f, tile);
+  const auto R = gram::symmetric_product(F.f, kOneGemm);
   auto sumsq = at::zeros({}, diff.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "gram_loss_cuda", [&] {
     loss_diff_kernel<scalar_t>
