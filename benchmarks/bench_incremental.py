@@ -22,6 +22,9 @@ Per model, after checking that mode="exact" equals mode="full" (and Captum):
   (info) approximate quality on the trained digits CNN (32x32 digits, window 8, stride 2):
       random weights make occlusion maps of random texture, which no approximation
       interpolates; a trained network's maps are what the approximations are for
+--photos: approximate mode on the trained EfficientNet-Lite0 over several photos
+(zoo.photos(); target: each photo's top class), each setting against exact and full on the
+same photo, best of 2 runs; prints mean and worst photo (no results file).
 Each contender runs once per round (they take seconds to minutes); median over rounds.
 Results: benchmarks/results/incremental-<machine>.{md,json}.
 """
@@ -251,6 +254,51 @@ def digits_quality(settings: Dict[str, Dict] = APPROXIMATE, device: str = "cpu")
     return out
 
 
+# approximate settings compared over photos (--photos)
+PHOTO_SETTINGS = {"defaults": {}, "coarse_step 2, no cap, drill 0.2": dict(coarse_step=2, field_cap=1.0, drill_down=0.2),
+                  "coarse_step 2, no cap, drill 0.1": dict(coarse_step=2, field_cap=1.0, drill_down=0.1),
+                  "coarse_step 2, cap 0.9, drill 0.1": dict(coarse_step=2, field_cap=0.9, drill_down=0.1),
+                  "cap 0.8, drill 0.2": dict(field_cap=0.8, drill_down=0.2)}
+
+
+def photos_quality(names: List[str], device: str = "cpu") -> None:
+    """Approximate vs exact and full on the trained EfficientNet-Lite0, per photo, then the
+    mean and worst photo of each setting (speed vs full and exact, Pearson, top-5% IoU)."""
+    model = zoo.efficientnet_lite0().to(device)
+    photos = zoo.photos(224)
+
+    def best_of_2(fn):
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            out = fn()
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        return out, min(seconds)
+
+    results = {label: [] for label in PHOTO_SETTINGS}
+    for name in names:
+        x = zoo.EFFICIENTNET_LITE0_NORMALIZE(photos[name]).to(device)
+        with torch.inference_mode():
+            target = int(model(x).argmax())
+        run = lambda **kw: occlusion(model, x, target, window=16, stride=8, **kw)  # noqa: E731
+        exact, t_exact = best_of_2(lambda: run(mode="exact"))
+        _, t_full = best_of_2(lambda: run(mode="full"))
+        print(f"{name} (class {target}): exact {t_exact:.2f} s, full {t_full:.2f} s", flush=True)
+        for label, knobs in PHOTO_SETTINGS.items():
+            approx, t = best_of_2(lambda: run(mode="approximate", **knobs))
+            results[label].append((t_full / t, t_exact / t, pearson(approx, exact), top_iou(approx[0], exact[0])))
+            print(f"  {label:36s} {t:.2f} s, {t_full / t:5.1f}x full, {t_exact / t:4.1f}x exact, "
+                  f"Pearson {results[label][-1][2]:.3f}, IoU {results[label][-1][3]:.3f}", flush=True)
+    print("\n| setting | vs full: mean (worst) | vs exact | Pearson mean / worst | top-5% IoU mean / worst |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, per_photo in results.items():
+        speed_full, speed_exact, r, iou = zip(*per_photo)
+        print(f"| {label} | {statistics.mean(speed_full):.1f}x ({min(speed_full):.1f}) | "
+              f"{statistics.mean(speed_exact):.1f}x ({min(speed_exact):.1f}) | {statistics.mean(r):.3f} / {min(r):.3f} | "
+              f"{statistics.mean(iou):.3f} / {min(iou):.3f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one round")
@@ -262,10 +310,15 @@ def main():
     parser.add_argument("--quality-only", action="store_true",
                         help="only the approximation error on the trained digits CNN, more settings "
                              "(results: incremental-quality-<machine>)")
+    parser.add_argument("--photos", default=None,
+                        help="only the approximate settings on the trained EfficientNet-Lite0 over these "
+                             "comma-separated zoo.photos() names (e.g. flower,cat,coffee); prints, writes nothing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_description(), flush=True)
+    if args.photos:
+        return photos_quality(args.photos.split(","), args.device)
     if args.quality_only:
         rows = digits_quality(QUALITY, args.device)
         if not args.no_write:

@@ -370,6 +370,25 @@ def test_approximate_close_to_exact(knobs, correlation):
         assert (same >= 0.2).all() and (same < 0.5).all()
 
 
+@pytest.mark.parametrize("coarse_step", [1, 2, 5])
+def test_coarse_step_scores_its_grid_exactly(coarse_step):
+    pixels, labels = zoo.digits()
+    x, labels = zoo.DIGITS_NORMALIZE(pixels[:2]).double(), labels[:2]
+    model = zoo.digits_cnn().double()
+    exact, exact_deltas = occlusion(model, x, labels, window=(8, 8), stride=(2, 2), return_deltas=True)
+    approx, deltas = occlusion(model, x, labels, window=(8, 8), stride=(2, 2), mode="approximate", field_cap=1.0,
+                               drill_down=0.05, coarse_step=coarse_step, return_deltas=True)
+    rows, cols = deltas.shape[1:]
+    knots_r = sorted(set(range(0, rows, coarse_step)) | {rows - 1})
+    knots_c = sorted(set(range(0, cols, coarse_step)) | {cols - 1})
+    grid = (slice(None), torch.tensor(knots_r)[:, None], torch.tensor(knots_c)[None, :])
+    torch.testing.assert_close(deltas[grid], exact_deltas[grid], **TOL64)
+    if coarse_step == 1:  # every position is on the coarse grid
+        torch.testing.assert_close(approx, exact, **TOL64)
+    else:  # the rest is interpolated (or drilled into), not all exact
+        assert not torch.allclose(deltas, exact_deltas, rtol=1e-4, atol=1e-5)
+
+
 def test_approximate_on_untraceable_model_uses_drill_down():
     model = Untraceable()
     x = torch.randn(1, 3, 24, 24)
@@ -385,6 +404,9 @@ def test_approximate_on_untraceable_model_uses_drill_down():
     (dict(mode="approximate", field_cap=0.0), "field_cap"),
     (dict(mode="approximate", drill_down=1.5), "drill_down"),
     (dict(mode="approximate", drill_down=True), "drill_down"),
+    (dict(mode="exact", coarse_step=2), "coarse_step"),
+    (dict(mode="approximate", coarse_step=0), "coarse_step"),
+    (dict(mode="approximate", coarse_step=1.5), "coarse_step"),
 ])
 def test_bad_mode_arguments(digits64, kwargs, argument):
     x, labels = digits64

@@ -61,7 +61,10 @@ MODES = ("exact", "full", "approximate")
 # Approximate mode defaults: the projective-field threshold (rectangles capped at this
 # fraction of each map's height and width) and the adaptive drill-down (a pass on every
 # COARSE_STEP-th row and column of the window grid, the rest interpolated except for
-# this fraction of the positions, the highest estimates, computed exactly).
+# this fraction of the positions, the highest estimates, computed exactly). On the trained
+# EfficientNet-Lite0 (224 px, window 16, stride 8, 3 photos) these defaults run ~20x faster
+# than full recomputation with Pearson 0.58 (worst 0.33) against exact; coarse_step=2,
+# field_cap=1, drill_down=0.2 reaches Pearson >= 0.96 and top-5% IoU >= 0.9 at ~4x.
 FIELD_CAP = 0.5
 DRILL_DOWN = 0.1
 COARSE_STEP = 3
@@ -81,6 +84,7 @@ def occlusion(
     mode: str = "exact",
     field_cap: Optional[float] = None,
     drill_down: Optional[float] = None,
+    coarse_step: Optional[int] = None,
 ):
     """Occlusion map: how much the target score drops when a window around each pixel is
     replaced by ``baseline``.
@@ -133,6 +137,12 @@ def occlusion(
             of the position grid, the others interpolated, then this fraction (in (0, 1])
             of all positions, those with the highest interpolated values, is scored exactly.
             Default 0.1; 1 disables it (every position scored).
+        coarse_step: approximate mode with a drill-down: the coarse grid is every
+            ``coarse_step``-th row and column of the position grid (and the last).
+            Default 3; 2 costs about twice as many exact positions and interpolates over
+            one position instead of two, which a 16-px window at stride 8 needs for maps
+            that follow exact (on EfficientNet-Lite0: Pearson 0.96-0.98 with
+            ``field_cap=1, drill_down=0.2`` against 0.58 at the defaults).
 
     Returns:
         ``Tensor[N, H, W]`` on the inputs' device, in the scores' dtype; with
@@ -157,7 +167,7 @@ def occlusion(
             check_positive_int(memory_budget, "memory_budget")
         base = check_baseline(baseline, inputs)
         check_target(target, N)
-        field_cap, drill_down = _check_mode(mode, field_cap, drill_down)
+        field_cap, drill_down, coarse_step = _check_mode(mode, field_cap, drill_down, coarse_step)
         rows, cols = occlusion_grid(H, W, window, stride)
 
         keep_output = return_output or is_predicted(target)
@@ -171,11 +181,11 @@ def occlusion(
                 engine = IncrementalOcclusion.build(model, target, field_cap=field_cap)
                 if engine is not None:
                     score = _incremental_scorer(engine, inputs, base, scores, target, window, stride, batch_size)
-                    deltas = _deltas(score, N, rows, cols, drill_down)
+                    deltas = _deltas(score, N, rows, cols, drill_down, coarse_step)
             if deltas is None and drill_down is not None:
                 score = _full_scorer(model, inputs, base, scores, target, window, stride,
                                      batch_size or choose_batch_size(per_image, inputs.device, memory_budget))
-                deltas = _deltas(score, N, rows, cols, drill_down)
+                deltas = _deltas(score, N, rows, cols, drill_down, coarse_step)
             if deltas is None:
                 deltas = _full_deltas(model, inputs, base, scores, target, window, stride, batch_size,
                                       memory_budget, per_image)
@@ -190,23 +200,26 @@ def occlusion(
         return results[0] if len(results) == 1 else results
 
 
-def _check_mode(mode, field_cap, drill_down) -> Tuple[Optional[float], Optional[float]]:
-    """``(field_cap, drill_down)`` for ``mode``; None where the knob is off."""
+def _check_mode(mode, field_cap, drill_down, coarse_step) -> Tuple[Optional[float], Optional[float], int]:
+    """``(field_cap, drill_down, coarse_step)`` for ``mode``; None where a knob is off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if mode != "approximate":
-        for name, value in (("field_cap", field_cap), ("drill_down", drill_down)):
+        for name, value in (("field_cap", field_cap), ("drill_down", drill_down), ("coarse_step", coarse_step)):
             if value is not None:
                 raise ValueError(f"{name} applies only to mode='approximate', got {name}={value!r} "
                                  f"with mode={mode!r}")
-        return None, None
+        return None, None, COARSE_STEP
+    if coarse_step is None:
+        coarse_step = COARSE_STEP
+    check_positive_int(coarse_step, "coarse_step")
     knobs = []
     for name, value, default in (("field_cap", field_cap, FIELD_CAP), ("drill_down", drill_down, DRILL_DOWN)):
         value = default if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
         knobs.append(None if value >= 1 else float(value))
-    return tuple(knobs)
+    return knobs[0], knobs[1], coarse_step
 
 
 class _Fallback(Exception):
@@ -216,14 +229,15 @@ class _Fallback(Exception):
 Scorer = Callable[[int, Tensor], Tensor]
 
 
-def _deltas(score: Scorer, n_images: int, rows: int, cols: int, drill_down: Optional[float]) -> Optional[Tensor]:
+def _deltas(score: Scorer, n_images: int, rows: int, cols: int, drill_down: Optional[float],
+            coarse_step: int = COARSE_STEP) -> Optional[Tensor]:
     """``deltas [N, rows * cols]`` from ``score(n, positions) -> deltas of those positions``
     (every position, or the drill-down's choice); None when the scorer gives up."""
     positions = torch.arange(rows * cols)
     try:
         if drill_down is None:
             return torch.stack([score(n, positions) for n in range(n_images)])
-        return torch.stack([_drill_down(lambda p: score(n, p), rows, cols, drill_down) for n in range(n_images)])
+        return torch.stack([_drill_down(lambda p: score(n, p), rows, cols, drill_down, coarse_step) for n in range(n_images)])
     except _Fallback:
         return None
 
@@ -290,12 +304,12 @@ def _full_scorer(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
     return score
 
 
-def _drill_down(score: Callable[[Tensor], Tensor], rows: int, cols: int, fraction: float) -> Tensor:
+def _drill_down(score: Callable[[Tensor], Tensor], rows: int, cols: int, fraction: float, step: int) -> Tensor:
     """Deltas of one image's ``rows x cols`` positions (flat): exact on a coarse grid (every
-    COARSE_STEP-th row and column, and the last) and on the ``fraction`` of positions with
+    ``step``-th row and column, and the last) and on the ``fraction`` of positions with
     the highest bilinear interpolation of it; interpolated elsewhere."""
-    knots_r = sorted(set(range(0, rows, COARSE_STEP)) | {rows - 1})
-    knots_c = sorted(set(range(0, cols, COARSE_STEP)) | {cols - 1})
+    knots_r = sorted(set(range(0, rows, step)) | {rows - 1})
+    knots_c = sorted(set(range(0, cols, step)) | {cols - 1})
     coarse = (torch.tensor(knots_r)[:, None] * cols + torch.tensor(knots_c)[None, :]).flatten()
     coarse_deltas = score(coarse)
     grid = coarse_deltas.view(len(knots_r), len(knots_c))
