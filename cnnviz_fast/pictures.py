@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 # Anchor colours of matplotlib's "inferno" and "jet" maps (interpolated linearly), so
 # heatmaps need no matplotlib.
@@ -137,3 +140,19 @@ def save_png(image: torch.Tensor, path: Union[str, Path], scale: Optional[bool] 
         picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
     picture.save(path)
     return path
+
+
+def render_figure(draw: Callable, size: Tuple[float, float], dpi: int = 100) -> "PIL.Image.Image":
+    """``draw(figure)`` on a matplotlib Figure of ``size`` inches, rendered off-screen (a bare
+    Figure on an Agg canvas: no pyplot, so the user's matplotlib backend is untouched) and
+    returned as an RGB ``PIL.Image``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    figure = Figure(figsize=size, dpi=dpi)
+    canvas = FigureCanvasAgg(figure)
+    draw(figure)
+    figure.tight_layout()
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..core.validation import check_choice, check_positive_int
+from ..pictures import render_figure
 from .neighbors import _check_matrix
 
 if TYPE_CHECKING:
@@ -199,32 +200,25 @@ def _thumbnail_map(points: np.ndarray, labels, images: torch.Tensor, size: int, 
 
 
 def _scatter(points: np.ndarray, labels, size: int, class_names, title, point_size):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from PIL import Image
+    def draw(figure):
+        axes = figure.add_subplot(1, 1, 1)
+        if labels is None:
+            axes.scatter(points[:, 0], points[:, 1], s=point_size, color=np.array(_TAB10[0]) / 255, linewidths=0)
+        else:
+            classes = int(labels.max()) + 1
+            for label in np.unique(labels):
+                chosen = labels == label
+                name = class_names[label] if class_names is not None else str(label)
+                axes.scatter(points[chosen, 0], points[chosen, 1], s=point_size, linewidths=0,
+                             color=np.array(_label_colour(int(label), classes)) / 255, label=name)
+            axes.legend(markerscale=max(1.0, 30 / point_size) ** 0.5, fontsize="small", loc="best",
+                        framealpha=0.8)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        if title:
+            axes.set_title(title)
 
-    # A bare Figure on an Agg canvas: no pyplot, so the user's matplotlib backend is untouched.
-    figure = Figure(figsize=(size / 100, size / 100), dpi=100)
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    if labels is None:
-        axes.scatter(points[:, 0], points[:, 1], s=point_size, color=np.array(_TAB10[0]) / 255, linewidths=0)
-    else:
-        classes = int(labels.max()) + 1
-        for label in np.unique(labels):
-            chosen = labels == label
-            name = class_names[label] if class_names is not None else str(label)
-            axes.scatter(points[chosen, 0], points[chosen, 1], s=point_size, linewidths=0,
-                         color=np.array(_label_colour(int(label), classes)) / 255, label=name)
-        axes.legend(markerscale=max(1.0, 30 / point_size) ** 0.5, fontsize="small", loc="best",
-                    framealpha=0.8)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    if title:
-        axes.set_title(title)
-    figure.tight_layout()
-    canvas.draw()
-    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return render_figure(draw, (size / 100, size / 100))
 
 
 def plot_embedding(points: torch.Tensor, labels: Optional[torch.Tensor] = None,

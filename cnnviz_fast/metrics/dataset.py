@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.validation import check_choice, check_positive_int
+from ..pictures import render_figure
 from ..pipeline import ExtraColumns, open_results, saliency_maps
 from ..pipeline.run import METHODS
 from ._common import interval95
@@ -130,8 +131,12 @@ def _runs(out: Union[str, Path], methods: Optional[Sequence[str]]):
 def summarize(out: Union[str, Path], methods: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, dict]]:
     """Mean AUC and its 95% interval per method and metric of a finished run in ``out``
     (``methods``: default every one there, by name), as :func:`evaluate` returns it."""
+    return _summary(_runs(out, methods))
+
+
+def _summary(runs) -> Dict[str, Dict[str, dict]]:
     summary = {}
-    for name, (results, settings) in _runs(out, methods).items():
+    for name, (results, settings) in runs.items():
         summary[name] = {}
         for metric in settings["metrics"]:
             mean, low, high, n = interval95(torch.from_numpy(results.extra[f"{metric}_auc"]))
@@ -141,8 +146,12 @@ def summarize(out: Union[str, Path], methods: Optional[Sequence[str]] = None) ->
 
 def mean_curves(out: Union[str, Path], methods: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, np.ndarray]]:
     """``{method: {metric: ndarray[K+1]}}``: the mean score at each step over the images."""
+    return _curves(_runs(out, methods))
+
+
+def _curves(runs) -> Dict[str, Dict[str, np.ndarray]]:
     curves = {}
-    for name, (results, settings) in _runs(out, methods).items():
+    for name, (results, settings) in runs.items():
         points = range(settings["steps"] + 1)
         curves[name] = {metric: np.array([results.extra[f"{metric}_{k}"].mean() for k in points])
                         for metric in settings["metrics"]}
@@ -150,15 +159,7 @@ def mean_curves(out: Union[str, Path], methods: Optional[Sequence[str]] = None) 
 
 
 def _figure_png(draw, path: Path, size=(9, 3.6)) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # A bare Figure on an Agg canvas: no pyplot, so the user's matplotlib backend is untouched.
-    figure = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(figure)
-    draw(figure)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+    render_figure(draw, size).save(path, format="PNG")
     return path
 
 
@@ -201,9 +202,9 @@ def write_report(out: Union[str, Path], methods: Optional[Sequence[str]] = None,
     from ..report import Report
 
     out = Path(out)
-    summary = summarize(out, methods)
-    settings = {name: s for name, (_, s) in _runs(out, methods).items()}
-    first = next(iter(settings.values()))
+    runs = _runs(out, methods)  # read once: index.csv holds every curve point of every image
+    summary = _summary(runs)
+    first = next(iter(runs.values()))[1]
     report = Report(out, progress=progress)
 
     def table(section):
@@ -215,7 +216,7 @@ def write_report(out: Union[str, Path], methods: Optional[Sequence[str]] = None,
     def curves(section):
         section.summary = ("The target's probability as the top-ranked pixels are removed (deletion) or "
                            "revealed (insertion).")
-        _plot_curves(mean_curves(out, methods), out / "curves.png")
+        _plot_curves(_curves(runs), out / "curves.png")
         section.pictures.append(("curves.png", "mean deletion and insertion curves per method"))
 
     def randomization(section):
