@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -237,7 +237,8 @@ def _deltas(score: Scorer, n_images: int, rows: int, cols: int, drill_down: Opti
     try:
         if drill_down is None:
             return torch.stack([score(n, positions) for n in range(n_images)])
-        return torch.stack([_drill_down(lambda p: score(n, p), rows, cols, drill_down, coarse_step) for n in range(n_images)])
+        return torch.stack([_drill_down(lambda p: score(n, p), rows, cols, drill_down, coarse_step)
+                            for n in range(n_images)])
     except _Fallback:
         return None
 
@@ -269,16 +270,8 @@ def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tens
         positions = positions.to(inputs.device)
         out, first = [], 0
         if state["batch"] is None:  # time the candidate sizes on the first passes
-            seconds = {}
-            for size in INCREMENTAL_BATCH_SIZES:
-                if first + size > len(positions) // 4:
-                    break
-                start = time.perf_counter()
-                out.append(run(positions[first:first + size]))
-                if inputs.device.type == "cuda":
-                    torch.cuda.synchronize(inputs.device)
-                seconds[size] = (time.perf_counter() - start) / size
-                first += size
+            seconds, first = _time_batch_sizes(lambda start, size: out.append(run(positions[start:start + size])),
+                                               INCREMENTAL_BATCH_SIZES, len(positions) // 4, inputs.device)
             state["batch"] = min(seconds, key=seconds.get) if seconds else INCREMENTAL_BATCH
         out += [run(chunk) for chunk in positions[first:].split(state["batch"])]
         return scores[n] - torch.cat(out)
@@ -370,24 +363,35 @@ def _full_deltas(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
     return deltas
 
 
+def _time_batch_sizes(run_pass: Callable[[int, int], None], candidates, limit: int, device,
+                      stop_when_slower: bool = False) -> Tuple[Dict[int, float], int]:
+    """Consecutive first passes, one per candidate size, while they cover at most ``limit``
+    positions (``stop_when_slower``: also stop after a size slower per position than the
+    best so far). ``run_pass(first, size)`` runs one. Returns ``({size: seconds per
+    position}, positions done)``."""
+    seconds: Dict[int, float] = {}
+    first = 0
+    for size in candidates:
+        if first + size > limit:
+            break
+        start = time.perf_counter()
+        run_pass(first, size)
+        if device.type == "cuda":  # time the work, not its launch
+            torch.cuda.synchronize(device)
+        seconds[size] = (time.perf_counter() - start) / size
+        first += size
+        if stop_when_slower and seconds[size] > min(seconds.values()):
+            break
+    return seconds, first
+
+
 def _measured_passes(run, n_images: int, positions: int, candidates: List[int], device, deltas: Tensor) -> Tensor:
     """Run image 0's first passes with each candidate batch size (ascending) while they take
     at most a quarter of all the work and each is faster per image than the one before
     (trials past the best size cost ever more time), then everything left with the size
     that was fastest per image."""
-    seconds = {}
-    first = 0
-    for size in candidates:
-        if first + size > positions or first + size > n_images * positions // 4:
-            break
-        start = time.perf_counter()
-        run(0, 1, first, size)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds[size] = (time.perf_counter() - start) / size
-        first += size
-        if seconds[size] > min(seconds.values()):
-            break
+    seconds, first = _time_batch_sizes(lambda start, size: run(0, 1, start, size), candidates,
+                                       min(positions, n_images * positions // 4), device, stop_when_slower=True)
     best = min(seconds, key=seconds.get) if seconds else candidates[0]
     for start in range(first, positions, best):
         run(0, 1, start, min(best, positions - start))
