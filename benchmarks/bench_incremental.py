@@ -24,7 +24,7 @@ Per model, after checking that mode="exact" equals mode="full" (and Captum):
       interpolates; a trained network's maps are what the approximations are for
 --photos: approximate mode on the trained EfficientNet-Lite0 over several photos
 (zoo.photos(); target: each photo's top class), each setting against exact and full on the
-same photo, best of 2 runs; prints mean and worst photo (no results file).
+same photo, best of 2 runs; mean and worst photo (results: incremental-photos-<machine>).
 Each contender runs once per round (they take seconds to minutes); median over rounds.
 Results: benchmarks/results/incremental-<machine>.{md,json}.
 """
@@ -261,7 +261,7 @@ PHOTO_SETTINGS = {"defaults": {}, "coarse_step 2, no cap, drill 0.2": dict(coars
                   "cap 0.8, drill 0.2": dict(field_cap=0.8, drill_down=0.2)}
 
 
-def photos_quality(names: List[str], device: str = "cpu") -> None:
+def photos_quality(names: List[str], device: str = "cpu") -> List[Dict]:
     """Approximate vs exact and full on the trained EfficientNet-Lite0, per photo, then the
     mean and worst photo of each setting (speed vs full and exact, Pearson, top-5% IoU)."""
     model = zoo.efficientnet_lite0().to(device)
@@ -292,11 +292,18 @@ def photos_quality(names: List[str], device: str = "cpu") -> None:
                   f"Pearson {results[label][-1][2]:.3f}, IoU {results[label][-1][3]:.3f}", flush=True)
     print("\n| setting | vs full: mean (worst) | vs exact | Pearson mean / worst | top-5% IoU mean / worst |")
     print("| --- | --- | --- | --- | --- |")
+    rows = []
     for label, per_photo in results.items():
         speed_full, speed_exact, r, iou = zip(*per_photo)
         print(f"| {label} | {statistics.mean(speed_full):.1f}x ({min(speed_full):.1f}) | "
               f"{statistics.mean(speed_exact):.1f}x ({min(speed_exact):.1f}) | {statistics.mean(r):.3f} / {min(r):.3f} | "
               f"{statistics.mean(iou):.3f} / {min(iou):.3f} |")
+        rows.append({"setting": label, "photos": ",".join(names),
+                     "speedup_vs_full_mean": statistics.mean(speed_full), "speedup_vs_full_worst": min(speed_full),
+                     "speedup_vs_exact_mean": statistics.mean(speed_exact), "speedup_vs_exact_worst": min(speed_exact),
+                     "pearson_mean": statistics.mean(r), "pearson_worst": min(r),
+                     "top5_iou_mean": statistics.mean(iou), "top5_iou_worst": min(iou)})
+    return rows
 
 
 def main():
@@ -312,13 +319,20 @@ def main():
                              "(results: incremental-quality-<machine>)")
     parser.add_argument("--photos", default=None,
                         help="only the approximate settings on the trained EfficientNet-Lite0 over these "
-                             "comma-separated zoo.photos() names (e.g. flower,cat,coffee); prints, writes nothing")
+                             "comma-separated zoo.photos() names (e.g. flower,cat,coffee); "
+                             "results: incremental-photos-<machine>")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_description(), flush=True)
     if args.photos:
-        return photos_quality(args.photos.split(","), args.device)
+        rows = photos_quality(args.photos.split(","), args.device)
+        if not args.no_write:
+            print(write_results("incremental-photos", rows, title="Approximate occlusion over photos (trained EfficientNet-Lite0)",
+                                notes="224 px, window 16, stride 8, each photo's top class; full, exact and each setting "
+                                      "best of 2 runs on the same photo; speedups and quality (Pearson, top-5% IoU "
+                                      "against exact): mean and worst photo."))
+        return
     if args.quality_only:
         rows = digits_quality(QUALITY, args.device)
         if not args.no_write:

@@ -10,7 +10,8 @@ state), the ReLU interception, hooks, target selection.
 Anchor: a bare forward + ``torch.autograd.grad`` w.r.t. the input of ResNet-18 (random
 weights) at 1x3x224x224 on this CPU. Target (issue 9): overhead <= 5% of the anchor.
 Every contender is timed by ``common.interleaved``: the minimum over rounds of the mean of
-``number`` calls. Rows: ours = the overhead, anchor = the ResNet-18 anchor, ratio = their share.
+``number`` calls. Rows: ours = the overhead, anchor = the ResNet-18 anchor, ratio = their share;
+the first row times ``model_guard`` alone on ResNet-18 (the part that grows with the model).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from common import argument_parser, finish, interleaved, machine_description, ro
 
 import cnnviz_fast as cv
 from cnnviz_fast import zoo
+from cnnviz_fast.core import model_guard
 
 
 def bare_gradient(model, x, target: int):
@@ -70,7 +72,13 @@ def main(argv=None) -> None:
     anchor = interleaved({"resnet18": bare_gradient(resnet, image, 1)}, rounds=max(3, rounds // 3), number=3)
     anchor = anchor["resnet18"]
 
-    rows = []
+    def guard_only():  # the per-call snapshot and restore of the model, on ResNet-18 itself
+        with model_guard(resnet):
+            pass
+
+    guard = interleaved({"guard": guard_only}, rounds, number)["guard"]
+    rows = [row(f"{args.device} model_guard enter + exit on ResNet-18 (68 modules): share of its forward + grad",
+                guard, anchor, "<= 0.05x")]
     for model_name, small, x, layer in small_models(args.device):
         target = int(small(x).argmax())
         explain_saliency = cv.Explainer(small, "saliency")

@@ -58,7 +58,7 @@ step incremental 150 bench bench_incremental.py
 step metrics 120 bench bench_metrics.py
 step synthesis 120 bench bench_synthesis.py
 step overhead 60 bench bench_overhead.py
-step profile 60 "$PY" scripts/profile_call_overhead.py cuda
+step profile 60 "$PY" benchmarks/profile_call_overhead.py cuda
 step pipeline 120 bench bench_pipeline.py --only throughput --images 2048 --resnet-images 1024 \
   --batch-size 128 --num-workers 8 --rounds 2
 step nvjpeg 90 bench bench_pipeline.py --only throughput --images 1024 --resnet-images 1024 \

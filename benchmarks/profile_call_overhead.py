@@ -1,9 +1,12 @@
 """Where a call's fixed cost goes: torch.profiler over cv.saliency / guided_backprop /
 grad_cam on a tiny CNN (batch 1) against the bare forward + autograd.grad, on cpu or cuda.
 Prints, per contender, the CPU time per call, the host-device syncs per call, and the ops
-with the most CPU time. A dev tool for the overhead benchmark (benchmarks/bench_overhead.py).
+with the most CPU time; on cuda, also ResNet-18 16x3x224x224: bare forward + grad, saliency,
+and saliency with the input's finiteness read turned off, timed in the same run. A probe
+behind benchmarks/bench_overhead.py; the H200 output is in
+results/profile-call-overhead-*-nvidia-h200.txt.
 
-    python scripts/profile_call_overhead.py [cpu|cuda]
+    python benchmarks/profile_call_overhead.py [cpu|cuda]
 """
 import sys
 import time
@@ -11,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 import cnnviz_fast as cv  # noqa: E402
 
 device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
