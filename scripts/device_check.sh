@@ -54,7 +54,7 @@ step tests 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --continue-on-collect
 step ops 90 bench bench_ops.py
 step attribution 90 bench bench_attribution.py
 step occlusion 90 bench bench_occlusion.py
-step incremental 150 bench bench_incremental.py
+step incremental 200 bench bench_incremental.py --models resnet18,vgg16,mobilenet,efficientnet
 step metrics 120 bench bench_metrics.py
 step synthesis 120 bench bench_synthesis.py
 step overhead 60 bench bench_overhead.py
