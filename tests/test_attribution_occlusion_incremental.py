@@ -2,6 +2,7 @@
 approximate mode stays close to it; models that cannot run incrementally fall back."""
 import importlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ def always_incremental(monkeypatch):
     """Keep the incremental plan even where it saves little (tiny test images), so that
     its exactness is what is tested; test_unprofitable_plan_runs_full checks the default."""
     monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": math.inf, "cuda": math.inf})
+    monkeypatch.setattr(occlusion_module, "_UNPROFITABLE_PLANS", weakref.WeakKeyDictionary())
 
 TOL64 = dict(atol=1e-10, rtol=1e-8)
 
@@ -207,6 +209,24 @@ def test_profitable_fraction_is_per_device(digits64, monkeypatch):
     assert_exact(model, x, labels, (4, 4), (2, 2))  # saves > 2x: kept at the CPU's threshold
     monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 0.8})
     assert_exact(model, x, labels, (4, 4), (2, 2), incremental=False)  # the input's device's entry decides
+
+
+def test_unprofitable_plan_is_remembered(digits64, monkeypatch):
+    """A plan found unprofitable is not traced again for the same model and geometry."""
+    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 1e-9})
+    builds = []
+    build = IncrementalOcclusion.build
+    monkeypatch.setattr(IncrementalOcclusion, "build",
+                        classmethod(lambda cls, *args, **kwargs: builds.append(1) or build(*args, **kwargs)))
+    x, labels = digits64
+    model = zoo.digits_cnn().double()
+    full = occlusion(model, x, labels, window=(4, 4), stride=(2, 2), mode="full")
+    for _ in range(2):
+        torch.testing.assert_close(occlusion(model, x, labels, window=(4, 4), stride=(2, 2)), full, **TOL64)
+    assert len(builds) == 1
+    occlusion(model, x, labels, window=(6, 6), stride=(2, 2))  # another geometry is planned again
+    occlusion(zoo.digits_cnn().double(), x, labels, window=(4, 4), stride=(2, 2))  # another model too
+    assert len(builds) == 3
 
 
 def test_digits_saves_work(digits64):
@@ -442,6 +462,26 @@ def test_cuda_exact_equals_full_and_cpu():
     assert exact.device.type == "cuda" and approx.device.type == "cuda"
     cpu = occlusion(model.cpu(), x.cpu(), [1, 4], window=(8, 8), stride=(4, 4))
     torch.testing.assert_close(exact.cpu(), cpu, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_incremental_pass_never_waits_for_the_gpu():
+    """The rectangles' arithmetic stays on the host: a batch of positions runs without one
+    device-to-host read or blocking copy (each would idle the GPU between layers)."""
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5)).double().cuda().eval()
+    x = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.float64)
+    engine = IncrementalOcclusion.build(model, 3)
+    bounds = occlusion_window_bounds(64, 64, (8, 8), (4, 4))
+    with torch.inference_mode():
+        clean = engine.clean(x, torch.zeros(1, 3, 1, 1, device="cuda", dtype=torch.float64), 3)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scores = engine.scores(*bounds)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _, deltas = occlusion(model, x, 3, window=(8, 8), stride=(4, 4), mode="full", return_deltas=True)
+    torch.testing.assert_close(clean - scores, deltas.flatten(), **TOL64)
 
 
 def test_measured_incremental_batch_sizes(digits64, monkeypatch):

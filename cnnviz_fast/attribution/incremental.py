@@ -26,6 +26,10 @@ runs once over the batch of patches without padding.
 ``field_cap`` (the approximate mode's projective-field threshold) caps every
 rectangle at that fraction of the map's height and width: changes outside the cap are
 dropped, so deep layers cost a fixed fraction of a full pass.
+
+The rectangles' offsets live on the host whatever the device of the maps: their
+arithmetic is a few integers per position, and reading them back from a GPU would stall
+it between every two layers. Only the gather indices built from them travel to the device.
 """
 from __future__ import annotations
 
@@ -55,8 +59,8 @@ class Patch:
     ``top[b] .. top[b] + h`` and columns ``left[b] .. left[b] + w`` of position ``b``'s
     map; elsewhere the map equals the clean one."""
     data: Tensor  # [B, C, h, w]
-    top: Tensor   # [B] int64
-    left: Tensor  # [B] int64
+    top: Tensor   # [B] int64, on the host
+    left: Tensor  # [B] int64, on the host
 
 
 @dataclass
@@ -320,20 +324,21 @@ class IncrementalOcclusion:
     # ------------------------------------------------------------------ occluded passes
     def scores(self, r0: Tensor, r1: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
         """Target scores ``Tensor[B]`` of the clean image occluded at windows ``[r0, r1) x
-        [c0, c1)`` (int64 tensors ``[B]``; the windows of :func:`occlusion_window_bounds`)."""
+        [c0, c1)`` (int64 tensors ``[B]``; the windows of :func:`occlusion_window_bounds`,
+        best on the host)."""
         B = r0.numel()
-        device = self.image.device
-        r0, r1, c0, c1 = (t.to(device) for t in (r0, r1, c0, c1))
+        r0, r1, c0, c1 = (t.cpu() for t in (r0, r1, c0, c1))
         _, C, H, W = self.image.shape
         kh, kw = int((r1 - r0).max().clamp_min(1)), int((c1 - c0).max().clamp_min(1))
         top, th = _fit(r0, r0 + kh, H, None)
         left, tw = _fit(c0, c0 + kw, W, None)
-        rows = top[:, None] + torch.arange(th, device=device)
-        cols = left[:, None] + torch.arange(tw, device=device)
+        rows = top[:, None] + torch.arange(th)
+        cols = left[:, None] + torch.arange(tw)
         inside = (((rows >= r0[:, None]) & (rows < r1[:, None]))[:, :, None]
                   & ((cols >= c0[:, None]) & (cols < c1[:, None]))[:, None, :])
         window = Patch(None, top, left)
-        occluded = torch.where(inside[:, None], self._gather(self.baseline, None, window, th, tw, 0.0),
+        occluded = torch.where(_to_device(inside[:, None], self.image.device),
+                               self._gather(self.baseline, None, window, th, tw, 0.0),
                                self._gather(self.image, None, window, th, tw, 0.0))
         values: Dict[fx.Node, Any] = {}
         for node in self.nodes:
@@ -381,9 +386,10 @@ class IncrementalOcclusion:
             return clean.expand(B, *clean.shape[1:]) if isinstance(clean, Tensor) else clean
         _, C, h, w = value.data.shape
         out = clean.expand(B, *clean.shape[1:]).clone()
-        b = torch.arange(B, device=out.device)[:, None, None]
-        rows = (value.top[:, None] + torch.arange(h, device=out.device))[:, :, None]
-        cols = (value.left[:, None] + torch.arange(w, device=out.device))[:, None, :]
+        b = torch.arange(B)[:, None, None]
+        rows = (value.top[:, None] + torch.arange(h))[:, :, None]
+        cols = (value.left[:, None] + torch.arange(w))[:, None, :]
+        b, rows, cols = (_to_device(t, out.device) for t in (b, rows, cols))
         out.permute(0, 2, 3, 1)[b, rows, cols] = value.data.permute(0, 2, 3, 1)
         return out
 
@@ -504,18 +510,18 @@ class IncrementalOcclusion:
             if key is not None:
                 self._padded[cache_key] = source
         Wp = W + pads[0] + pads[1]
-        device = clean.device
-        rows = top[:, None] + torch.arange(h, device=device)  # [B, h], unpadded coordinates
-        cols = left[:, None] + torch.arange(w, device=device)
+        rows = top[:, None] + torch.arange(h)  # [B, h], unpadded coordinates
+        cols = left[:, None] + torch.arange(w)
         index = (rows + pads[2])[:, :, None] * Wp + (cols + pads[0])[:, None, :]
         if patch is not None:
             ph, pw = patch.data.shape[2:]
             pr, pc = rows - patch.top[:, None], cols - patch.left[:, None]
             inside = ((pr >= 0) & (pr < ph))[:, :, None] & ((pc >= 0) & (pc < pw))[:, None, :]
-            offset = source.shape[0] + torch.arange(B, device=device)[:, None, None] * (ph * pw)
+            offset = source.shape[0] + torch.arange(B)[:, None, None] * (ph * pw)
             index = torch.where(inside, offset + pr[:, :, None] * pw + pc[:, None, :], index)
             source = torch.cat([source, patch.data.permute(0, 2, 3, 1).reshape(-1, C)])
-        return source.index_select(0, index.reshape(-1)).view(B, h, w, C).permute(0, 3, 1, 2)
+        index = _to_device(index.reshape(-1), clean.device)
+        return source.index_select(0, index).view(B, h, w, C).permute(0, 3, 1, 2)
 
 
 class _Ref:
@@ -532,6 +538,12 @@ def _module_output(nodes: List[fx.Node], name: str) -> List[fx.Node]:
               if any(isinstance(v, tuple) and v[0] == name for v in n.meta.get("nn_module_stack", {}).values())}
     outputs = [n for n in inside if any(user not in inside for user in n.users)]
     return outputs if len(outputs) == 1 else []
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the device: a pageable source is
+    staged by the driver before the copy call returns, so it may be freed at once."""
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 def _depends_on(node: fx.Node, values) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -42,10 +43,11 @@ ACTIVATION_COPIES = 3
 # images per pass, up to MAX_MEASURED_BUDGET bytes) on its first passes and keeps the fastest.
 MEASURED_BATCH_SIZES = (8, 16, 32, 64, 128)
 MAX_MEASURED_BUDGET = 2**30
-# Window positions per pass of the incremental engine: without batch_size, the fastest of
-# INCREMENTAL_BATCH_SIZES timed on the first passes (at most a quarter of an image's
-# positions), else INCREMENTAL_BATCH. The best size depends on the model: on the CPU,
-# small passes suited EfficientNet-Lite0's depthwise layers, ResNet-18 hardly changed.
+# Window positions per pass of the incremental engine: without batch_size, on the CPU the
+# fastest of INCREMENTAL_BATCH_SIZES timed on the first passes (at most a quarter of an
+# image's positions), on a GPU INCREMENTAL_BATCH. The best CPU size depends on the model:
+# small passes suited EfficientNet-Lite0's depthwise layers, ResNet-18 hardly changed. On
+# an H200 small trial passes made VGG-16 4x slower (launch-bound).
 INCREMENTAL_BATCH = 128
 INCREMENTAL_BATCH_SIZES = (16, 32, 64, 128)
 # The incremental plan is abandoned for full recomputation when it saves less than this
@@ -176,11 +178,16 @@ def occlusion(
                                                     measure=batch_size is None)
             target = resolve_target(target, output)
             deltas = None
-            if mode != "full":
+            plan = (tuple(inputs.shape[1:]), window, stride, inputs.device.type, field_cap,
+                    getattr(target, "layer", None))
+            if mode != "full" and plan not in _UNPROFITABLE_PLANS.get(model, ()):
                 engine = IncrementalOcclusion.build(model, target, field_cap=field_cap)
                 if engine is not None:
                     score = _incremental_scorer(engine, inputs, base, scores, target, window, stride, batch_size)
-                    deltas = _deltas(score, N, rows, cols, drill_down, coarse_step)
+                    try:
+                        deltas = _deltas(score, N, rows, cols, drill_down, coarse_step)
+                    except _Unprofitable:
+                        _UNPROFITABLE_PLANS.setdefault(model, set()).add(plan)
             if deltas is None and drill_down is not None:
                 score = _full_scorer(model, inputs, base, scores, target, window, stride,
                                      batch_size or choose_batch_size(per_image, inputs.device, memory_budget))
@@ -225,6 +232,16 @@ class _Fallback(Exception):
     """The incremental plan is not used for this call (see _incremental_scorer)."""
 
 
+class _Unprofitable(_Fallback):
+    """The incremental plan saves too little arithmetic (PROFITABLE_FRACTION)."""
+
+
+# Plans found unprofitable, per model: (image shape, window, stride, device type, field_cap,
+# target layer). Later calls with the same geometry skip the trace, the clean pass through
+# the graph and the trial batch (40 ms of a 110 ms ResNet-18 call on an H200).
+_UNPROFITABLE_PLANS: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
 Scorer = Callable[[int, Tensor], Tensor]
 
 
@@ -238,6 +255,8 @@ def _deltas(score: Scorer, n_images: int, rows: int, cols: int, drill_down: Opti
             return torch.stack([score(n, positions) for n in range(n_images)])
         return torch.stack([_drill_down(lambda p: score(n, p), rows, cols, drill_down, coarse_step)
                             for n in range(n_images)])
+    except _Unprofitable:
+        raise
     except _Fallback:
         return None
 
@@ -248,15 +267,17 @@ def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tens
     _Fallback when the traced graph does not reproduce the model's clean score (a trace
     that missed something) or when its first batch saves too little arithmetic."""
     N, C, H, W = inputs.shape
-    bounds = occlusion_window_bounds(H, W, window, stride, device=inputs.device)
-    state = {"image": None, "checked": False, "batch": batch_size}
+    bounds = occlusion_window_bounds(H, W, window, stride)  # on the host, as the engine wants them
+    # on a GPU bigger batches only help; on the CPU the best size depends on the model
+    state = {"image": None, "checked": False,
+             "batch": batch_size or (INCREMENTAL_BATCH if inputs.device.type != "cpu" else None)}
 
     def run(chunk: Tensor) -> Tensor:
         out = engine.scores(*(b[chunk] for b in bounds))
         if not state["checked"]:
             fraction = PROFITABLE_FRACTION.get(inputs.device.type, PROFITABLE_FRACTION["cuda"])
             if engine.macs_incremental > fraction * engine.positions * engine.macs_clean:
-                raise _Fallback
+                raise _Unprofitable
             state["checked"] = True
         return out
 
@@ -266,7 +287,7 @@ def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tens
             if clean.shape != (1,) or not torch.allclose(clean, scores[n:n + 1], rtol=1e-3, atol=1e-5):
                 raise _Fallback
             state["image"] = n
-        positions = positions.to(inputs.device)
+        positions = positions.cpu()
         out, first = [], 0
         if state["batch"] is None:  # time the candidate sizes on the first passes
             seconds, first = _time_batch_sizes(lambda start, size: out.append(run(positions[start:start + size])),
