@@ -170,6 +170,25 @@ def test_16bit_gram_accumulates_in_float32(device, dtype, scale):
 
 
 @needs_cuda
+@needs_ext
+@pytest.mark.skipif(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 8), reason="aten bmm.dtype is in torch >= 2.8")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_gram_on_cuda_makes_no_float32_copy(dtype):
+    """The GEMM reads the 16-bit features as they are: the call's extra memory is the float32
+    raw product and the output, far below the float32 copy of the features it used to make."""
+    f = torch.randn(4, 512, 64, 64, device="cuda", dtype=dtype)
+    ops.gram(f)  # first call: cuBLAS workspace and the like
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    g = ops.gram(f)
+    extra = torch.cuda.max_memory_allocated() - before
+    assert g.dtype == dtype
+    float32_copy = f.numel() * 4  # 33.5 MB; raw product + output: 6.3 MB
+    assert extra < float32_copy / 2, extra
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_matches_cuda(dtype):
     f = torch.randn(2, 150, 5, 6).to(dtype)
