@@ -145,6 +145,49 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(expected, x)[0])
 
 
+# unit roundoff of a round-to-nearest cast to the 16-bit dtype
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_16bit_gram_accumulates_in_float32(device, dtype, scale):
+    """16-bit features: the product of two half/bf16 values is exact in float32, so with float32
+    accumulation the error is at most the accumulation's S * 2^-24 * sum_k |f_ik f_jk| (any
+    summation order; doubled for the division by S and slack) plus the final rounding to 16 bits
+    (and half's subnormal spacing 2^-24). Accumulating in 16 bits would miss this bound; with
+    scale 100 a 16-bit raw product F F^T would overflow half (~2e7 > 65504) though G does not."""
+    N, C, S = 2, 96, 2000
+    f = (torch.randn(N, C, 40, 50, device=device) * scale).to(dtype)
+    f64 = f.double().flatten(2)
+    exact = f64 @ f64.transpose(1, 2) / S
+    abs_sum = f64.abs() @ f64.abs().transpose(1, 2) / S
+    g = ops.gram(f)
+    assert g.dtype == dtype
+    bound = UNIT_ROUNDOFF[dtype] * exact.abs() + 2 * S * 2.0**-24 * abs_sum + 2.0**-24
+    err = (g.double() - exact).abs()
+    assert bool((err <= bound).all()), f"max error / bound {(err / bound).max().item():.3g}"
+
+
+@needs_cuda
+@needs_ext
+@pytest.mark.skipif(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 8), reason="aten bmm.dtype is in torch >= 2.8")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_gram_on_cuda_makes_no_float32_copy(dtype):
+    """The GEMM reads the 16-bit features as they are: the call's extra memory is the float32
+    raw product and the output, far below the float32 copy of the features it used to make."""
+    f = torch.randn(4, 512, 64, 64, device="cuda", dtype=dtype)
+    ops.gram(f)  # first call: cuBLAS workspace and the like
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    g = ops.gram(f)
+    extra = torch.cuda.max_memory_allocated() - before
+    assert g.dtype == dtype
+    float32_copy = f.numel() * 4  # 33.5 MB; raw product + output: 6.3 MB
+    assert extra < float32_copy / 2, extra
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_matches_cuda(dtype):

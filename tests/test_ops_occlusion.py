@@ -91,6 +91,58 @@ def test_occlude_empty(device):
     assert ops.occlude(images, 2, 2, 0.0, first=3, count=0).shape == (2, 0, 3, 5, 5)
 
 
+# The kernels copy a row in 16-byte packs when W is a multiple of a pack and the buffers are
+# aligned, element by element otherwise: widths on and off the pack size, windows starting and
+# ending inside a pack, rows of more packs than a warp has threads, and buffers starting one
+# element into their storage (a contiguous view that is not 16-byte aligned).
+ROW_CASES = [
+    ((2, 3, 9, 64), (4, 7), (3, 5)),
+    ((1, 2, 6, 36), (3, 9), (2, 6)),
+    ((1, 1, 5, 300), (2, 33), (3, 41)),
+    ((2, 2, 4, 7), (3, 3), (1, 2)),
+]
+
+
+def _one_element_in(x):
+    """``x``'s values in a contiguous tensor whose data starts one element into its storage."""
+    out = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    out.copy_(x)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", ["none", "images", "baseline"])
+@pytest.mark.parametrize("shape,window,stride", ROW_CASES)
+def test_occlude_row_packing(device, dtype, offset, shape, window, stride):
+    images = torch.randn(shape, device=device).to(dtype)
+    full = torch.randn(shape, device=device).to(dtype)
+    if offset == "images":
+        images = _one_element_in(images)
+    elif offset == "baseline":
+        full = _one_element_in(full)
+    rows, cols = ops.occlusion_grid(shape[2], shape[3], window, stride)
+    first, count = 1, rows * cols - 1
+    for baseline in (-1.5, full):
+        out = ops.occlude(images, window, stride, baseline, first, count)
+        torch.testing.assert_close(out, ref.occlude(images, window, stride, baseline, first, count), rtol=0, atol=0)
+        brute = brute_occlude(images.cpu(), window, stride, baseline.cpu() if torch.is_tensor(baseline) else baseline, first, count)
+        torch.testing.assert_close(out.cpu(), brute, rtol=0, atol=0)
+
+
+@needs_cuda
+@needs_ext
+def test_occlude_numeric_baseline_does_not_sync():
+    images = torch.randn(2, 3, 8, 8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host-to-device copy of the baseline would raise
+    try:
+        out = ops.occlude(images, 3, 2, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, ref.occlude(images, (3, 3), (2, 2), 0.5, 0, out.shape[1]), rtol=0, atol=0)
+
+
 def _captum_masks(images, window, stride):
     """Captum's own occlusion masks, renumbered to our row-major positions."""
     from captum.attr import Occlusion

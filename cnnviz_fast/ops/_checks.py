@@ -87,7 +87,8 @@ def baseline(value, images: Tensor) -> Tensor:
             raise bad from None
         return value.to(images.dtype)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=images.dtype, device=images.device)
+        # torch.full, not torch.tensor: no host-to-device copy and stream sync on a GPU
+        return torch.full((), float(value), dtype=images.dtype, device=images.device)
     raise TypeError(f"baseline must be a number or a Tensor, got {type(value).__name__}")
 
 

@@ -8,7 +8,7 @@
 namespace cnnviz {
 namespace gram {
 
-Features prepare_features(const at::Tensor& features) {
+Features prepare_features(const at::Tensor& features, bool keep_16bit) {
   TORCH_CHECK(
       features.dim() >= 2, "features must be a tensor [N, C, *spatial], got ", features.dim(),
       "-D");
@@ -25,7 +25,7 @@ Features prepare_features(const at::Tensor& features) {
   TORCH_CHECK(
       out.S > 0, "features must have at least one spatial position, got shape ",
       features.sizes());
-  const auto acc = at::toOpMathType(features.scalar_type());
+  const auto acc = keep_16bit ? features.scalar_type() : at::toOpMathType(features.scalar_type());
   out.f = features.reshape({out.N, out.C, out.S}).to(acc).contiguous();
   return out;
 }

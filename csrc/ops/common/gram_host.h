@@ -8,12 +8,14 @@ namespace cnnviz {
 namespace gram {
 
 struct Features {
-  at::Tensor f;  // [N, C, S], contiguous, opmath dtype (float32 for half/bf16)
+  at::Tensor f;  // [N, C, S], contiguous, opmath dtype (float32 for half/bf16) unless kept 16-bit
   int64_t N, C, S;
 };
 
-// Checks features [N, C, *spatial] and returns them as a contiguous [N, C, S] opmath tensor.
-Features prepare_features(const at::Tensor& features);
+// Checks features [N, C, *spatial] and returns them as a contiguous [N, C, S] opmath tensor;
+// keep_16bit leaves half/bf16 features in their dtype (for a GEMM that reads 16-bit inputs
+// and accumulates and writes in float32).
+Features prepare_features(const at::Tensor& features, bool keep_16bit = false);
 
 // Checks target_gram ([N, C, C] or [C, C], features' dtype and device); returns it
 // contiguous in opmath dtype.

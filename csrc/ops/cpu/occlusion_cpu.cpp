@@ -19,43 +19,31 @@ namespace {
 using occlusion::Geometry;
 using occlusion::Window;
 
-// One task per (image n, window k): copy the image plane by plane, rows outside the
-// window with a plain copy, rows crossing it with the shared select.
+// Rows of W elements, in chunks of about kChunkElements: rows outside the window are a
+// plain copy, rows crossing it go through the shared occlude_row (as on the GPU).
+constexpr int64_t kChunkElements = 1 << 15;
+
 template <typename scalar_t>
 void occlude_kernel(
     const scalar_t* images, const scalar_t* baseline, bool baseline_full, scalar_t* out,
     int64_t N, int64_t C, int64_t H, int64_t W, int64_t first, int64_t count,
     const Geometry& g) {
-  const int64_t plane = H * W;
-  const int64_t image_numel = C * plane;
-  at::parallel_for(0, N * count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / count;
-      const int64_t k = task % count;
+  const int64_t rows = N * count * C * H;
+  const scalar_t b0 = baseline[0];
+  const int64_t grain = std::max<int64_t>(1, kChunkElements / W);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const occlusion::OutputRow r = occlusion::output_row(row, C, H, count);
       const Window win =
-          occlusion::window_bounds(first + k, g.cols, g.kh, g.kw, g.sh, g.sw, H, W);
-      const scalar_t* src_img = images + n * image_numel;
-      const scalar_t* base_img = baseline_full ? baseline + n * image_numel : baseline;
-      scalar_t* dst_img = out + task * image_numel;
-      const scalar_t b0 = baseline[0];
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t off = c * plane + h * W;
-          const scalar_t* src = src_img + off;
-          scalar_t* dst = dst_img + off;
-          if (!occlusion::row_inside(win, h)) {
-            std::copy(src, src + W, dst);
-          } else if (baseline_full) {
-            const scalar_t* base = base_img + off;
-            for (int64_t x = 0; x < W; ++x) {
-              dst[x] = occlusion::select(occlusion::col_inside(win, x), src[x], base[x]);
-            }
-          } else {
-            for (int64_t x = 0; x < W; ++x) {
-              dst[x] = occlusion::select(occlusion::col_inside(win, x), src[x], b0);
-            }
-          }
-        }
+          occlusion::window_bounds(first + r.k, g.cols, g.kh, g.kw, g.sh, g.sw, H, W);
+      const int64_t src_off = (r.n * C * H + r.ch) * W;
+      const scalar_t* src = images + src_off;
+      scalar_t* dst = out + row * W;
+      if (!occlusion::row_inside(win, r.h)) {
+        std::copy(src, src + W, dst);
+      } else {
+        occlusion::occlude_row<1>(
+            win, true, src, baseline_full ? baseline + src_off : nullptr, b0, dst, 0, W, 1);
       }
     }
   });

@@ -1,4 +1,3 @@
-#include <limits>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -8,21 +7,48 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "../common/gram_host.h"
 #include "../common/gram_math.h"
 #include "cuda_utils.cuh"
 
+// aten::bmm.dtype (half/bf16 inputs, float32 output) is in torch >= 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define CNNVIZ_HAS_BMM_OUT_DTYPE 1
+#else
+#define CNNVIZ_HAS_BMM_OUT_DTYPE 0
+#endif
+
 namespace cnnviz {
 namespace ops {
 
-// The Gram product as one cuBLAS GEMM (min_block = "no block is small enough to split"):
-// the recursive halving of gram_host.cpp saves multiply-adds and pays on CPUs, but on an
-// H200 it ran at 0.58x the speed of one torch.bmm ([8, 512, 3136] float32,
-// benchmarks/results/ops-cuda-*-nvidia-h200.md).
-constexpr int64_t kOneGemm = std::numeric_limits<int64_t>::max();
-
 namespace {
+
+// The features as the forward GEMM reads them: half/bf16 stay 16-bit where the GEMM takes
+// them directly (tensor cores, float32 accumulation and output). With an up-cast float32 copy,
+// gram of [8, 512, 3136] half ran at 0.09x the speed of torch.bmm in half on an H200
+// (benchmarks/results/ops-cuda-*-nvidia-h200.md).
+gram::Features gemm_features(const at::Tensor& features) {
+  return gram::prepare_features(features, /*keep_16bit=*/CNNVIZ_HAS_BMM_OUT_DTYPE != 0);
+}
+
+// R = F F^T in the opmath dtype, as one cuBLAS GEMM: the recursive halving of gram_host.cpp
+// saves multiply-adds and pays on CPUs, but on an H200 it ran at 0.58x the speed of one
+// torch.bmm ([8, 512, 3136] float32, benchmarks/results/ops-cuda-*-nvidia-h200.md). Products
+// of two half/bf16 values are exact in float32, so from 16-bit F with float32 accumulation R
+// is as accurate as from an up-cast copy.
+at::Tensor raw_product(const at::Tensor& f) {
+  const auto ft = f.transpose(1, 2);
+#if CNNVIZ_HAS_BMM_OUT_DTYPE
+  const auto acc = at::toOpMathType(f.scalar_type());
+  if (f.scalar_type() != acc) {
+    return at::bmm(f, ft, acc);
+  }
+#endif
+  return at::bmm(f, ft);
+}
+
 
 // out[n, i, j] = R_sym[n, i, j] / S, cast to the features' dtype.
 template <typename scalar_t, typename acc_t>
@@ -86,13 +112,13 @@ __global__ void backward_matrix_kernel(
 at::Tensor gram_cuda(const at::Tensor& features) {
   TORCH_CHECK(features.is_cuda(), "features must be a CUDA tensor, got ", features.device());
   const at::cuda::CUDAGuard device_guard(features.device());
-  const auto F = gram::prepare_features(features);
+  const auto F = gemm_features(features);
   auto out = at::empty({F.N, F.C, F.C}, features.options());
   const int64_t total = out.numel();
   if (total == 0) {
     return out;
   }
-  const auto R = gram::symmetric_product(F.f, kOneGemm);
+  const auto R = raw_product(F.f);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, features.scalar_type(), "gram_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -109,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_cuda(
     const at::Tensor& features, const at::Tensor& target_gram, double weight) {
   TORCH_CHECK(features.is_cuda(), "features must be a CUDA tensor, got ", features.device());
   const at::cuda::CUDAGuard device_guard(features.device());
-  const auto F = gram::prepare_features(features);
+  const auto F = gemm_features(features);
   const auto T = gram::prepare_target(target_gram, features, F.N, F.C);
   const auto acc_dtype = at::toOpMathType(features.scalar_type());
   auto diff = at::empty({F.N, F.C, F.C}, features.options().dtype(acc_dtype));
@@ -117,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_cuda(
   if (total == 0) {
     return {at::zeros({}, features.options()), diff};
   }
-  const auto R = gram::symmetric_product(F.f, kOneGemm);
+  const auto R = raw_product(F.f);
   auto sumsq = at::zeros({}, diff.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "gram_loss_cuda", [&] {
     loss_diff_kernel<scalar_t>

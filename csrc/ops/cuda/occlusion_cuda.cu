@@ -1,3 +1,5 @@
+#include <cstdint>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,26 +20,56 @@ namespace {
 using occlusion::Geometry;
 using occlusion::Window;
 
-// One thread per output element of [N, count, C, H, W].
-template <typename scalar_t>
+// Packs per thread that decide how many threads share an output row (see lane_bits_for).
+constexpr int64_t kPacksPerThread = 2;
+
+// 2^lane_bits threads per output row of [N, count, C, H, W]: each decodes its row and the
+// window once (a few integer divisions), then copies packs lane, lane + lanes, ... of the row
+// (V elements each: 128-bit loads and stores when V > 1).
+template <typename scalar_t, int V>
 __global__ void occlude_kernel(
     const scalar_t* __restrict__ images, const scalar_t* __restrict__ baseline,
-    bool baseline_full, scalar_t* __restrict__ out, int64_t total, int64_t count, int64_t C,
-    int64_t H, int64_t W, int64_t first, Geometry g) {
-  CNNVIZ_GRID_STRIDE_LOOP(idx, total) {
-    const int64_t x = idx % W;
-    int64_t t = idx / W;
-    const int64_t h = t % H;
-    t /= H;
-    const int64_t c = t % C;
-    t /= C;
-    const int64_t k = t % count;
-    const int64_t n = t / count;
-    const Window win = occlusion::window_bounds(first + k, g.cols, g.kh, g.kw, g.sh, g.sw, H, W);
-    const int64_t src = ((n * C + c) * H + h) * W + x;
-    out[idx] = occlusion::select(
-        occlusion::inside(win, h, x), images[src], baseline_full ? baseline[src] : baseline[0]);
+    bool baseline_full, scalar_t* __restrict__ out, int64_t rows, int lane_bits, int64_t count,
+    int64_t C, int64_t H, int64_t W, int64_t first, Geometry g) {
+  const int64_t lanes = int64_t(1) << lane_bits;
+  const int64_t packs = W / V;
+  const scalar_t b0 = baseline[0];
+  CNNVIZ_GRID_STRIDE_LOOP(slot, rows << lane_bits) {
+    const int64_t row = slot >> lane_bits;
+    const occlusion::OutputRow r = occlusion::output_row(row, C, H, count);
+    const Window win =
+        occlusion::window_bounds(first + r.k, g.cols, g.kh, g.kw, g.sh, g.sw, H, W);
+    const int64_t src_off = (r.n * C * H + r.ch) * W;
+    occlusion::occlude_row<V>(
+        win, occlusion::row_inside(win, r.h), images + src_off,
+        baseline_full ? baseline + src_off : nullptr, b0, out + row * W, slot & (lanes - 1),
+        packs, lanes);
   }
+}
+
+// Threads per row: enough for kPacksPerThread packs each, at most a warp (32).
+int lane_bits_for(int64_t packs) {
+  int bits = 0;
+  while (bits < 5 && (kPacksPerThread << bits) < packs) {
+    ++bits;
+  }
+  return bits;
+}
+
+bool aligned_16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+template <typename scalar_t, int V>
+void launch_occlude(
+    const scalar_t* images, const scalar_t* baseline, bool baseline_full, scalar_t* out,
+    int64_t rows, int64_t count, int64_t C, int64_t H, int64_t W, int64_t first,
+    const Geometry& g, cudaStream_t stream) {
+  const int lane_bits = lane_bits_for(W / V);
+  occlude_kernel<scalar_t, V>
+      <<<cuda::blocks_for(rows << lane_bits), cuda::kThreads, 0, stream>>>(
+          images, baseline, baseline_full, out, rows, lane_bits, count, C, H, W, first, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Difference array: 4 corner updates per (image, window).
@@ -113,14 +145,25 @@ at::Tensor occlude_cuda(
   const auto img = images.contiguous();
   const auto base = baseline.contiguous();
   const bool baseline_full = base.numel() != 1;
-  const int64_t total = out.numel();
+  const int64_t rows = out.numel() / W;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, images.scalar_type(), "occlude_cuda", [&] {
-        occlude_kernel<scalar_t><<<cuda::blocks_for(total), cuda::kThreads, 0, stream>>>(
-            img.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), baseline_full,
-            out.mutable_data_ptr<scalar_t>(), total, count, C, H, W, first, g);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const scalar_t* img_ptr = img.const_data_ptr<scalar_t>();
+        const scalar_t* base_ptr = base.const_data_ptr<scalar_t>();
+        scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+        // 128-bit packs need every row to start on 16 bytes: W a multiple of the pack and
+        // aligned buffers (a view with a storage offset may not be)
+        const bool packed = W % kVec == 0 && aligned_16(img_ptr) && aligned_16(out_ptr) &&
+            (!baseline_full || aligned_16(base_ptr));
+        if (packed) {
+          launch_occlude<scalar_t, kVec>(
+              img_ptr, base_ptr, baseline_full, out_ptr, rows, count, C, H, W, first, g, stream);
+        } else {
+          launch_occlude<scalar_t, 1>(
+              img_ptr, base_ptr, baseline_full, out_ptr, rows, count, C, H, W, first, g, stream);
+        }
       });
   return out;
 }
