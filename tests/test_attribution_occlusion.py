@@ -306,3 +306,30 @@ def test_full_recomputation_measures_its_batch_size(digits):
         assert rest[0] != candidates[tried - 1]
     expected = occlusion(model, x, labels, window=window, stride=stride, mode="full", batch_size=841)
     torch.testing.assert_close(measured, expected, **TOL)
+
+
+class FlattensByView(nn.Module):
+    """A LeNet-style head: ``.view`` of a feature map, which a channels-last map refuses."""
+    def __init__(self, reshape: bool = False):
+        super().__init__()
+        self.conv, self.fc, self.reshape = nn.Conv2d(3, 4, 3), nn.Linear(4 * 10 * 10, 5), reshape
+        self.layouts = []
+
+    def forward(self, x):
+        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        y = torch.relu(self.conv(x))
+        return self.fc(y.reshape(len(y), -1) if self.reshape else y.view(len(y), -1))
+
+
+def test_full_recomputation_batches_are_channels_last_unless_the_model_refuses():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    viewing, reshaping = FlattensByView(), FlattensByView(reshape=True)
+    reshaping.load_state_dict(viewing.state_dict())
+    knobs = dict(mode="full", window=(4, 4), stride=(2, 2), batch_size=8)
+    ours = occlusion(reshaping, x, [1, 3], **knobs)
+    assert reshaping.layouts[0] is False and all(reshaping.layouts[1:])  # the clean pass takes x as given
+    refused = occlusion(viewing, x, [1, 3], **knobs)
+    assert viewing.layouts[1] is True and not any(viewing.layouts[2:])  # one try, then contiguous
+    torch.testing.assert_close(refused, ours, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, captum_occlusion(reshaping, x, [1, 3], (4, 4), (2, 2)), rtol=1e-4, atol=1e-5)

@@ -326,6 +326,7 @@ BAD_OCCLUDE = [
     (dict(first=20, count=10), "first"),
     (dict(baseline=torch.randn(2, 5, 5)), "baseline"),
     (dict(baseline="zero"), "baseline"),
+    (dict(baseline=1e300), "baseline"),  # beyond float32: an error, not a silent inf
 ]
 
 

@@ -87,8 +87,11 @@ def baseline(value, images: Tensor) -> Tensor:
             raise bad from None
         return value.to(images.dtype)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+        if images.dtype.is_floating_point and math.isfinite(value) and abs(value) > torch.finfo(images.dtype).max:
+            raise ValueError(f"baseline must be representable in the images' dtype {images.dtype}, got {value!r}")
         # torch.full, not torch.tensor: no host-to-device copy and stream sync on a GPU
-        return torch.full((), float(value), dtype=images.dtype, device=images.device)
+        return torch.full((), value, dtype=images.dtype, device=images.device)
     raise TypeError(f"baseline must be a number or a Tensor, got {type(value).__name__}")
 
 
