@@ -494,3 +494,11 @@ def test_measured_incremental_batch_sizes(digits64, monkeypatch):
     x, labels = digits64
     assert_exact(zoo.digits_cnn().double(), x[:1], labels[:1], (4, 4), (1, 1))  # 29 x 29 = 841 positions
     assert sizes[:4] == [8, 8, 16, 32] and len(set(sizes[4:-1])) == 1 and sum(sizes) == 841  # 1st pass untimed
+
+
+def test_field_cap_default_is_per_device():
+    """The cap is on by default on the CPU and off on a GPU (see FIELD_CAP); given, it is kept."""
+    check = occlusion_module._check_mode
+    assert check("approximate", None, None, None, torch.device("cpu"))[0] == 0.5
+    assert check("approximate", None, None, None, torch.device("cuda"))[0] is None
+    assert check("approximate", 0.7, None, None, torch.device("cuda"))[0] == 0.7

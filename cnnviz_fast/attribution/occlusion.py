@@ -66,7 +66,10 @@ MODES = ("exact", "full", "approximate")
 # EfficientNet-Lite0 (224 px, window 16, stride 8, 3 photos) these defaults run ~20x faster
 # than full recomputation with Pearson 0.58 (worst 0.33) against exact; coarse_step=2,
 # field_cap=1, drill_down=0.2 reaches Pearson >= 0.96 and top-5% IoU >= 0.9 at ~4x.
-FIELD_CAP = 0.5
+# The cap is off by default on a GPU: there the capped plan's many small patch passes ran
+# 0.02-2.1x the speed of full recomputation (H200, results/incremental-*-nvidia-h200.md),
+# while without it the plan passes PROFITABLE_FRACTION or the drill-down runs full passes.
+FIELD_CAP = {"cpu": 0.5, "cuda": 1.0}
 DRILL_DOWN = 0.1
 COARSE_STEP = 3
 
@@ -133,7 +136,7 @@ def occlusion(
             and ``drill_down``.
         field_cap: approximate mode: the projective-field threshold, in (0, 1]: changed
             regions are capped at this fraction of each layer's height and width (changes
-            outside are dropped). Default 0.5; 1 disables it.
+            outside are dropped). Default 0.5 on the CPU, 1 (off) on a GPU; 1 disables it.
         drill_down: approximate mode: windows are first scored on every 3rd row and column
             of the position grid, the others interpolated, then this fraction (in (0, 1])
             of all positions, those with the highest interpolated values, is scored exactly.
@@ -168,7 +171,7 @@ def occlusion(
             check_positive_int(memory_budget, "memory_budget")
         base = check_baseline(baseline, inputs)
         check_target(target, N)
-        field_cap, drill_down, coarse_step = _check_mode(mode, field_cap, drill_down, coarse_step)
+        field_cap, drill_down, coarse_step = _check_mode(mode, field_cap, drill_down, coarse_step, inputs.device)
         rows, cols = occlusion_grid(H, W, window, stride)
 
         keep_output = return_output or is_predicted(target)
@@ -206,7 +209,8 @@ def occlusion(
         return results[0] if len(results) == 1 else results
 
 
-def _check_mode(mode, field_cap, drill_down, coarse_step) -> Tuple[Optional[float], Optional[float], int]:
+def _check_mode(mode, field_cap, drill_down, coarse_step,
+                device: torch.device) -> Tuple[Optional[float], Optional[float], int]:
     """``(field_cap, drill_down, coarse_step)`` for ``mode``; None where a knob is off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -220,7 +224,8 @@ def _check_mode(mode, field_cap, drill_down, coarse_step) -> Tuple[Optional[floa
         coarse_step = COARSE_STEP
     check_positive_int(coarse_step, "coarse_step")
     knobs = []
-    for name, value, default in (("field_cap", field_cap, FIELD_CAP), ("drill_down", drill_down, DRILL_DOWN)):
+    default_cap = FIELD_CAP.get(device.type, FIELD_CAP["cuda"])
+    for name, value, default in (("field_cap", field_cap, default_cap), ("drill_down", drill_down, DRILL_DOWN)):
         value = default if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
