@@ -9,7 +9,7 @@ from torch import nn
 from cnnviz_fast import zoo
 from cnnviz_fast.attribution import occlusion
 from cnnviz_fast.attribution.occlusion import choose_batch_size
-from cnnviz_fast.core import Neuron, forward_to_layers
+from cnnviz_fast.core import Neuron, forward_to_layers, layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -321,7 +321,8 @@ class FlattensByView(nn.Module):
         return self.fc(y.reshape(len(y), -1) if self.reshape else y.view(len(y), -1))
 
 
-def test_full_recomputation_batches_are_channels_last_unless_the_model_refuses():
+def test_full_recomputation_batches_are_channels_last_unless_the_model_refuses(monkeypatch):
+    monkeypatch.setattr(layout, "MIN_PIXELS", 0)  # the test's batches are small
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, 12)
     viewing, reshaping = FlattensByView(), FlattensByView(reshape=True)
@@ -333,3 +334,10 @@ def test_full_recomputation_batches_are_channels_last_unless_the_model_refuses()
     assert viewing.layouts[1] is True and not any(viewing.layouts[2:])  # one try, then contiguous
     torch.testing.assert_close(refused, ours, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours, captum_occlusion(reshaping, x, [1, 3], (4, 4), (2, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_small_batches_stay_contiguous():
+    torch.manual_seed(0)
+    model = FlattensByView(reshape=True)
+    occlusion(model, torch.randn(2, 3, 12, 12), [1, 3], mode="full", window=(4, 4), stride=(2, 2), batch_size=8)
+    assert not any(model.layouts)  # 8 x 12 x 12 pixels per pass < MIN_PIXELS

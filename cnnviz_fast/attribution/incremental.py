@@ -385,9 +385,7 @@ class IncrementalOcclusion:
         if value is None:
             return clean.expand(B, *clean.shape[1:]) if isinstance(clean, Tensor) else clean
         _, C, h, w = value.data.shape
-        # channels-last on the CPU: oneDNN runs the whole-map layers that follow faster on it
-        layout = torch.channels_last if clean.device.type == "cpu" else torch.preserve_format
-        out = clean.expand(B, *clean.shape[1:]).clone(memory_format=layout)
+        out = clean.expand(B, *clean.shape[1:]).clone()
         b = torch.arange(B)[:, None, None]
         rows = (value.top[:, None] + torch.arange(h))[:, :, None]
         cols = (value.left[:, None] + torch.arange(w))[:, None, :]

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..core import check_images, model_guard, target_scores
+from ..core.layout import run_in_fast_layout
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
 from ._backprop import detach_output
 from ..core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
@@ -310,8 +311,6 @@ def _full_scorer(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
     bounds = occlusion_window_bounds(H, W, window, stride, device=inputs.device)
     hh, ww = torch.arange(H, device=inputs.device), torch.arange(W, device=inputs.device)
 
-    layout = _BatchLayout(inputs.device)
-
     def score(n: int, positions: Tensor) -> Tensor:
         image, fill = inputs[n:n + 1], _rows(base, n, n + 1)
         out = []
@@ -319,34 +318,10 @@ def _full_scorer(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
             r0, r1, c0, c1 = (b[chunk, None] for b in bounds)
             masks = ((hh >= r0) & (hh < r1))[:, :, None] & ((ww >= c0) & (ww < c1))[:, None, :]
             occluded = torch.where(masks[:, None], fill, image)
-            out.append(layout.scores(model, occluded, target_for_rows(target, torch.full_like(chunk, n))))
+            rows = target_for_rows(target, torch.full_like(chunk, n))
+            out.append(run_in_fast_layout(model, occluded, lambda batch: target_scores(model, batch, rows)))
         return scores[n] - torch.cat(out)
     return score
-
-
-class _BatchLayout:
-    """The memory layout of occluded batches. On the CPU channels-last: oneDNN's
-    convolutions run faster on it (benchmarks/bench_occlusion.py); contiguous where the model
-    cannot take it (a ``.view`` of a map raises), found on the first pass."""
-
-    def __init__(self, device: torch.device):
-        self.channels_last = device.type == "cpu"
-        self.tried = False
-
-    def scores(self, model: nn.Module, batch: Tensor, target) -> Tensor:
-        if self.channels_last:
-            channels_last = batch.contiguous(memory_format=torch.channels_last)
-            if self.tried:
-                return target_scores(model, channels_last, target)
-            try:
-                scores = target_scores(model, channels_last, target)
-                self.tried = True
-                return scores
-            except RuntimeError as error:
-                if "view size is not compatible" not in str(error):
-                    raise
-                self.channels_last = False
-        return target_scores(model, batch, target)
 
 
 def _drill_down(score: Callable[[Tensor], Tensor], rows: int, cols: int, fraction: float, step: int) -> Tensor:
@@ -397,12 +372,12 @@ def _full_deltas(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
     N, C, H, W = inputs.shape
     positions = math.prod(occlusion_grid(H, W, window, stride))
     deltas = scores.new_empty((N, positions))
-    layout = _BatchLayout(inputs.device)
 
     def run(n0, n1, first, count):
         batch = occlude(inputs[n0:n1], window, stride, _rows(base, n0, n1), first, count)
         images = torch.arange(n0, n1, device=inputs.device).repeat_interleave(count)
-        occluded = layout.scores(model, batch.reshape(-1, C, H, W), target_for_rows(target, images))
+        rows = target_for_rows(target, images)
+        occluded = run_in_fast_layout(model, batch.reshape(-1, C, H, W), lambda b: target_scores(model, b, rows))
         deltas[n0:n1, first:first + count] = scores[n0:n1, None] - occluded.view(n1 - n0, count)
 
     if batch_size is None:
