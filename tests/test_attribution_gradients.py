@@ -7,6 +7,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 import cnnviz_fast as cv
 from cnnviz_fast import Neuron, zoo
+from cnnviz_fast.core import layout
 from anchors import neuron_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
@@ -151,3 +152,39 @@ def test_gauss_legendre_rule_integrates_polynomials_exactly():
     for power in range(8):  # 4 points integrate degree <= 7 exactly
         assert abs(float((weights * alphas ** power).sum()) - 1 / (power + 1)) < 1e-12
     assert np.all((alphas.numpy() > 0) & (alphas.numpy() < 1))
+
+
+class RecordsLayout(torch.nn.Module):
+    """Conv net without max pooling (no ties for float rounding to flip), flattening by
+    ``.view`` when asked (a channels-last map refuses that)."""
+    def __init__(self, view: bool):
+        super().__init__()
+        self.conv, self.fc, self.view = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 14 * 14, 5), view
+        self.layouts = []
+
+    def forward(self, x):
+        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        y = torch.tanh(self.conv(x))
+        return self.fc(y.view(len(y), -1) if self.view else y.flatten(1))
+
+
+@pytest.mark.parametrize("method", ["saliency", "guided_backprop", "smoothgrad", "integrated_gradients"])
+def test_large_cpu_batches_run_channels_last_with_equal_results(method, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    model = RecordsLayout(view=False).double()
+    kwargs = dict(samples=4, seed=0) if method == "smoothgrad" else dict(steps=4) if method == "integrated_gradients" \
+        else {}
+    contiguous = getattr(cv, method)(model, x, [0, 2, 4], **kwargs)
+    assert not any(model.layouts)  # 3 x 16 x 16 pixels: below MIN_PIXELS
+    monkeypatch.setattr(layout, "MIN_PIXELS", 0)
+    model.layouts.clear()
+    channels_last = getattr(cv, method)(model, x, [0, 2, 4], **kwargs)
+    assert model.layouts and all(model.layouts)
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-10, atol=1e-12)
+
+    refusing = RecordsLayout(view=True).double()
+    refusing.load_state_dict(model.state_dict())
+    torch.testing.assert_close(getattr(cv, method)(refusing, x, [0, 2, 4], **kwargs), contiguous,
+                               rtol=1e-10, atol=1e-12)
+    assert refusing.layouts[0] and not any(refusing.layouts[1:])  # refused once, then contiguous

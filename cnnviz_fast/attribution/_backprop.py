@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 from torch.overrides import TorchFunctionMode
 
 from ..core import check_images, target_scores
+from ..core.layout import run_in_fast_layout
 from ..core.model_state import is_exported_graph
 from ..core.validation import check_choice, check_model_inputs
 from ..core.targets import check_target, is_predicted, resolve_target, target_for_rows
@@ -280,16 +281,17 @@ def input_gradients(
     """
     check_interceptable(model, relu_mode)
     x = inputs.detach().requires_grad_(True)
-    # the model gets a copy inside the graph: a model that writes into its input
-    # (x.mul_ in forward) then works, and x (the caller's memory) is never written
-    seen = x.clone()
-    output = None
-    with intercept_relus(relu_mode, nonlinear):
-        if keep_output:
-            scores, output = target_scores(model, seen, target, keep_output=True)
-            output = detach_output(output)
-        else:
-            scores = target_scores(model, seen, target)
+
+    def forward(batch: Tensor):
+        # the model gets a copy inside the graph: a model that writes into its input
+        # (x.mul_ in forward) then works, and x (the caller's memory) is never written
+        with intercept_relus(relu_mode, nonlinear):
+            if keep_output:
+                scores, output = target_scores(model, batch.clone(), target, keep_output=True)
+                return scores, detach_output(output)
+            return target_scores(model, batch.clone(), target), None
+
+    scores, output = run_in_fast_layout(model, x, forward)
     if not scores.requires_grad:
         raise ValueError("target does not depend on inputs (its score has no gradient)")
     (grads,) = torch.autograd.grad(scores.sum(), x)

@@ -1,10 +1,13 @@
 """The memory layout of the image batches a method runs through the model.
 
 On the CPU, oneDNN's convolutions run large channels-last (NHWC) batches faster than
-contiguous (NCHW) ones, and small ones slower: on the 2-core EPYC a ResNet-18 forward ran
-1.2-1.4x faster at 16x3x224x224 and 16x3x112x112 but up to 2x slower at 4x3x112x112
-(benchmarks/bench_layout.py, results/layout-*.md). So only batches of at least
-MIN_PIXELS pixels (N x H x W) go channels-last. The model's weights are left as they are.
+contiguous (NCHW) ones, and small ones slower. On the 2-core EPYC (benchmarks/bench_layout.py,
+results/layout-*.md), forward and forward + input gradient ran 1.05-1.57x faster from
+4x3x224x224 and 16x3x112x112 up (ResNet-18, VGG-16, MobileNetV2, EfficientNet-Lite0), but
+ResNet-18 ran 1.5-2.2x slower at 4x3x112x112 and 1x3x112x112. So only batches of at least
+MIN_PIXELS pixels (N x H x W) go channels-last: occlusion's full passes and the gradient
+methods' batches (a service's batch of one stays contiguous). The model's weights are
+left as they are.
 
 A model that takes ``.view`` of a feature map cannot run on channels-last maps (torch
 raises "view size is not compatible"); such a model gets contiguous batches from then on.
