@@ -63,6 +63,14 @@ def bare_on(model, x, targets):
     return torch.autograd.grad(scores, leaf)[0].abs()
 
 
+def assert_same_maps(ours: torch.Tensor, anchor: torch.Tensor) -> None:
+    """Equal up to the order of float32 sums: ours runs large CPU batches channels-last
+    (cnnviz_fast.core.layout), whose other order can also flip a max-pool choice and move
+    one pixel's gradient, so the check is norm-wise."""
+    error = float((ours - anchor).norm() / anchor.norm())
+    assert error < 1e-3, f"maps differ: relative error {error:.2e}"
+
+
 def bench_saliency(quick: bool, device: str) -> List[dict]:
     model, x, targets, label = problem(device)
 
@@ -75,7 +83,7 @@ def bench_saliency(quick: bool, device: str) -> List[dict]:
     def finite_check():
         return check_images(x)
 
-    torch.testing.assert_close(ours(), bare())
+    assert_same_maps(ours(), bare())
     t = interleaved({"ours": ours, "bare": bare, "check": finite_check}, rounds_for(quick))
     rows = [
         row(f"{label} saliency vs bare autograd.grad", t["ours"], t["bare"], "<= 1.05x"),
@@ -105,7 +113,7 @@ def bench_guided_backprop(quick: bool, device: str) -> List[dict]:
     def our_saliency():
         return cv.saliency(model, x, targets, abs=False)
 
-    torch.testing.assert_close(ours(), captum())
+    assert_same_maps(ours(), captum())
     t = interleaved({"ours": ours, "captum": captum, "saliency": our_saliency}, rounds_for(quick))
     return [
         row(f"{label} guided_backprop vs Captum GuidedBackprop", t["ours"], t["captum"], ">= 1.3x"),

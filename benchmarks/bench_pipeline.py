@@ -244,8 +244,9 @@ def main() -> None:
                  "worker, the writer thread and the compute share the same cores (and on this shared machine, "
                  "other jobs' too: small ops that torch parallelises stall when a thread is descheduled), so "
                  "decoding cannot be hidden as it is next to a GPU. Against Captum the saving is one forward of "
-                 "three passes (forward + backward ~ 3 forwards), so ~1.33x is the compute-bound ceiling on a CPU; "
-                 "beyond it only decode/writing overlap helps.")
+                 "three passes (forward + backward ~ 3 forwards), so ~1.33x is the compute-bound ceiling on a CPU "
+                 "for equal passes; beyond it decode/writing overlap and, for large colour batches on a CPU, "
+                 "the channels-last layout (cnnviz_fast.core.layout; digits are 1-channel and stay contiguous).")
         print(write_results("pipeline" + ("-nvjpeg" if args.decode == "gpu" else ""), rows, notes=notes, title="Dataset-scale saliency pipeline"))
 
 
