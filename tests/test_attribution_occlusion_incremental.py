@@ -502,3 +502,18 @@ def test_field_cap_default_is_per_device():
     assert check("approximate", None, None, None, torch.device("cpu"))[0] == 0.5
     assert check("approximate", None, None, None, torch.device("cuda"))[0] is None
     assert check("approximate", 0.7, None, None, torch.device("cuda"))[0] == 0.7
+
+
+def test_channels_last_whole_map_layers_are_exact(monkeypatch):
+    """The engine's layout choice (timed on the CPU) changes no result: forced channels-last."""
+    layouts = []
+    materialize = IncrementalOcclusion._materialize
+    monkeypatch.setattr(IncrementalOcclusion, "channels_last", property(lambda self: True, lambda self, value: None),
+                        raising=False)  # __init__ and the timed choice cannot turn it off
+    monkeypatch.setattr(IncrementalOcclusion, "_materialize", lambda self, *args: layouts.append(
+        materialize(self, *args)) or layouts[-1])
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5)).double()
+    torch.manual_seed(0)
+    assert_exact(model, torch.randn(2, 3, 48, 40, dtype=torch.float64), [1, 4], (8, 8), (4, 4))
+    maps = [t for t in layouts if isinstance(t, torch.Tensor) and t.dim() == 4 and t.stride(0) != 0]
+    assert maps and all(t.is_contiguous(memory_format=torch.channels_last) for t in maps)

@@ -261,6 +261,7 @@ class IncrementalOcclusion:
         self.modules = dict(graph.named_modules())
         self.field_cap = field_cap
         self.full_fraction = full_fraction
+        self.channels_last = False  # whole-map layers on channels-last maps (chosen by the caller)
         self.macs_clean = 0        # multiply-adds of one clean forward pass (convs and linears)
         self.macs_incremental = 0  # multiply-adds spent by scores() so far
         self.positions = 0         # window positions computed by scores() so far
@@ -385,7 +386,8 @@ class IncrementalOcclusion:
         if value is None:
             return clean.expand(B, *clean.shape[1:]) if isinstance(clean, Tensor) else clean
         _, C, h, w = value.data.shape
-        out = clean.expand(B, *clean.shape[1:]).clone()
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        out = clean.expand(B, *clean.shape[1:]).clone(memory_format=layout)
         b = torch.arange(B)[:, None, None]
         rows = (value.top[:, None] + torch.arange(h))[:, :, None]
         cols = (value.left[:, None] + torch.arange(w))[:, None, :]
