@@ -67,7 +67,7 @@ MODES = ("exact", "full", "approximate")
 # this fraction of the positions, the highest estimates, computed exactly). On the trained
 # EfficientNet-Lite0 (224 px, window 16, stride 8, 3 photos) these defaults run ~13x faster
 # than full recomputation with Pearson 0.58 (worst 0.33) against exact; coarse_step=2,
-# field_cap=1, drill_down=0.2 reaches Pearson >= 0.96 and top-5% IoU >= 0.9 at ~3x.
+# field_cap=1, drill_down=0.2 reaches Pearson >= 0.96 and top-5% IoU >= 0.9 at ~3.5x.
 # The cap is off by default on a GPU: there the capped plan's many small patch passes ran
 # 0.02-2.1x the speed of full recomputation (H200, results/incremental-*-nvidia-h200.md),
 # while without it the plan passes PROFITABLE_FRACTION or the drill-down runs full passes.
