@@ -312,9 +312,8 @@ def _choose_engine_layout(engine: IncrementalOcclusion, run_chunk: Callable[[Ten
                           first: int, size: int, contiguous_seconds: float) -> int:
     """On the CPU, whether the engine's whole-map layers run channels-last: kept if a timed
     pass of ``size`` positions (after an untimed one, which pays oneDNN's set-up for the
-    layout) beats ``contiguous_seconds`` per position. In trials it was faster on depthwise
-    networks at 224 px and slower on ResNet-18 at 112 px. Both passes score real positions;
-    returns how many are done."""
+    layout) beats ``contiguous_seconds`` per position: which layout wins depends on the
+    network. Both passes score real positions; returns how many are done."""
     if len(positions) - first < 2 * size:
         return first
     engine.channels_last = True
