@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Neuron, get_layer, model_guard, target_scores
+from ..core import Neuron, get_layer, layer_name, model_guard, target_scores
+from ..core.arguments import friendly_arguments
 from ..core import autograd_on
 from ..core.targets import is_predicted, resolve_target
 from ..core.validation import check_choice
@@ -82,6 +83,7 @@ def _check_interpolate(interpolate: str) -> None:
     check_choice(interpolate, _INTERPOLATE_MODES, "interpolate")
 
 
+@friendly_arguments
 def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
              return_output: bool = False):
     """Grad-CAM: ``ReLU(sum_k alpha_k A_k)`` upsampled to the input size, not normalised.
@@ -92,7 +94,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: 
     Args:
         model: the network; run in eval mode for the call, restored afterwards.
         inputs: ``Tensor[N, C, H, W]``.
-        layer: dotted module name (``model.get_submodule``) with a ``[N, K, h, w]`` output.
+        layer: dotted module name (``model.get_submodule``) or the module itself, with a ``[N, K, h, w]`` output.
         target: an int, N ints, a :class:`~cnnviz_fast.Neuron` at or after ``layer`` (the
             forward stops at the Neuron's layer), a callable ``output -> Tensor[N]`` or
             ``"predicted"``.
@@ -103,6 +105,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: 
         ``Tensor[N, H, W]`` (>= 0) on the inputs' device (with ``return_output``,
         ``(cam, output)``).
     """
+    layer = layer_name(model, layer, "layer", target, "grad_cam")
     _check_interpolate(interpolate)
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, copy=True, model=model)
@@ -110,6 +113,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: 
     return with_output(cam, output, return_output)
 
 
+@friendly_arguments
 def guided_grad_cam(
     model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
     return_output: bool = False, nonlinear: str = "raise",
@@ -123,6 +127,7 @@ def guided_grad_cam(
     ``target="predicted"`` also fixes for the guided pass). ``nonlinear``: as in
     :func:`guided_backprop`.
     """
+    layer = layer_name(model, layer, "layer", target, "guided_grad_cam")
     _check_interpolate(interpolate)
     check_nonlinear(nonlinear)
     with model_guard(model), autograd_on():

@@ -14,16 +14,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.arguments import friendly_arguments
 from ..core import model_guard
 from ..core.validation import check_baseline, check_number, check_positive_int
 from ..core import autograd_on
 from ._backprop import accumulate_gradients, clean_output, input_gradients, prepare_inputs, with_output
 
-__all__ = ["integrated_gradients", "saliency", "smoothgrad"]
+__all__ = ["gradient_x_input", "integrated_gradients", "saliency", "smoothgrad"]
 
 DEFAULT_BATCH_SIZE = 32
 
 
+@friendly_arguments
 def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True, return_output: bool = False):
     """Gradient of the target score with respect to each input pixel (Captum's ``Saliency``).
 
@@ -46,6 +48,18 @@ def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True, return_
     return with_output(grads.abs() if abs else grads, output, return_output)
 
 
+@friendly_arguments
+def gradient_x_input(model: nn.Module, inputs: Tensor, target, return_output: bool = False):
+    """Gradient × input, signed (Captum's ``InputXGradient``): ``inputs * d score / d inputs``.
+
+    Same arguments and return as :func:`saliency`; one forward + one backward pass."""
+    with model_guard(model), autograd_on():
+        x = prepare_inputs(inputs, target, model=model)
+        grads, _, output = input_gradients(model, x, target, keep_output=return_output)
+    return with_output(grads * x.detach(), output, return_output)
+
+
+@friendly_arguments
 def smoothgrad(
     model: nn.Module,
     inputs: Tensor,
@@ -116,6 +130,7 @@ def _gauss_legendre(steps: int, like: Tensor):
     return alphas, torch.as_tensor(0.5 * weights, dtype=like.dtype, device=like.device)
 
 
+@friendly_arguments
 def integrated_gradients(
     model: nn.Module,
     inputs: Tensor,

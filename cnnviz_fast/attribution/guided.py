@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..core.arguments import friendly_arguments
 from ..core import model_guard
 from ..core import autograd_on
 from ._backprop import check_nonlinear, input_gradients, prepare_inputs, with_output
@@ -45,6 +46,7 @@ def _modified_gradient(
     return with_output(grads, output, return_output)
 
 
+@friendly_arguments
 def guided_backprop(model: nn.Module, inputs: Tensor, target, return_output: bool = False,
                     nonlinear: str = "raise"):
     """Guided backpropagation: at each ReLU the gradient passes only where both the
@@ -70,6 +72,7 @@ def guided_backprop(model: nn.Module, inputs: Tensor, target, return_output: boo
     return _modified_gradient(model, inputs, target, "guided", return_output, nonlinear)
 
 
+@friendly_arguments
 def deconvnet(model: nn.Module, inputs: Tensor, target, return_output: bool = False, nonlinear: str = "raise"):
     """Deconvnet: at each ReLU the gradient passes where the incoming gradient is
     positive, whatever the ReLU's input (at ReLU6 / ``Hardtanh(0, t)`` /

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..core.arguments import friendly_arguments
 from ..core import check_images, model_guard, target_scores
 from ..core.layout import run_in_fast_layout
 from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
@@ -76,6 +77,7 @@ DRILL_DOWN = 0.1
 COARSE_STEP = 3
 
 
+@friendly_arguments
 def occlusion(
     model: nn.Module,
     inputs: Tensor,

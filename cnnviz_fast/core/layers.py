@@ -75,6 +75,35 @@ def get_layer(model: nn.Module, layer: str, argument: str = "layer") -> nn.Modul
         ) from None
 
 
+_NO_TARGET = object()
+
+
+def layer_name(model: nn.Module, layer, argument: str = "layer", target=_NO_TARGET, method: str = "") -> str:
+    """The dotted name of ``layer`` in ``model``: a name is checked and returned, a module
+    object (pytorch-grad-cam's ``model.layer4[-1]``) is looked up by identity. A
+    ValueError names ``argument`` otherwise. Given the call's ``target``, a layer that
+    looks like a target next to a target that looks like a layer (Captum's order
+    ``(target, layer)``) is explained as swapped."""
+    looks_like_layer = isinstance(target, nn.Module) or (isinstance(target, str) and target != "predicted")
+    if target is not _NO_TARGET and looks_like_layer and not isinstance(layer, (str, nn.Module)):
+        raise ValueError(f"{argument}: got {layer!r} as layer and {target!r} as target; {method or 'this method'} "
+                         f"takes (model, inputs, layer, target): swap them (Captum puts target first)")
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer and name:
+                return name
+        raise ValueError(f"{argument}: the {type(layer).__name__} module given is not a submodule of "
+                         f"{type(model).__name__} (pass a module of this model or its dotted name)")
+    if isinstance(layer, (list, tuple)) and len(layer) == 1 and isinstance(layer[0], (str, nn.Module)):
+        raise ValueError(f"{argument} must be one layer (a dotted name or a module), got a list of one; "
+                         f"pass {argument}=<the layer> itself")
+    if not isinstance(layer, str):
+        shown = type(layer).__name__ if isinstance(layer, (torch.Tensor, list, tuple, dict)) else repr(layer)
+        raise ValueError(f"{argument} must be a dotted module name or a submodule of the model, got {shown}")
+    get_layer(model, layer, argument)
+    return layer
+
+
 def _first_tensor(output):
     if isinstance(output, torch.Tensor):
         return output
