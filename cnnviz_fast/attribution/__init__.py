@@ -2,6 +2,9 @@
 ``inputs: Tensor[N, C, H, W]`` and the same ``target`` (see :mod:`cnnviz_fast.core.targets`)."""
 from . import baselines
 from .gradcam import grad_cam, guided_grad_cam
+from .cams import (CAM_METHODS, cams, eigen_cam, eigen_grad_cam, grad_cam_elementwise, grad_cam_plus_plus, hires_cam,
+                   layer_cam, xgrad_cam)
+from .fullgrad import full_grad
 from .gradients import gradient_x_input, integrated_gradients, saliency, smoothgrad
 from .guided import deconvnet, guided_backprop
 from .occlusion import occlusion
@@ -10,4 +13,7 @@ from .segmentation import saliency_to_mask
 __all__ = [
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
     "occlusion", "saliency", "saliency_to_mask", "smoothgrad",
+    # CAM family
+    "CAM_METHODS", "cams", "eigen_cam", "eigen_grad_cam", "full_grad", "grad_cam_elementwise", "grad_cam_plus_plus",
+    "hires_cam", "layer_cam", "xgrad_cam",
 ]

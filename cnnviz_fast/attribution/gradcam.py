@@ -1,91 +1,38 @@
 """Grad-CAM and Guided Grad-CAM (Selvaraju et al. 2017).
 
-The backward pass runs only from the target to ``layer``: the forward pass below the
-layer records no autograd graph, the layer's output becomes a fresh leaf, and
-``torch.autograd.grad`` differentiates with respect to it alone (no parameter
-gradients, nothing flows to the input). Model in eval mode for the call (``model_guard``),
-gradients enabled even under ``torch.no_grad()`` / ``torch.inference_mode()``.
+Grad-CAM runs on the pass every CAM shares (:mod:`._cam_engine`): the backward runs only
+from the target to ``layer`` (no parameter gradients, nothing flows to the input). Model
+in eval mode for the call (``model_guard``), gradients enabled even under
+``torch.no_grad()`` / ``torch.inference_mode()``. The other CAMs are in :mod:`.cams`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Dict, Iterator
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Neuron, get_layer, layer_name, model_guard, target_scores
+from ..core import layer_name, model_guard
 from ..core.arguments import friendly_arguments
 from ..core import autograd_on
 from ..core.targets import is_predicted, resolve_target
-from ..core.validation import check_choice
-from ._backprop import check_nonlinear, detach_output, input_gradients, prepare_inputs, with_output
+from ._backprop import check_nonlinear, input_gradients, prepare_inputs, with_output
+from ._cam_engine import Reshape, check_flag, check_interpolate, run_cams
 
 __all__ = ["grad_cam", "guided_grad_cam"]
 
-_INTERPOLATE_MODES = ("bilinear", "nearest")
 
-
-@contextmanager
-def _graph_starts_at(module: nn.Module, layer: str) -> Iterator[Dict[str, Tensor]]:
-    """Run the forward inside this block under ``torch.no_grad()``: the first output of
-    ``module`` is stored as a leaf that requires grad (``captured["activation"]``) and
-    gradient recording switches on from there to the end of the forward pass."""
-    captured: Dict[str, Tensor] = {}
-
-    def hook(_module, _args, output):
-        if "activation" in captured:  # a module run several times: its first output counts
-            return None
-        if not isinstance(output, Tensor) or output.dim() != 4:
-            raise ValueError(f"layer {layer!r} must output a feature map Tensor[N, K, h, w], got "
-                             f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}")
-        leaf = output.detach().requires_grad_(True)
-        captured["activation"] = leaf
-        torch.set_grad_enabled(True)  # undone when the enclosing no_grad() block exits
-        return leaf.clone()  # a following in-place op (ReLU(inplace=True)) must not touch the leaf
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str, keep_output: bool = False):
+def _grad_cam(model: nn.Module, x: Tensor, target, layer: str, interpolate: str, keep_output: bool = False,
+              eigen_smooth: bool = False, aug_smooth: bool = False, reshape: Reshape = None):
     """``(cam Tensor[N, H, W], output or None)``: the model output of the same pass with ``keep_output``."""
-    module = get_layer(model, layer)
-    output = None
-    with _graph_starts_at(module, layer) as captured, torch.no_grad():
-        if keep_output:
-            scores, output = target_scores(model, x, target, keep_output=True)
-            output = detach_output(output)
-        else:
-            scores = target_scores(model, x, target)
-    if "activation" not in captured:
-        if isinstance(target, Neuron):
-            raise ValueError(f"layer {layer!r} did not run before the forward pass stopped at the "
-                             f"target Neuron's layer {target.layer!r}: the Neuron must lie at or after layer")
-        raise ValueError(f"layer {layer!r} was not executed during the forward pass of {type(model).__name__}")
-    activation = captured["activation"]
-    if not scores.requires_grad:
-        raise ValueError(f"target does not depend on layer {layer!r}")
-    (grads,) = torch.autograd.grad(scores.sum(), activation)
-    with torch.no_grad():
-        weights = grads.mean(dim=(2, 3), keepdim=True)  # alpha_k
-        cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
-        align = False if interpolate == "bilinear" else None
-        cam = F.interpolate(cam, size=x.shape[2:], mode=interpolate, align_corners=align)
-    return cam[:, 0], output
-
-
-def _check_interpolate(interpolate: str) -> None:
-    check_choice(interpolate, _INTERPOLATE_MODES, "interpolate")
+    cams, output = run_cams(model, x, [layer], target, ["grad_cam"], eigen_smooth=eigen_smooth,
+                            aug_smooth=aug_smooth, interpolate=interpolate, keep_output=keep_output,
+                            reshape=reshape)
+    return cams["grad_cam"], output
 
 
 @friendly_arguments
 def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: str = "bilinear",
-             return_output: bool = False):
+             return_output: bool = False, eigen_smooth: bool = False, aug_smooth: bool = False,
+             reshape: Reshape = None):
     """Grad-CAM: ``ReLU(sum_k alpha_k A_k)`` upsampled to the input size, not normalised.
 
     ``A = Tensor[N, K, h, w]`` is the output of ``layer`` (its first call when the module
@@ -94,22 +41,31 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: 
     Args:
         model: the network; run in eval mode for the call, restored afterwards.
         inputs: ``Tensor[N, C, H, W]``.
-        layer: dotted module name (``model.get_submodule``) or the module itself, with a ``[N, K, h, w]`` output.
+        layer: dotted module name (``model.get_submodule``) or the module itself, with a
+            ``[N, K, h, w]`` output, or tokens ``[N, tokens, C]`` / ``[N, h, w, C]`` (ViT, Swin:
+            see :func:`~cnnviz_fast.attribution.cams.cams`).
         target: an int, N ints, a :class:`~cnnviz_fast.Neuron` at or after ``layer`` (the
             forward stops at the Neuron's layer), a callable ``output -> Tensor[N]`` or
             ``"predicted"``.
         interpolate: ``"bilinear"`` (default, ``align_corners=False``) or ``"nearest"``.
         return_output: also return the model's output from the same forward pass.
+        eigen_smooth: the first principal component of ``alpha_k A_k`` instead of their sum.
+        aug_smooth: pytorch-grad-cam's test-time augmentation (6 copies, one pass); the
+            map is then min-max scaled per image, as pytorch-grad-cam's.
+        reshape: a callable ``layer output -> Tensor[N, K, h, w]`` replacing the token rule.
 
     Returns:
         ``Tensor[N, H, W]`` (>= 0) on the inputs' device (with ``return_output``,
         ``(cam, output)``).
     """
     layer = layer_name(model, layer, "layer", target, "grad_cam")
-    _check_interpolate(interpolate)
+    check_interpolate(interpolate)
+    check_flag(eigen_smooth, "eigen_smooth")
+    check_flag(aug_smooth, "aug_smooth")
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, copy=True, model=model)
-        cam, output = _grad_cam(model, x, target, layer, interpolate, keep_output=return_output)
+        cam, output = _grad_cam(model, x, target, layer, interpolate, keep_output=return_output,
+                                eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, reshape=reshape)
     return with_output(cam, output, return_output)
 
 
@@ -128,7 +84,7 @@ def guided_grad_cam(
     :func:`guided_backprop`.
     """
     layer = layer_name(model, layer, "layer", target, "guided_grad_cam")
-    _check_interpolate(interpolate)
+    check_interpolate(interpolate)
     check_nonlinear(nonlinear)
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, copy=True, model=model)
