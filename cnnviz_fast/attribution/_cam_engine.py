@@ -48,7 +48,8 @@ def token_grid(tokens: int, size: Sequence[int]) -> Optional[Tuple[int, int, int
     for skipped in range(0, min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
         n = tokens - skipped
         h = max(1, round(math.sqrt(n * size[0] / size[1])))
-        if n % h == 0 and _same_aspect(h, n // h, size):
+        # the skipped tokens must be fewer than the grid's: 8 tokens are not 4 + a 2 x 2 grid
+        if n % h == 0 and _same_aspect(h, n // h, size) and skipped < n:
             return skipped, h, n // h
     return None
 

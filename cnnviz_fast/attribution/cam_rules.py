@@ -24,9 +24,10 @@ def first_component(maps: Tensor) -> Tensor:
     channel (NaNs read as 0); the projection is ``M v`` with ``v`` the top right singular
     vector of the centred ``M = [h*w, K]``. A singular vector's sign is arbitrary (LAPACK
     builds differ: MKL and OpenBLAS disagree on about half of all matrices), and after the
-    CAM's ReLU the sign decides between a map and its complement. It is fixed here:
-    ``v`` is oriented so that ``sum_k v_k >= 0``, i.e. so that the map correlates
-    positively with the centred channel sum (``<M v, M 1> = s^2 <v, 1>``).
+    CAM's ReLU the sign decides between a map and its complement. It is fixed here: each
+    map is oriented so that its largest magnitude is positive (``|max| >= |min|``), the
+    sign correction pytorch-grad-cam applies in its Seg-Eigen-CAM
+    (``get_2d_projection_with_sign_correction``). Its ``EigenCAM`` keeps LAPACK's sign.
     """
     n, k, h, w = maps.shape
     work = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()  # no half-precision SVD
@@ -34,9 +35,9 @@ def first_component(maps: Tensor) -> Tensor:
     matrix = torch.where(matrix.isnan(), torch.zeros((), dtype=matrix.dtype, device=matrix.device), matrix)
     matrix = matrix - matrix.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    top = vh[:, 0]                                               # [N, K]
-    sign = torch.where(top.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(top.dtype)
-    projection = torch.bmm(matrix, (top * sign)[:, :, None])[:, :, 0]
+    projection = torch.bmm(matrix, vh[:, 0, :, None])[:, :, 0]   # [N, h*w]
+    low, high = projection.aminmax(dim=1)
+    projection = torch.where((-low > high)[:, None], -projection, projection)
     return projection.reshape(n, h, w).to(maps.dtype)
 
 

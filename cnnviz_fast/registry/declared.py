@@ -20,6 +20,21 @@ _INTERPOLATE = Option("interpolate", str, "bilinear", "upsampling of the layer m
                       ("bilinear", "nearest"))
 _SEED = Option("seed", int, None, "random seed (default: the global generator)")
 
+
+def _yes_no(text) -> bool:
+    """A boolean option from the command line: true/false, yes/no, 1/0."""
+    value = str(text).strip().lower()
+    if value not in ("true", "false", "yes", "no", "1", "0"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("true", "yes", "1")
+
+
+_EIGEN_SMOOTH = Option("eigen_smooth", _yes_no, False, "first principal component of the weighted activations "
+                       "instead of their channel sum (pytorch-grad-cam's eigen_smooth)")
+_AUG_SMOOTH = Option("aug_smooth", _yes_no, False, "mean over flipped and brightened copies, one pass "
+                     "(pytorch-grad-cam's aug_smooth; maps then scaled to [0, 1])")
+_CAM_OPTIONS = (_INTERPOLATE, _EIGEN_SMOOTH, _AUG_SMOOTH)
+
 METHODS = (
     # --- gradient family -----------------------------------------------------------------
     Method("saliency", A.saliency, "gradient", "|gradient| of the target score (Simonyan et al. 2014)"),
@@ -41,9 +56,28 @@ METHODS = (
            "Fergus 2014)", options=(_NONLINEAR,)),
     # --- CAM family --------------------------------------------------------------------------
     Method("grad_cam", A.grad_cam, "cam", "channel-weighted layer activations, weights = mean gradient "
-           "(Selvaraju et al. 2017)", needs_layer=True, map_rule="as_is", options=(_INTERPOLATE,)),
+           "(Selvaraju et al. 2017)", needs_layer=True, map_rule="as_is", options=_CAM_OPTIONS),
     Method("guided_grad_cam", A.guided_grad_cam, "cam", "guided backprop × Grad-CAM", needs_layer=True,
            options=(_INTERPOLATE, _NONLINEAR)),
+    Method("grad_cam_plus_plus", A.grad_cam_plus_plus, "cam", "Grad-CAM with weights from positive gradients "
+           "and second / third derivatives (Chattopadhay et al. 2018)", needs_layer=True, map_rule="as_is",
+           options=_CAM_OPTIONS),
+    Method("xgrad_cam", A.xgrad_cam, "cam", "Grad-CAM with activation-normalised gradient weights (Fu et al. "
+           "2020)", needs_layer=True, map_rule="as_is", options=_CAM_OPTIONS),
+    Method("hires_cam", A.hires_cam, "cam", "gradient × activation summed over channels (Draelos & Carin 2020)",
+           needs_layer=True, map_rule="as_is", options=_CAM_OPTIONS),
+    Method("layer_cam", A.layer_cam, "cam", "positive gradient × activation summed over channels; fuses layers "
+           "(Jiang et al. 2021)", needs_layer=True, map_rule="as_is", options=_CAM_OPTIONS),
+    Method("grad_cam_elementwise", A.grad_cam_elementwise, "cam", "ReLU(gradient × activation) summed over "
+           "channels (pytorch-grad-cam)", needs_layer=True, map_rule="as_is", options=_CAM_OPTIONS),
+    Method("eigen_cam", A.eigen_cam, "cam", "first principal component of the activations, class-agnostic, no "
+           "backward (Muhammad & Yeasin 2020)", needs_layer=True, map_rule="as_is",
+           options=(_INTERPOLATE, _AUG_SMOOTH)),
+    Method("eigen_grad_cam", A.eigen_grad_cam, "cam", "first principal component of gradient × activation",
+           needs_layer=True, map_rule="as_is", options=(_INTERPOLATE, _AUG_SMOOTH)),
+    Method("full_grad", A.full_grad, "cam", "input-gradient and bias-gradient maps of every layer, summed "
+           "(Srinivas & Fleuret 2019); uses all layers, takes none", map_rule="as_is",
+           options=(_INTERPOLATE, _AUG_SMOOTH)),
     # --- perturbation family -----------------------------------------------------------------
     Method("occlusion", A.occlusion, "perturbation", "score drop when a sliding window is replaced by a "
            "baseline (Zeiler & Fergus 2014)", map_rule="as_is",
