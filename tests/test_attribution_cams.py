@@ -403,3 +403,21 @@ def test_declared_in_the_registry(digits):
         assert method.needs_layer == (name != "full_grad")
         maps, output = method.maps(model, x, "predicted", "features.relu5" if method.needs_layer else None)
         assert maps.shape == (3, 32, 32) and output.shape == (3, 10)
+
+
+def test_large_cpu_batches_run_channels_last_with_the_same_maps(resnet, monkeypatch):
+    """Batches of at least layout.MIN_PIXELS pixels run channels-last (core.layout; lowered
+    here so that a small batch does); forced contiguous, the maps agree."""
+    from cnnviz_fast.core import layout
+    model, x = resnet
+    seen = []
+    handle = model.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    monkeypatch.setattr(layout, "MIN_PIXELS", 1)
+    fast = cv.cams(model, x, "layer3", 3, methods=["layer_cam", "eigen_cam"]), cv.full_grad(model, x, 3)
+    monkeypatch.setattr(layout, "MIN_PIXELS", 10 ** 9)
+    plain = cv.cams(model, x, "layer3", 3, methods=["layer_cam", "eigen_cam"]), cv.full_grad(model, x, 3)
+    handle.remove()
+    assert seen == [False, False, True, True]  # channels-last for both methods, then contiguous
+    for name in ("layer_cam", "eigen_cam"):
+        assert_relative(fast[0][name], plain[0][name], name, tol=1e-9)
+    assert_relative(fast[1], plain[1], "full_grad", tol=1e-9)

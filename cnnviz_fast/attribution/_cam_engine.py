@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..core import Neuron, get_layer, layer_name, target_scores
+from ..core.layout import run_in_fast_layout
 from ..core.targets import is_predicted, resolve_target, target_for_rows
 from ..core.validation import check_choice
 from ._backprop import detach_output
@@ -146,15 +147,20 @@ def layer_pass(model: nn.Module, x: Tensor, layers: Sequence[str], target, gradi
     def check(output: Tensor, name: str) -> None:
         feature_map(output, name, size, reshape)
 
-    output = None
-    with layer_outputs(model, layers, start_graph=gradients, check=check) as captured, torch.no_grad():
-        if not gradients:
-            output = detach_output(model(x))
-        elif keep_output:
-            scores, output = target_scores(model, x, target, keep_output=True)
-            output = detach_output(output)
-        else:
-            scores = target_scores(model, x, target)
+    def forward(batch: Tensor):
+        scores = output = None
+        with layer_outputs(model, layers, start_graph=gradients, check=check) as captured, torch.no_grad():
+            if not gradients:
+                output = detach_output(model(batch))
+            elif keep_output:
+                scores, output = target_scores(model, batch, target, keep_output=True)
+                output = detach_output(output)
+            else:
+                scores = target_scores(model, batch, target)
+        return captured, scores, output
+
+    # large CPU batches run channels-last (core.layout); the maps are the same up to rounding
+    captured, scores, output = run_in_fast_layout(model, x, forward)
     for layer in layers:
         if layer not in captured:
             raise _missing(model, layer, target)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import autograd_on, model_guard, target_scores
+from ..core.layout import run_in_fast_layout
 from ..core.arguments import friendly_arguments
 from ._backprop import detach_output, prepare_inputs, with_output
 from ._cam_engine import augment, check_flag, check_interpolate, clean_rows, deaugment, layer_outputs, min_max, upsample
@@ -68,14 +69,20 @@ def full_grad(model: nn.Module, inputs: Tensor, target, interpolate: str = "bili
         batch, batch_target = augment(x, target) if aug_smooth else (x, target)
         layers = bias_layers(model)
         leaf = batch.detach().requires_grad_(True)
-        output = None
-        with layer_outputs(model, [name for name, _ in layers], start_graph=False) as captured:
-            # the model gets a copy inside the graph: it may write into its input
-            if return_output:
-                scores, output = target_scores(model, leaf.clone(), batch_target, keep_output=True)
-                output = detach_output(output)
-            else:
-                scores = target_scores(model, leaf.clone(), batch_target)
+
+        def forward(inputs: Tensor):
+            output = None
+            with layer_outputs(model, [name for name, _ in layers], start_graph=False) as captured:
+                # the model gets a copy inside the graph: it may write into its input
+                if return_output:
+                    scores, output = target_scores(model, inputs.clone(), batch_target, keep_output=True)
+                    output = detach_output(output)
+                else:
+                    scores = target_scores(model, inputs.clone(), batch_target)
+            return captured, scores, output
+
+        # large CPU batches run channels-last (core.layout); the maps are the same up to rounding
+        captured, scores, output = run_in_fast_layout(model, leaf, forward)
         if not scores.requires_grad:
             raise ValueError("target does not depend on inputs (its score has no gradient)")
         ran = [(name, bias) for name, bias in layers if name in captured]
