@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from common import argument_parser, assert_same_up_to_rounding, interleaved, machine, machine_description, machine_tag, row, write_results, TIMING
+from common import (TIMING, argument_parser, assert_same_up_to_rounding, interleaved, machine, machine_description,
+                    machine_tag, row, write_results)
 
 from pytorch_grad_cam import (EigenCAM, EigenGradCAM, FullGrad, GradCAM, GradCAMElementWise, GradCAMPlusPlus,
                               HiResCAM, LayerCAM, XGradCAM)

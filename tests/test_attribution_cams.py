@@ -324,7 +324,8 @@ def test_target_kinds_and_return_output(digits):
     torch.testing.assert_close(cam, cv.layer_cam(model, x, "features.relu4", output.argmax(1)))
     neuron = Neuron("classifier.fc1", 5)
     forward = lambda out: out[:, 3]  # noqa: E731
-    torch.testing.assert_close(cv.hires_cam(model, x, "features.relu4", forward), cv.hires_cam(model, x, "features.relu4", 3))
+    torch.testing.assert_close(cv.hires_cam(model, x, "features.relu4", forward),
+                               cv.hires_cam(model, x, "features.relu4", 3))
     assert cv.grad_cam_plus_plus(model, x, "features.relu4", neuron).shape == (3, 32, 32)
     smooth, output = cv.cams(model, x, "features.relu5", "predicted", methods=["grad_cam"], aug_smooth=True,
                              return_output=True)

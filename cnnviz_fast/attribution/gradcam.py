@@ -7,7 +7,6 @@ in eval mode for the call (``model_guard``), gradients enabled even under
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..core import layer_name, model_guard
