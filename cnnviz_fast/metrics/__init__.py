@@ -15,13 +15,13 @@ of the attribution methods (an int, N ints, ``"predicted"``, a callable, a Neuro
 """
 from .curves import Curve, deletion_curve, insertion_curve, perturbation_curve, step_counts
 from .dataset import evaluate_dataset, mean_curves, summarize, write_report
-from .evaluate import evaluate, format_table
+from .evaluate import BETTER, evaluate, format_table
 from .pointing import pointing_game
 from .robustness import infidelity, sensitivity_max, uniform_noise
 from .sanity import Randomization, model_randomization, spearman, ssim
 
 __all__ = [
-    "Curve", "Randomization", "deletion_curve", "evaluate", "evaluate_dataset", "format_table", "infidelity",
+    "BETTER", "Curve", "Randomization", "deletion_curve", "evaluate", "evaluate_dataset", "format_table", "infidelity",
     "insertion_curve", "mean_curves", "model_randomization", "perturbation_curve", "pointing_game",
     "sensitivity_max", "spearman", "ssim", "step_counts", "summarize", "uniform_noise", "write_report",
 ]
