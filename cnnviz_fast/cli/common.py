@@ -108,7 +108,12 @@ def warn(message: str) -> None:
 
 def load_context_model(args):
     """:func:`cnnviz_fast.loading.load_model` from the model options; warnings on stderr."""
-    loaded = load_model(args.model, args.weights, args.mean, args.std, args.size)
+    try:
+        loaded = load_model(args.model, args.weights, args.mean, args.std, args.size)
+    except ValueError as error:  # name the command-line option: "--model x: ..."
+        message = str(error)
+        option = message.split(" ")[0]
+        raise CLIError(f"--{message}" if option in ("model", "weights", "mean/std", "size") else message) from None
     for message in loaded.warnings:
         warn(message)
     return loaded
