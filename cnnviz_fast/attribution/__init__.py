@@ -1,6 +1,6 @@
 """Which pixels matter: attribution methods. Every function takes ``model`` and
 ``inputs: Tensor[N, C, H, W]`` and the same ``target`` (see :mod:`cnnviz_fast.core.targets`)."""
-from . import baselines
+from .baselines import random_attribution
 from .gradcam import grad_cam, guided_grad_cam
 from .gradients import gradient_x_input, integrated_gradients, saliency, smoothgrad
 from .guided import deconvnet, guided_backprop
@@ -9,5 +9,5 @@ from .segmentation import saliency_to_mask
 
 __all__ = [
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
-    "occlusion", "saliency", "saliency_to_mask", "smoothgrad",
+    "occlusion", "random_attribution", "saliency", "saliency_to_mask", "smoothgrad",
 ]

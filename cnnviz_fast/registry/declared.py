@@ -10,7 +10,6 @@ from __future__ import annotations
 from .. import attribution as A
 from .. import features as F
 from .. import synthesis as S
-from ..attribution import baselines
 from .spec import Method, Option, int_pair
 
 _BATCH = Option("batch_size", int, None, "inputs per forward/backward pass (default: the method's)")
@@ -54,7 +53,7 @@ METHODS = (
                            ("exact", "full", "approximate")),
                     _BATCH)),
     # --- controls ------------------------------------------------------------------------------
-    Method("random", baselines.random_attribution, "control", "uniform random maps: the floor every method "
+    Method("random", A.random_attribution, "control", "uniform random maps: the floor every method "
            "should beat in the faithfulness metrics", map_rule="as_is", report=False, options=(_SEED,)),
     # --- synthesis and features (run by their own subcommands) ---------------------------------
     Method("visualize_class", S.visualize_class, "synthesis", "an image that maximises a class score",
