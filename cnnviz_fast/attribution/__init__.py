@@ -2,7 +2,10 @@
 ``inputs: Tensor[N, C, H, W]`` and the same ``target`` (see :mod:`cnnviz_fast.core.targets`)."""
 from .baselines import random_attribution
 from .gradcam import grad_cam, guided_grad_cam
-from .gradients import gradient_x_input, integrated_gradients, saliency, smoothgrad
+from .deep_lift import deeplift, deeplift_shap
+from .gradients import (
+    gradient_shap, gradient_x_input, integrated_gradients, saliency, smoothgrad, smoothgrad_sq, vargrad,
+)
 from .guided import deconvnet, guided_backprop
 from .occlusion import occlusion
 from .segmentation import saliency_to_mask
@@ -10,4 +13,5 @@ from .segmentation import saliency_to_mask
 __all__ = [
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
     "occlusion", "random_attribution", "saliency", "saliency_to_mask", "smoothgrad",
+    "deeplift", "deeplift_shap", "gradient_shap", "smoothgrad_sq", "vargrad",
 ]

@@ -18,6 +18,11 @@ _NONLINEAR = Option("nonlinear", str, "raise", "non-rectifying activations (SiLU
 _INTERPOLATE = Option("interpolate", str, "bilinear", "upsampling of the layer map to the input size",
                       ("bilinear", "nearest"))
 _SEED = Option("seed", int, None, "random seed (default: the global generator)")
+_NOISE_OPTIONS = (Option("samples", int, 50, "noisy copies per image"),
+                  Option("noise", float, 0.15, "noise std as a fraction of each image's value range"),
+                  _BATCH, _SEED)
+_MAX_POOL = Option("max_pool", str, "gradient", "DeepLIFT rule at max pooling: plain gradient (as Captum where "
+                   "the pool follows a ReLU module) or Captum's rescale rule", ("gradient", "rescale"))
 
 METHODS = (
     # --- gradient family -----------------------------------------------------------------
@@ -38,6 +43,23 @@ METHODS = (
            options=(_NONLINEAR,)),
     Method("deconvnet", A.deconvnet, "gradient", "gradient through ReLUs applied to the gradient (Zeiler & "
            "Fergus 2014)", options=(_NONLINEAR,)),
+    Method("smoothgrad_sq", A.smoothgrad_sq, "gradient", "mean squared gradient over noisy copies (SmoothGrad², "
+           "Captum NoiseTunnel smoothgrad_sq)", options=_NOISE_OPTIONS, report_options={"samples": 16}),
+    Method("vargrad", A.vargrad, "gradient", "variance of |gradient| over noisy copies (VarGrad, Adebayo et al. "
+           "2018)", options=_NOISE_OPTIONS, report_options={"samples": 16}),
+    Method("gradient_shap", A.gradient_shap, "gradient", "expected gradients × (input - baseline) at random points "
+           "between input and baseline (GradientSHAP, Lundberg & Lee 2017)", map_rule="sum",
+           options=(Option("samples", int, 5, "random points per image"),
+                    Option("noise", float, 0.0, "input noise std as a fraction of each image's value range"),
+                    Option("baseline", float, 0.0, "baseline value (model input space)"), _BATCH, _SEED),
+           report_options={"samples": 16}),
+    Method("deeplift", A.deeplift, "gradient", "DeepLIFT rescale rule: differences to a baseline run "
+           "(Shrikumar et al. 2017)", map_rule="sum",
+           options=(Option("baseline", float, 0.0, "baseline value (model input space)"), _MAX_POOL, _NONLINEAR)),
+    Method("deeplift_shap", A.deeplift_shap, "gradient", "DeepLIFT averaged over a batch of baselines "
+           "(DeepLiftShap)", map_rule="sum", report=False,
+           options=(Option("baseline", float, 0.0, "baseline value (one baseline; a batch from Python)"), _BATCH,
+                    _MAX_POOL, _NONLINEAR)),
     # --- CAM family --------------------------------------------------------------------------
     Method("grad_cam", A.grad_cam, "cam", "channel-weighted layer activations, weights = mean gradient "
            "(Selvaraju et al. 2017)", needs_layer=True, map_rule="as_is", options=(_INTERPOLATE,)),
