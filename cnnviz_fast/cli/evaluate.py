@@ -9,6 +9,7 @@ the same methods, ranked by the same map rule (the registry's).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -53,8 +54,8 @@ def _method_settings(args, loaded, probe):
         method = registry.get_method(name)
         layer, note = registry.resolve_layer(method, loaded.model, probe, args.layer if method.needs_layer else None,
                                              "--layer")
-        if note and not args.quiet:
-            print(note)
+        if note:
+            print(note, file=sys.stderr)
         settings[name] = (method, layer, method_options(args, method, strict=False))
     return settings
 

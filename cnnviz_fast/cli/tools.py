@@ -348,7 +348,7 @@ def add_patches_parser(commands) -> None:
 
 def _cmd_layers(args) -> int:
     loaded = load_context_model(args)
-    model, normalize, size = loaded.model, loaded.normalize, loaded.size
+    model, normalize, size = loaded.model.to(args.device), loaded.normalize.to(args.device), loaded.size
     shapes = {}
 
     def record(name):
@@ -360,12 +360,12 @@ def _cmd_layers(args) -> int:
              if n and not isinstance(m, torch.jit.ScriptModule)]
     try:
         with torch.no_grad():
-            model(normalize(torch.full((1, normalize.channels, size, size), 0.5)))
+            model(normalize(torch.full((1, normalize.channels, size, size), 0.5, device=args.device)))
     finally:
         for hook in hooks:
             hook.remove()
-    suggested = {name for name, _ in candidate_layers(model, normalize(torch.full((1, normalize.channels, size, size),
-                                                                                   0.5)))}
+    probe = normalize(torch.full((1, normalize.channels, size, size), 0.5, device=args.device))
+    suggested = {name for name, _ in candidate_layers(model, probe)}
     for name, module in model.named_modules():
         if name:
             mark = "*" if name in suggested else " "
@@ -378,7 +378,7 @@ def add_layers_parser(commands) -> None:
                    "from which the default CAM layer is the last)",
                    "  cnnviz layers --model zoo:efficientnet-lite0")
     add_model_options(p)
-    p.add_argument("--debug", action="store_true")
+    add_run_options(p, None)
     p.set_defaults(run=_cmd_layers)
 
 

@@ -177,7 +177,7 @@ def saliency_maps(
     declared = METHODS[method]
     if declared.needs_layer:
         method_kwargs["layer"] = _layer(declared, model, data, source, size, channels, method_kwargs.get("layer"),
-                                        device, progress and rank == 0)
+                                        device, rank == 0)
     if num_workers is None:  # on a CPU, decoding processes take cores from the compute
         num_workers = 0 if not isinstance(source, FileSource) else (
             min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
