@@ -11,6 +11,8 @@ from .. import attribution as A
 from .. import features as F
 from .. import synthesis as S
 from ..attribution import baselines
+from ..attribution import perturbation as P
+from ..attribution.perturbation.segments import parse_baseline
 from .spec import Method, Option, int_pair
 
 _BATCH = Option("batch_size", int, None, "inputs per forward/backward pass (default: the method's)")
@@ -19,6 +21,11 @@ _NONLINEAR = Option("nonlinear", str, "raise", "non-rectifying activations (SiLU
 _INTERPOLATE = Option("interpolate", str, "bilinear", "upsampling of the layer map to the input size",
                       ("bilinear", "nearest"))
 _SEED = Option("seed", int, None, "random seed (default: the global generator)")
+# segment-based perturbation methods
+_SEGMENTS = Option("segments", str, "slic:100", "the features: 'slic:K' superpixels or a 'grid:K' of K x K cells")
+_SEGMENT_BASELINE = Option("baseline", parse_baseline, 0.0, "value of a removed segment: a number, or 'blur' / "
+                           "'blur:SIGMA' (a Gaussian-blurred copy)")
+_COALITIONS = Option("samples", int, 200, "sampled coalitions of segments per image")
 
 METHODS = (
     # --- gradient family -----------------------------------------------------------------
@@ -53,6 +60,22 @@ METHODS = (
                     Option("mode", str, "exact", "exact (incremental), full recomputation, or approximate",
                            ("exact", "full", "approximate")),
                     _BATCH)),
+    Method("feature_ablation", P.feature_ablation, "perturbation", "score drop when one segment is replaced "
+           "by a baseline (Captum FeatureAblation over segments)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _BATCH), report_options={"segments": "grid:4"}),
+    Method("shapley_sampling", P.shapley_sampling, "perturbation", "Shapley values of the segments from random "
+           "permutations (Castro et al. 2009; Captum ShapleyValueSampling)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, Option("samples", int, 25, "random permutations of the segments"),
+                    _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 2}),
+    Method("kernel_shap", P.kernel_shap, "perturbation", "linear fit on coalitions of segments drawn from the "
+           "Shapley kernel (Lundberg & Lee 2017; Captum KernelShap)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 32}),
+    Method("lime", P.lime, "perturbation", "sparse linear fit on random coalitions of segments, weighted by "
+           "similarity (Ribeiro et al. 2016; Captum Lime)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 32}),
     # --- controls ------------------------------------------------------------------------------
     Method("random", baselines.random_attribution, "control", "uniform random maps: the floor every method "
            "should beat in the faithfulness metrics", map_rule="as_is", report=False, options=(_SEED,)),
