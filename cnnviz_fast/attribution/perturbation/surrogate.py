@@ -11,7 +11,8 @@ the perturbed input). The coefficients, painted on the segments, are the attribu
 Sampling follows Captum's draws on the same generator (per image, in order): LIME one
 ``bernoulli(0.5)`` vector per sample; KernelSHAP the full and the empty coalition, then per
 sample a size from the Shapley kernel's distribution and a random subset of that size (the
-top values of a ``randn`` vector). With ``seed`` the draws come from a fresh generator,
+top values of a ``randn`` vector); after each image, the draws of Captum's fit (its
+DataLoader's seed, its linear layer's initialisation). With ``seed`` the draws come from a fresh generator,
 equal to Captum's under ``torch.manual_seed(seed)``; ``coalitions=`` (and ``weights=``) feed
 given ones.
 """
@@ -70,6 +71,16 @@ def lime_coalitions(features: int, samples: int, generator: Optional[torch.Gener
     return torch.cat([torch.bernoulli(half, generator=generator) for _ in range(samples)]).bool()
 
 
+def _skip_fit_draws(features: int, generator: Optional[torch.Generator]) -> None:
+    """Captum's fit of each image draws from the same generator: its DataLoader's iterator one
+    int64 seed, then the ``nn.Linear(features, 1)`` it builds for the coefficients its default
+    initialisation (``features`` + 1 uniform values). Draw as many, so that the next image's
+    coalitions stay aligned with Captum's."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    torch.empty(1, features).uniform_(generator=generator)
+    torch.empty(1).uniform_(generator=generator)
+
+
 def _check_given(coalitions, K: List[int], argument: str) -> List[Tensor]:
     """One table per image from ``coalitions``: a ``[S, K]`` 0/1 tensor for every image, or a
     list of ``[S_n, K_n]`` tensors."""
@@ -123,7 +134,10 @@ def _surrogate(model, inputs, target, segments, baseline, samples, seed, coaliti
             check_positive_int(samples, "samples")
             generator = _generator(seed)
             draw = kernel_shap_coalitions if method == "kernel_shap" else lime_coalitions
-            tables = [draw(k, samples, generator) for k in K]
+            tables = []
+            for k in K:
+                tables.append(draw(k, samples, generator))
+                _skip_fit_draws(k, generator)
         else:
             tables = _check_given(coalitions, K, "coalitions")
         given_weights = None
