@@ -132,7 +132,7 @@ def test_feature_ablation_slic_resnet18_and_batch_size():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = smooth_images(1, 32, torch.float32)
-    seg = slic_segments((x + 2) / 4, 8)
+    seg = slic_segments((x + 2) / 4, 12)
     assert seg.max() >= 3
     ref = FeatureAblation(model).attribute(x, target=4, feature_mask=captum_mask(seg), perturbations_per_eval=8)
     for batch_size in (None, 3):
