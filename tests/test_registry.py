@@ -171,3 +171,13 @@ def test_one_photo_gives_one_probability_everywhere(tmp_path):
     reply = service.explain(service.pixels_from_image((tmp_path / "cat.jpg").read_bytes()))
     assert reply["probability"] == pytest.approx(probability, rel=1e-4)
     assert reply["label"] == zoo.imagenet_classes()[reply["class"]]
+
+
+def test_options_of_one_name_parse_alike():
+    """The CLI has one flag per option name: every method declaring it must parse it alike."""
+    seen = {}
+    for method in registry.METHODS.values():
+        for option in method.options:
+            first = seen.setdefault(option.name, (method.name, option))
+            assert (option.type, option.choices) == (first[1].type, first[1].choices), (method.name, first[0],
+                                                                                        option.name)

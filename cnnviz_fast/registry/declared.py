@@ -10,6 +10,8 @@ from __future__ import annotations
 from .. import attribution as A
 from .. import features as F
 from .. import synthesis as S
+from ..attribution import perturbation as P
+from ..attribution.perturbation.segments import parse_baseline
 from .spec import Method, Option, int_pair
 
 _BATCH = Option("batch_size", int, None, "inputs per forward/backward pass (default: the method's)")
@@ -23,6 +25,11 @@ _NOISE_OPTIONS = (Option("samples", int, 50, "noisy copies per image"),
                   _BATCH, _SEED)
 _MAX_POOL = Option("max_pool", str, "gradient", "DeepLIFT rule at max pooling: plain gradient (as Captum where "
                    "the pool follows a ReLU module) or Captum's rescale rule", ("gradient", "rescale"))
+# segment-based perturbation methods
+_SEGMENTS = Option("segments", str, "slic:100", "the features: 'slic:K' superpixels or a 'grid:K' of K x K cells")
+_SEGMENT_BASELINE = Option("baseline", parse_baseline, 0.0, "value of a removed segment: a number, or 'blur' / "
+                           "'blur:SIGMA' (a Gaussian-blurred copy)")
+_COALITIONS = Option("samples", int, 200, "sampled coalitions of segments per image")
 
 METHODS = (
     # --- gradient family -----------------------------------------------------------------
@@ -51,14 +58,14 @@ METHODS = (
            "between input and baseline (GradientSHAP, Lundberg & Lee 2017)", map_rule="sum",
            options=(Option("samples", int, 5, "random points per image"),
                     Option("noise", float, 0.0, "input noise std as a fraction of each image's value range"),
-                    Option("baseline", float, 0.0, "baseline value (model input space)"), _BATCH, _SEED),
+                    Option("baseline", parse_baseline, 0.0, "baseline value (model input space)"), _BATCH, _SEED),
            report_options={"samples": 16}),
     Method("deeplift", A.deeplift, "gradient", "DeepLIFT rescale rule: differences to a baseline run "
            "(Shrikumar et al. 2017)", map_rule="sum",
-           options=(Option("baseline", float, 0.0, "baseline value (model input space)"), _MAX_POOL, _NONLINEAR)),
+           options=(Option("baseline", parse_baseline, 0.0, "baseline value (model input space)"), _MAX_POOL, _NONLINEAR)),
     Method("deeplift_shap", A.deeplift_shap, "gradient", "DeepLIFT averaged over a batch of baselines "
            "(DeepLiftShap)", map_rule="sum", report=False,
-           options=(Option("baseline", float, 0.0, "baseline value (one baseline; a batch from Python)"), _BATCH,
+           options=(Option("baseline", parse_baseline, 0.0, "baseline value (one baseline; a batch from Python)"), _BATCH,
                     _MAX_POOL, _NONLINEAR)),
     # --- CAM family --------------------------------------------------------------------------
     Method("grad_cam", A.grad_cam, "cam", "channel-weighted layer activations, weights = mean gradient "
@@ -70,10 +77,26 @@ METHODS = (
            "baseline (Zeiler & Fergus 2014)", map_rule="as_is",
            options=(Option("window", int_pair, 16, "window size: N or H,W pixels"),
                     Option("stride", int_pair, 8, "stride: N or H,W pixels"),
-                    Option("baseline", float, 0.0, "value written inside the window (model input space)"),
+                    Option("baseline", parse_baseline, 0.0, "value written inside the window (model input space)"),
                     Option("mode", str, "exact", "exact (incremental), full recomputation, or approximate",
                            ("exact", "full", "approximate")),
                     _BATCH)),
+    Method("feature_ablation", P.feature_ablation, "perturbation", "score drop when one segment is replaced "
+           "by a baseline (Captum FeatureAblation over segments)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _BATCH), report_options={"segments": "grid:4"}),
+    Method("shapley_sampling", P.shapley_sampling, "perturbation", "Shapley values of the segments from random "
+           "permutations (Castro et al. 2009; Captum ShapleyValueSampling)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, Option("samples", int, 25, "random permutations of the segments"),
+                    _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 2}),
+    Method("kernel_shap", P.kernel_shap, "perturbation", "linear fit on coalitions of segments drawn from the "
+           "Shapley kernel (Lundberg & Lee 2017; Captum KernelShap)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 32}),
+    Method("lime", P.lime, "perturbation", "sparse linear fit on random coalitions of segments, weighted by "
+           "similarity (Ribeiro et al. 2016; Captum Lime)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 32}),
     # --- controls ------------------------------------------------------------------------------
     Method("random", A.random_attribution, "control", "uniform random maps: the floor every method "
            "should beat in the faithfulness metrics", map_rule="as_is", report=False, options=(_SEED,)),
