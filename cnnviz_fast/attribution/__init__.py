@@ -8,10 +8,12 @@ from .gradients import (
 )
 from .guided import deconvnet, guided_backprop
 from .occlusion import occlusion
+from .perturbation import feature_ablation, grid_segments, kernel_shap, lime, shapley_sampling, slic_segments
 from .segmentation import saliency_to_mask
 
 __all__ = [
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
     "occlusion", "random_attribution", "saliency", "saliency_to_mask", "smoothgrad",
     "deeplift", "deeplift_shap", "gradient_shap", "smoothgrad_sq", "vargrad",
+    "feature_ablation", "grid_segments", "kernel_shap", "lime", "shapley_sampling", "slic_segments",
 ]
