@@ -5,9 +5,11 @@ from .gradcam import grad_cam, guided_grad_cam
 from .gradients import gradient_x_input, integrated_gradients, saliency, smoothgrad
 from .guided import deconvnet, guided_backprop
 from .occlusion import occlusion
+from .perturbation import ablation_cam, rise, score_cam
 from .segmentation import saliency_to_mask
 
 __all__ = [
+    "ablation_cam", "rise", "score_cam",
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
     "occlusion", "saliency", "saliency_to_mask", "smoothgrad",
 ]
