@@ -7,7 +7,7 @@ here assume both are active.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +16,9 @@ from ...core import capture_layers, target_scores
 from ...core.layout import run_in_fast_layout
 from ...core.targets import Neuron, Target, target_for_rows
 from ...core.validation import check_positive_int
-from ..occlusion import _clean_pass, choose_batch_size
+from ..occlusion import MAX_MEASURED_BUDGET, _clean_pass, _time_batch_sizes, choose_batch_size
 
-__all__ = ["CleanPass", "clean_pass", "batch_rows", "perturbed_scores"]
+__all__ = ["Batching", "CleanPass", "clean_pass", "batch_rows", "perturbed_scores"]
 
 
 class CleanPass:
@@ -52,32 +52,59 @@ def clean_pass(model: nn.Module, x: Tensor, target: Target, keep_output: bool, l
     return CleanPass(scores, output, activation.detach().clone(), per_image)
 
 
+# Without batch_size or memory_budget, passes of these sizes (within MAX_MEASURED_BUDGET
+# bytes) are timed on the first image's first passes and the fastest per row is kept
+# (occlusion's rule: on the 2-core EPYC the best CPU batch depends on the model and image size).
+MEASURED_BATCH_SIZES = (8, 16, 32, 64)
+
+
+class Batching:
+    """Rows per forward pass: fixed (``rows``), or None until measured on the first passes
+    among ``candidates``."""
+
+    def __init__(self, rows: Optional[int], candidates: Tuple[int, ...] = ()):
+        self.rows, self.candidates = rows, candidates
+
+
 def batch_rows(batch_size: Optional[int], memory_budget: Optional[int], bytes_per_row: int, device,
-               total: int) -> int:
-    """Rows per forward pass: ``batch_size`` when given, else as many as fit in
-    ``memory_budget`` (default 64 MiB on CPU, half the free memory on CUDA) at
-    ``bytes_per_row`` each; at least 1, at most ``total``."""
+               total: int) -> Batching:
+    """``batch_size`` when given; else as many rows as fit in ``memory_budget`` at
+    ``bytes_per_row`` each; with neither, the fastest of MEASURED_BATCH_SIZES that fit in
+    1 GiB (CPU) or half the free memory (CUDA: the largest that fits). At least 1, at most ``total``."""
     if batch_size is not None:
-        return max(1, min(check_positive_int(batch_size, "batch_size"), total))
+        return Batching(max(1, min(check_positive_int(batch_size, "batch_size"), total)))
     if memory_budget is not None:
         check_positive_int(memory_budget, "memory_budget")
-    return max(1, min(choose_batch_size(bytes_per_row, device, memory_budget), total))
+        return Batching(max(1, min(choose_batch_size(bytes_per_row, device, memory_budget), total)))
+    if torch.device(device).type != "cpu":
+        return Batching(max(1, min(choose_batch_size(bytes_per_row, device), total)))
+    largest = choose_batch_size(bytes_per_row, device, MAX_MEASURED_BUDGET)
+    candidates = tuple(b for b in MEASURED_BATCH_SIZES if b <= min(largest, total))
+    return Batching(None, candidates) if len(candidates) > 1 else Batching(max(1, min(largest, total)))
 
 
-def perturbed_scores(model: nn.Module, target: Target, image: int, total: int, rows: int,
+def perturbed_scores(model: nn.Module, target: Target, image: int, total: int, batching: Batching,
                      make_batch: Callable[[int, int], Tensor], fast_layout: bool = True) -> Tensor:
     """Target scores ``Tensor[total]`` of ``total`` perturbed copies of image ``image``:
     ``make_batch(first, count)`` builds copies ``first .. first+count-1`` (``Tensor[count, ...]``),
     ``model`` maps a batch to the output ``target`` reads (images in the faster memory
-    layout with ``fast_layout``); ``rows`` copies per pass, so one batch lives at a time."""
-    out = []
-    for first in range(0, total, rows):
-        count = min(rows, total - first)
+    layout with ``fast_layout``); ``batching.rows`` copies per pass (measured on the first
+    passes when None), so one batch lives at a time."""
+    out: List[Tensor] = []
+
+    def run(first: int, count: int) -> None:
         batch = make_batch(first, count)
         rows_target = target_for_rows(target, torch.full((count,), image, device=batch.device))
         if fast_layout:
             out.append(run_in_fast_layout(model, batch, lambda b: target_scores(model, b, rows_target)))
         else:
             out.append(target_scores(model, batch, rows_target))
-        del batch
+
+    first = 0
+    if batching.rows is None:
+        seconds, first = _time_batch_sizes(run, batching.candidates, total // 2, torch.device("cpu"),
+                                           stop_when_slower=True)
+        batching.rows = min(seconds, key=seconds.get) if seconds else batching.candidates[0]
+    for start in range(first, total, batching.rows):
+        run(start, min(batching.rows, total - start))
     return torch.cat(out)

@@ -20,9 +20,9 @@ from torch import Tensor, fx, nn
 from ...core import autograd_on, get_layer, layer_name, model_guard, target_scores
 from ...core.arguments import friendly_arguments
 from ...core.targets import Target, is_predicted, resolve_target, target_for_rows
-from ..occlusion import ACTIVATION_COPIES
+from ..occlusion import ACTIVATION_COPIES, choose_batch_size
 from .._backprop import detach_output, prepare_inputs, with_output
-from ._chunks import batch_rows, clean_pass, perturbed_scores
+from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores
 
 __all__ = ["ablation_cam"]
 
@@ -65,7 +65,11 @@ def ablation_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_
         K = A.shape[1]
         suffix = _Suffix.build(model, layer, x, A, clean.scores, target)
         per_row = ACTIVATION_COPIES * A[0].nbytes if suffix is not None else clean.bytes_per_image
-        rows = batch_rows(batch_size, memory_budget, per_row, x.device, K)
+        if suffix is not None and batch_size is None and memory_budget is None:
+            # the suffix is cheap per row (after layer4: pooling and a linear layer): fill the budget
+            rows = Batching(max(1, min(choose_batch_size(per_row, x.device), K)))
+        else:
+            rows = batch_rows(batch_size, memory_budget, per_row, x.device, K)
         dropped = torch.stack([
             _ablated_scores(model, layer, suffix, x, A, n, target, rows) for n in range(N)])  # [N, K]
         y = clean.scores[:, None].to(dropped.dtype)
@@ -85,7 +89,7 @@ def _ablated(A: Tensor, n: int, first: int, count: int) -> Tensor:
 
 
 def _ablated_scores(model: nn.Module, layer: str, suffix: Optional["_Suffix"], x: Tensor, A: Tensor, n: int,
-                    target, rows: int) -> Tensor:
+                    target, rows: Batching) -> Tensor:
     """Target scores ``Tensor[K]`` of image ``n`` with each channel of ``A`` ablated in turn."""
     K = A.shape[1]
     if suffix is not None:

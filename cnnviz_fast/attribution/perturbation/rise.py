@@ -46,7 +46,9 @@ def rise(model: nn.Module, inputs: Tensor, target: Target, masks: int = 4000,
         p: probability in (0, 1) of a cell being on.
         seed: the masks' seed (any int); default: drawn from torch's global generator.
         batch_size: masked inputs per forward pass (the result does not depend on it).
-            Default: as many as fit in ``memory_budget``.
+            Default: as many as fit in ``memory_budget`` when it is given, else the fastest
+            of 8, 16, 32, 64 timed on the first passes (CPU) or what fits in half the free
+            memory (CUDA).
         memory_budget: bytes per pass when ``batch_size`` is None (default 64 MiB on CPU,
             half the free memory on CUDA).
         return_output: also return the model's output on the clean inputs.

@@ -18,7 +18,7 @@ from ...core import autograd_on, layer_name, model_guard
 from ...core.arguments import friendly_arguments
 from ...core.targets import Target, is_predicted, resolve_target
 from .._backprop import detach_output, prepare_inputs, with_output
-from ._chunks import batch_rows, clean_pass, perturbed_scores
+from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores
 
 __all__ = ["score_cam"]
 
@@ -44,7 +44,9 @@ def score_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_siz
             Tensor[B]`` (it sees the masked batches too) or ``"predicted"`` (the clean
             prediction, kept for the masked inputs).
         batch_size: masked inputs per forward pass (the result does not depend on it).
-            Default: as many as fit in ``memory_budget``.
+            Default: as many as fit in ``memory_budget`` when it is given, else the fastest
+            of 8, 16, 32, 64 timed on the first passes (CPU) or what fits in half the free
+            memory (CUDA).
         memory_budget: bytes per pass when ``batch_size`` is None (default 64 MiB on CPU,
             half the free memory on CUDA), counting the masked copy, its mask and the
             activations one more image adds (measured on the clean pass).
@@ -70,7 +72,7 @@ def score_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_siz
     return with_output(cam, output, return_output)
 
 
-def _channel_weights(model: nn.Module, x: Tensor, A: Tensor, n: int, target, rows: int) -> Tensor:
+def _channel_weights(model: nn.Module, x: Tensor, A: Tensor, n: int, target, rows: Batching) -> Tensor:
     """``softmax_k(score(x_n * M_k))``, ``Tensor[K]`` (float32, float64 for float64 scores)."""
     K = A.shape[1]
     H, W = x.shape[2:]
@@ -91,6 +93,6 @@ def _channel_weights(model: nn.Module, x: Tensor, A: Tensor, n: int, target, row
     if live.numel() < K:  # a channel that is 0 everywhere masks out the whole image
         dead = torch.ones(K, dtype=torch.bool, device=x.device)
         dead[live] = False
-        zero = perturbed_scores(model, target, n, 1, 1, lambda first, count: image * 0)
+        zero = perturbed_scores(model, target, n, 1, Batching(1), lambda first, count: image * 0)
         scores[dead] = zero.to(scores.dtype)
     return scores.softmax(0)
