@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..core.validation import check_images
+from ..core.validation import check_images, check_model_inputs
 from ..core.targets import (
     Neuron, check_target, is_predicted, resolve_target, select_scores, target_for_rows, target_scores,
 )
@@ -41,12 +41,15 @@ def check_maps(attributions, inputs: Tensor, argument: str = "attributions", sam
     return maps
 
 
-def checked_copy(inputs) -> Tensor:
+def checked_copy(inputs, model: nn.Module, argument: str = "inputs") -> Tensor:
     """Checked ``inputs`` as a private copy: the metrics run the model on them many times,
     and a model may write into its input; the caller's tensor stays as it was (a copy made
-    here is also an ordinary tensor when the caller is in ``inference_mode``)."""
+    here is also an ordinary tensor when the caller is in ``inference_mode``). Float64
+    inputs to a float32 model are refused (:func:`check_model_inputs`)."""
+    check_images(inputs, argument)
+    check_model_inputs(model, inputs, argument)
     with torch.inference_mode(False):
-        return check_images(inputs).detach().clone()
+        return inputs.detach().clone()
 
 
 def resolve(model: nn.Module, inputs: Tensor, target):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..core.model_state import check_model
-from ..core.validation import check_positive_int
+from ..core.validation import check_images, check_model_inputs, check_positive_int
 from ._common import interval95
 from .curves import deletion_curve, insertion_curve
 
@@ -21,11 +21,15 @@ def _batches(data, images_per_batch: int):
     """``(images, labels or None)`` batches from a Tensor, a map-style Dataset, a DataLoader or
     an iterable of batches (labels: the second element of ``(x, y, ...)`` items)."""
     if isinstance(data, Tensor):
+        check_images(data, "data")
         for start in range(0, data.shape[0], images_per_batch):
             yield data[start:start + images_per_batch], None
         return
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=images_per_batch, shuffle=False)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise ValueError("data must be a Tensor[N, C, H, W], a Dataset, or an iterable of images or "
+                         f"(images, labels) batches, got {type(data).__name__}")
     for item in data:
         if isinstance(item, Tensor):
             yield item, None
@@ -83,7 +87,11 @@ def evaluate(
     curve_fns = {"deletion": deletion_curve, "insertion": insertion_curve}
     aucs = {name: {m: [] for m in metrics} for name in methods}
     for images, labels in _batches(data, images_per_batch):
+        check_images(images, "data", allow_empty=True)
+        if not len(images):
+            continue
         images = images.to(device)
+        check_model_inputs(model, images, "data")
         if target == "label":
             if labels is None:
                 raise ValueError("target='label' needs (images, labels) batches")
@@ -97,6 +105,8 @@ def evaluate(
                 curve = curve_fns[metric](model, images, tgt, maps, steps=steps, baseline=base, patch=patch,
                                           batch_size=batch_size)
                 aucs[name][metric].append(curve.auc.cpu())
+    if not any(values for per_metric in aucs.values() for values in per_metric.values()):
+        raise ValueError("data holds no images: nothing to evaluate")
     summary = {}
     for name, per_metric in aucs.items():
         summary[name] = {}
@@ -108,6 +118,10 @@ def evaluate(
 
 def format_table(summary: Dict[str, Dict[str, dict]]) -> str:
     """The summary of :func:`evaluate` as a Markdown table (mean [95% interval] per cell)."""
+    if not isinstance(summary, dict) or not all(
+            isinstance(cells, dict) and all(isinstance(v, dict) for v in cells.values()) for cells in summary.values()):
+        raise ValueError(f"summary must be evaluate()'s dict {{method: {{metric: {{mean, low, high, n}}}}}}, "
+                         f"got {type(summary).__name__}")
     metrics = list(next(iter(summary.values())).keys()) if summary else []
     lines = ["| method | " + " | ".join(f"{m} AUC" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]

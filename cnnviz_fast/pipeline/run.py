@@ -20,7 +20,8 @@ from torch import nn
 from .. import attribution
 from ..core.preprocess import Normalize
 from ..core.targets import is_predicted, resolve_target
-from ..core.validation import check_choice, check_positive_int
+from ..core.validation import check_choice, check_device, check_out_folder, check_positive_int
+from ..registry.spec import to_map as _to_map
 from . import distributed
 from .results import check_settings, write_index
 from .sources import FileSource, StreamSource, PositionBatches, make_source
@@ -81,10 +82,8 @@ class RunSummary:
 
 def to_map(attributions: torch.Tensor) -> torch.Tensor:
     """One map per image: ``[N, H, W]`` as is; ``[N, C, H, W]`` by max |·| over channels
-    (Simonyan et al.'s saliency map)."""
-    if attributions.dim() != 4:
-        return attributions
-    return attributions[:, 0].abs() if attributions.shape[1] == 1 else attributions.abs().amax(1)
+    (Simonyan et al.'s saliency map); anything else is a ValueError naming ``attributions``."""
+    return _to_map(attributions, "abs_max")
 
 
 def _pixels_to_inputs(normalize: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -152,9 +151,11 @@ def saliency_maps(
     check_positive_int(batch_size, "batch_size")
     check_positive_int(shard_size, "shard_size")
     check_positive_int(overlays, "overlays", minimum=0)
+    out = check_out_folder(out)
+    if extra is not None and not isinstance(extra, ExtraColumns):
+        raise ValueError(f"extra must be an ExtraColumns or None, got {type(extra).__name__}")
     rank, world = distributed.rank_world()
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
+    device = check_device(device) or next((p.device for p in model.parameters()), torch.device("cpu"))
     if decode == "gpu" and device.type != "cuda":
         raise ValueError(f"decode='gpu' needs a CUDA device, got device={str(device)!r}"
                          + ("" if torch.cuda.is_available() else " (no GPU is present)"))
@@ -167,7 +168,6 @@ def saliency_maps(
             min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     check_positive_int(num_workers, "num_workers", minimum=0)
 
-    out = Path(out)
     settings = _jsonable({
         "method": method, "method_kwargs": method_kwargs, "target": target, "model": model_fingerprint(model),
         "normalize": None if normalize is None else [normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()],

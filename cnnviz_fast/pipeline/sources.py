@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from ..core.validation import check_choice
+from ..core.validation import check_choice, check_image_batch, check_int
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DECODERS = ("pil", "gpu")
@@ -61,13 +61,19 @@ def decode_image(data, size: int, channels: int) -> np.ndarray:
 
     CMYK, palette, grayscale, RGBA (alpha dropped) and 16-bit images are converted; JPEGs are
     decoded at the smallest DCT scale still ≥ ``size`` (Pillow's draft mode). Raises on an
-    unreadable, truncated or empty file.
+    unreadable, truncated or empty file (ValueError when Pillow does not recognise it).
     """
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as image:
+    check_int(size, "size", minimum=1)
+    check_choice(channels, (1, 3), "channels")
+    try:
+        opened = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+    except UnidentifiedImageError as error:
+        raise ValueError(f"data is not an image Pillow can read ({error})") from None
+    with opened as image:
         if image.format == "JPEG":
             image.draft(None, (size, size))
         image = _to_8bit(image)
@@ -210,9 +216,15 @@ class FileSource(IndexedSource):
                 for folder, _, files in os.walk(root, followlinks=True) for name in files
                 if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
             self.kind, base = "folder", root
+        elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"data {str(spec)!r} is one image; pass its folder or a text file of image paths")
         elif root.is_file():
-            with open(root, encoding="utf-8") as lines:
-                names = [line.rstrip("\r\n") for line in lines if line.strip()]
+            try:
+                with open(root, encoding="utf-8") as lines:
+                    names = [line.rstrip("\r\n") for line in lines if line.strip()]
+            except UnicodeDecodeError:
+                raise ValueError(f"data {str(spec)!r} is neither a folder nor a text file of image paths "
+                                 "(not UTF-8 text)") from None
             self.kind, base = "list", root.parent
         else:
             raise ValueError(f"data {str(spec)!r}: no such folder or file of paths")
@@ -272,8 +284,11 @@ class TensorSource(IndexedSource):
     kind = "tensor"
 
     def __init__(self, data: torch.Tensor):
-        if data.dim() != 4 or not data.is_floating_point():
+        check_image_batch(data)
+        if not data.is_floating_point():
             raise ValueError(f"data tensor must be float [M, C, H, W], got {data.dtype} {list(data.shape)}")
+        if not len(data):
+            raise ValueError(f"data holds no images: shape {list(data.shape)}")
         self.data, self.length = data, data.shape[0]
 
     def describe(self) -> dict:
