@@ -270,3 +270,38 @@ def test_synthesis_keeps_the_models_own_error(method):
     with pytest.raises(RuntimeError, match="the model's own failure"):
         calls[method]()
 
+
+# ---------------------------------------------------------------- valid but unusual (item 3)
+
+
+class Halving(nn.Module):
+    """``small_cnn()(x * 0.5)``, written into its input (``inplace=True``) or not."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.net, self.inplace = small_cnn(), inplace
+
+    def forward(self, x):
+        return self.net(x.mul_(0.5) if self.inplace else x * 0.5)
+
+
+def seeded_perturbation(x):
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * 0.1
+    return noise, x - noise
+
+
+IN_PLACE = {
+    "deletion_curve": lambda m: metrics.deletion_curve(m, X, "predicted", MAPS, steps=4).scores,
+    "insertion_curve": lambda m: metrics.insertion_curve(m, X, "predicted", MAPS, steps=4).scores,
+    "infidelity": lambda m: metrics.infidelity(m, X, 1, ATTR, seeded_perturbation, n_perturb_samples=2),
+    "invert_features": lambda m: invert_features(m, PIXELS, "net.2", steps=2).images,
+    "deep_dream": lambda m: deep_dream(m, PIXELS, "net.2", steps=2, octaves=1, jitter=0).images,
+}
+
+
+@pytest.mark.parametrize("method", list(IN_PLACE))
+def test_a_model_writing_into_its_input_gives_the_same_result(method):
+    before = (X.clone(), PIXELS.clone())
+    plain, in_place = IN_PLACE[method](Halving(False)), IN_PLACE[method](Halving(True))
+    torch.testing.assert_close(in_place, plain, rtol=0, atol=1e-6)
+    assert torch.equal(X, before[0]) and torch.equal(PIXELS, before[1])

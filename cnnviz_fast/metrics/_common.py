@@ -56,8 +56,8 @@ def resolve(model: nn.Module, inputs: Tensor, target):
     """Check ``target`` for N inputs; ``"predicted"`` becomes the clean inputs' top classes."""
     check_target(target, inputs.shape[0])
     if is_predicted(target):
-        with torch.no_grad():
-            target = resolve_target(target, model(inputs))
+        with torch.no_grad():  # a copy: a model may write into its input, which is used again
+            target = resolve_target(target, model(inputs.clone()))
     return target
 
 

@@ -87,7 +87,7 @@ def infidelity(
     sums = None
     with model_guard(model), torch.no_grad():
         target = resolve(model, inputs, target)
-        clean = target_scores(model, inputs, target)
+        clean = target_scores(model, inputs.clone(), target)  # a model may write into its input
         for m in _chunks(n_perturb_samples, N, batch_size):
             x = inputs.repeat_interleave(m, 0)
             if baselines is None:

@@ -200,7 +200,10 @@ def optimize(
         x = selected
         for transform in transforms:
             x = transform(x, generator)
-        features, output = _forward(model, normalize(x), objective)
+        inputs = normalize(x)
+        if any(inputs.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (pixels, selected)):
+            inputs = inputs.clone()  # a model may write into its input; the penalties read the pixels afterwards
+        features, output = _forward(model, inputs, objective)
         losses = objective.loss(features, output, index)
         if not isinstance(losses, Tensor) or losses.shape != (len(index),):
             raise ValueError(f"objective.loss must return one loss per image, Tensor[{len(index)}], got "
