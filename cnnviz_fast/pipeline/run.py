@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ..registry.spec import to_map as _to_map
 from . import distributed
 from .results import check_settings, write_index
 from .sources import FileSource, StreamSource, PositionBatches, make_source
-from .writer import BackgroundWriter, finished_shards, write_atomic
+from .writer import BackgroundWriter, finished_shards, shard_paths, stamp_path, write_atomic
 
 # name -> attribution function; each takes (model, inputs, target, ..., return_output=True).
 METHODS: Dict[str, Callable] = {
@@ -176,8 +176,13 @@ def saliency_maps(
     })
     check_settings(out, settings)
     done = set(finished_shards(out))
+    redone, stamps = _stamp_inputs(out, source, shard_size, done, rank, world) if isinstance(
+        source, FileSource) else (0, None)
+    if redone and progress:
+        print(f"cnnviz saliency: {redone} finished shard(s) redone: their input files changed (size or "
+              "modification time)", file=sys.stderr)
     writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays,
-                              extra_columns=extra.names if extra is not None else ())
+                              extra_columns=extra.names if extra is not None else (), stamps=stamps)
     function = METHODS[method]
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, AUTOCAST[dtype])) if dtype else contextlib.nullcontext
@@ -281,6 +286,31 @@ def saliency_maps(
     if progress and rank == 0:
         print(f"{method}: {summary.line()}", file=sys.stderr)
     return summary
+
+
+def _stamp_inputs(out: Path, source: FileSource, shard_size: int, done: set, rank: int,
+                  world: int) -> Tuple[int, Dict[int, str]]:
+    """This rank's shards' input stamps (:meth:`FileSource.stamp`), taken before their files
+    are read (the writer stores each with its shard), and ``done`` without the finished
+    shards whose files changed since they were written (their files are removed: a run
+    killed while redoing one redoes it again). A finished shard without a stamp (a folder
+    from an older version, or merged) is kept. Returns ``(shards redone, {shard: stamp})``."""
+    redone, stamps = 0, {}
+    for shard in range(rank, -(-source.length // shard_size), world):
+        stamp = source.stamp(shard, shard_size)
+        if shard in done:
+            try:
+                recorded = stamp_path(out, shard).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            if recorded == stamp:
+                continue
+            for finished in shard_paths(out, shard) + (stamp_path(out, shard),):
+                finished.unlink(missing_ok=True)
+            done.discard(shard)
+            redone += 1
+        stamps[shard] = stamp
+    return redone, stamps
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,33 @@ class PositionBatches(Sampler):
                    for k in self.shards)
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image suffix (``..png`` and ``.png`` too, which
+    ``os.path.splitext`` sees as names without a suffix)."""
+    return "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_SUFFIXES
+
+
+def _image_files(root: Path) -> Iterator[str]:
+    """Image files below ``root`` (links followed), as ``/``-separated paths relative to it.
+    Each real folder is walked once, so a link loop (``loop -> .``) or two links to one
+    folder do not list its files again."""
+    seen = set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            folders[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        folders.sort()
+        for name in files:
+            if is_image_name(name):
+                yield os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+
+
 class IndexedSource(Source):
     """Items read by position in DataLoader workers."""
 
@@ -211,10 +238,7 @@ class FileSource(IndexedSource):
     def __init__(self, spec, size: int, channels: int, decode: str = "pil"):
         root = Path(spec)
         if root.is_dir():
-            names = sorted(
-                os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-                for folder, _, files in os.walk(root, followlinks=True) for name in files
-                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+            names = sorted(_image_files(root))
             self.kind, base = "folder", root
         elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
             raise ValueError(f"data {str(spec)!r} is one image; pass its folder or a text file of image paths")
@@ -241,6 +265,20 @@ class FileSource(IndexedSource):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "length": self.length, "files_sha1": self.fingerprint}
+
+    def stamp(self, shard: int, shard_size: int) -> str:
+        """What identifies the content of shard ``shard``'s files without reading them: one
+        line ``position,size,mtime_ns`` per file (``-1,-1`` for a file that is gone), as
+        ``make`` and ``rsync`` judge a file unchanged. Taken before the files are read, so
+        a file changed during a run is found changed by the next one."""
+        lines = []
+        for position in range(shard * shard_size, min((shard + 1) * shard_size, self.length)):
+            try:
+                info = os.stat(os.path.join(self.base, self.ident(position)))
+                lines.append(f"{position},{info.st_size},{info.st_mtime_ns}")
+            except OSError:
+                lines.append(f"{position},-1,-1")
+        return "position,size,mtime_ns\n" + "\n".join(lines) + "\n"
 
     def ident(self, position: int) -> str:
         return self.names[position].decode("utf-8", "surrogateescape")
