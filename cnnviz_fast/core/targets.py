@@ -97,7 +97,15 @@ def _class_indices(target, n: int, device, classes: Optional[int] = None) -> tor
         if classes is not None and not 0 <= target < classes:
             raise ValueError(f"target classes must lie in [0, {classes}), got {target}")
         return torch.full((n,), target, dtype=torch.long, device=device)
-    indices = torch.as_tensor(target)
+    if isinstance(target, torch.Tensor) and target.is_meta:
+        raise ValueError("target is a meta tensor (shape only, no values); pass the classes as ints or a tensor "
+                         "with data")
+    try:  # a dict, a set, ragged sequences: not classes
+        indices = None if isinstance(target, (dict, set, frozenset)) else torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        indices = None
+    if indices is None:
+        raise ValueError(f"target must be {_EXPECTED}, got {type(target).__name__} {target!r}")
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dim() != 1:
         raise ValueError(f"target must be an int or a 1-D sequence of ints, got {target!r}")
     if indices.numel() != n:

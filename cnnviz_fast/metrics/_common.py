@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.validation import check_images
+from ..core.validation import check_images, check_model_inputs
 from ..core.targets import (
     Neuron, check_target, is_predicted, resolve_target, select_scores, target_for_rows, target_scores,
 )
@@ -40,20 +40,23 @@ def check_maps(attributions, inputs: Tensor, argument: str = "attributions", sam
     return maps
 
 
-def checked_copy(inputs) -> Tensor:
+def checked_copy(inputs, model: nn.Module, argument: str = "inputs") -> Tensor:
     """Checked ``inputs`` as a private copy: the metrics run the model on them many times,
     and a model may write into its input; the caller's tensor stays as it was (a copy made
-    here is also an ordinary tensor when the caller is in ``inference_mode``)."""
+    here is also an ordinary tensor when the caller is in ``inference_mode``). Float64
+    inputs to a float32 model are refused (:func:`check_model_inputs`)."""
+    check_images(inputs, argument)
+    check_model_inputs(model, inputs, argument)
     with torch.inference_mode(False):
-        return check_images(inputs).detach().clone()
+        return inputs.detach().clone()
 
 
 def resolve(model: nn.Module, inputs: Tensor, target):
     """Check ``target`` for N inputs; ``"predicted"`` becomes the clean inputs' top classes."""
     check_target(target, inputs.shape[0])
     if is_predicted(target):
-        with torch.no_grad():
-            target = resolve_target(target, model(inputs))
+        with torch.no_grad():  # a copy: a model may write into its input, which is used again
+            target = resolve_target(target, model(inputs.clone()))
     return target
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..core.model_state import check_model
-from ..core.validation import check_positive_int
+from ..core.validation import check_images, check_model_inputs, check_positive_int
 from ._common import interval95
 from .curves import deletion_curve, insertion_curve
 
@@ -27,11 +27,15 @@ def _batches(data, images_per_batch: int):
     """``(images, labels or None)`` batches from a Tensor, a map-style Dataset, a DataLoader or
     an iterable of batches (labels: the second element of ``(x, y, ...)`` items)."""
     if isinstance(data, Tensor):
+        check_images(data, "data")
         for start in range(0, data.shape[0], images_per_batch):
             yield data[start:start + images_per_batch], None
         return
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=images_per_batch, shuffle=False)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise ValueError("data must be a Tensor[N, C, H, W], a Dataset, or an iterable of images or "
+                         f"(images, labels) batches, got {type(data).__name__}")
     for item in data:
         if isinstance(item, Tensor):
             yield item, None
@@ -94,7 +98,11 @@ def evaluate(
     bar = tqdm(total=len(data) if isinstance(data, (Tensor, Dataset)) and not isinstance(data, IterableDataset)
                else None, unit="img", desc="evaluate", disable=not progress, file=sys.stderr)
     for images, labels in _batches(data, images_per_batch):
+        check_images(images, "data", allow_empty=True)
+        if not len(images):
+            continue
         images = images.to(device)
+        check_model_inputs(model, images, "data")
         if target == "label":
             if labels is None:
                 raise ValueError("target='label' needs (images, labels) batches")
@@ -111,7 +119,7 @@ def evaluate(
         bar.update(len(images))
     bar.close()
     if not any(values for per_metric in aucs.values() for values in per_metric.values()):
-        raise ValueError("data holds no images")
+        raise ValueError("data holds no images: nothing to evaluate")
     summary = {}
     for name, per_metric in aucs.items():
         summary[name] = {}
@@ -124,8 +132,10 @@ def evaluate(
 def format_table(summary: Dict[str, Dict[str, dict]]) -> str:
     """The summary of :func:`evaluate` as a Markdown table (mean [95% bootstrap interval] per
     cell; the header says which way is better)."""
-    if not isinstance(summary, dict) or not all(isinstance(v, dict) for v in summary.values()):
-        raise ValueError(f"summary must be the dict evaluate returns, got {type(summary).__name__}")
+    if not isinstance(summary, dict) or not all(
+            isinstance(cells, dict) and all(isinstance(v, dict) for v in cells.values()) for cells in summary.values()):
+        raise ValueError(f"summary must be evaluate()'s dict {{method: {{metric: {{mean, low, high, n}}}}}}, "
+                         f"got {type(summary).__name__}")
     metrics = list(next(iter(summary.values())).keys()) if summary else []
     lines = ["| method | " + " | ".join(f"{m} AUC ({BETTER.get(m, '?')} is better)" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,11 +21,11 @@ from .. import registry
 from ..registry import to_map
 from ..core.preprocess import Normalize
 from ..core.targets import is_predicted, resolve_target
-from ..core.validation import check_choice, check_positive_int
+from ..core.validation import check_choice, check_device, check_out_folder, check_positive_int
 from . import distributed
 from .results import check_settings, write_index
 from .sources import FileSource, StreamSource, PositionBatches, make_source
-from .writer import BackgroundWriter, finished_shards, write_atomic
+from .writer import BackgroundWriter, finished_shards, shard_paths, stamp_path, write_atomic
 
 # name -> declared attribution Method (cnnviz_fast.registry): the pipeline runs every one of them
 METHODS = {name: registry.get_method(name) for name in registry.attribution_methods()}
@@ -164,9 +164,11 @@ def saliency_maps(
     check_positive_int(batch_size, "batch_size")
     check_positive_int(shard_size, "shard_size")
     check_positive_int(overlays, "overlays", minimum=0)
+    out = check_out_folder(out)
+    if extra is not None and not isinstance(extra, ExtraColumns):
+        raise ValueError(f"extra must be an ExtraColumns or None, got {type(extra).__name__}")
     rank, world = distributed.rank_world()
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
+    device = check_device(device) or next((p.device for p in model.parameters()), torch.device("cpu"))
     if decode == "gpu" and device.type != "cuda":
         raise ValueError(f"decode='gpu' needs a CUDA device, got device={str(device)!r}"
                          + ("" if torch.cuda.is_available() else " (no GPU is present)"))
@@ -183,7 +185,6 @@ def saliency_maps(
             min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     check_positive_int(num_workers, "num_workers", minimum=0)
 
-    out = Path(out)
     settings = _jsonable({
         "method": method, "method_kwargs": method_kwargs, "target": target, "model": model_fingerprint(model),
         "normalize": None if normalize is None else [normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()],
@@ -192,8 +193,13 @@ def saliency_maps(
     })
     check_settings(out, settings)
     done = set(finished_shards(out))
+    redone, stamps = _stamp_inputs(out, source, shard_size, done, rank, world) if isinstance(
+        source, FileSource) else (0, None)
+    if redone and progress:
+        print(f"cnnviz saliency: {redone} finished shard(s) redone: their input files changed (size or "
+              "modification time)", file=sys.stderr)
     writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays,
-                              extra_columns=extra.names if extra is not None else ())
+                              extra_columns=extra.names if extra is not None else (), stamps=stamps)
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, AUTOCAST[dtype])) if dtype else contextlib.nullcontext
     to_inputs = _pixels_to_inputs(normalize, device) if source.pixels else None
@@ -296,6 +302,31 @@ def saliency_maps(
     if progress and rank == 0:
         print(f"{method}: {summary.line()}", file=sys.stderr)
     return summary
+
+
+def _stamp_inputs(out: Path, source: FileSource, shard_size: int, done: set, rank: int,
+                  world: int) -> Tuple[int, Dict[int, str]]:
+    """This rank's shards' input stamps (:meth:`FileSource.stamp`), taken before their files
+    are read (the writer stores each with its shard), and ``done`` without the finished
+    shards whose files changed since they were written (their files are removed: a run
+    killed while redoing one redoes it again). A finished shard without a stamp (a folder
+    from an older version, or merged) is kept. Returns ``(shards redone, {shard: stamp})``."""
+    redone, stamps = 0, {}
+    for shard in range(rank, -(-source.length // shard_size), world):
+        stamp = source.stamp(shard, shard_size)
+        if shard in done:
+            try:
+                recorded = stamp_path(out, shard).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            if recorded == stamp:
+                continue
+            for finished in shard_paths(out, shard) + (stamp_path(out, shard),):
+                finished.unlink(missing_ok=True)
+            done.discard(shard)
+            redone += 1
+        stamps[shard] = stamp
+    return redone, stamps
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

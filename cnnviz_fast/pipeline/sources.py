@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from ..core.images import check_resize, fit_pixels
-from ..core.validation import check_choice
+from ..core.validation import check_choice, check_image_batch, check_int
 from ..loading import IMAGE_SUFFIXES, decode_file
 DECODERS = ("pil", "gpu")
 
@@ -44,8 +44,16 @@ class Batch:
 
 def decode_image(data, size: int, channels: int, resize: str = "crop") -> np.ndarray:
     """A file (path or bytes) decoded with Pillow as ``uint8[size, size, channels]``, fitted by
-    the package's one ``resize`` policy (:func:`cnnviz_fast.loading.decode_file`)."""
-    return decode_file(data, size, channels, resize)
+    the package's one ``resize`` policy (:func:`cnnviz_fast.loading.decode_file`). Raises on
+    an unreadable, truncated or empty file (ValueError when Pillow does not recognise it)."""
+    from PIL import UnidentifiedImageError
+
+    check_int(size, "size", minimum=1)
+    check_choice(channels, (1, 3), "channels")
+    try:
+        return decode_file(data, size, channels, resize)
+    except UnidentifiedImageError as error:
+        raise ValueError(f"data is not an image Pillow can read ({error})") from None
 
 
 def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
@@ -149,6 +157,33 @@ class PositionBatches(Sampler):
                    for k in self.shards)
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image suffix (``..png`` and ``.png`` too, which
+    ``os.path.splitext`` sees as names without a suffix)."""
+    return "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_SUFFIXES
+
+
+def _image_files(root: Path) -> Iterator[str]:
+    """Image files below ``root`` (links followed), as ``/``-separated paths relative to it.
+    Each real folder is walked once, so a link loop (``loop -> .``) or two links to one
+    folder do not list its files again."""
+    seen = set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            folders[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        folders.sort()
+        for name in files:
+            if is_image_name(name):
+                yield os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+
+
 class IndexedSource(Source):
     """Items read by position in DataLoader workers."""
 
@@ -176,14 +211,17 @@ class FileSource(IndexedSource):
         self.resize = resize
         root = Path(spec)
         if root.is_dir():
-            names = sorted(
-                os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-                for folder, _, files in os.walk(root, followlinks=True) for name in files
-                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+            names = sorted(_image_files(root))
             self.kind, base = "folder", root
+        elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"data {str(spec)!r} is one image; pass its folder or a text file of image paths")
         elif root.is_file():
-            with open(root, encoding="utf-8") as lines:
-                names = [line.rstrip("\r\n") for line in lines if line.strip()]
+            try:
+                with open(root, encoding="utf-8") as lines:
+                    names = [line.rstrip("\r\n") for line in lines if line.strip()]
+            except UnicodeDecodeError:
+                raise ValueError(f"data {str(spec)!r} is neither a folder nor a text file of image paths "
+                                 "(not UTF-8 text)") from None
             self.kind, base = "list", root.parent
         else:
             raise ValueError(f"data {str(spec)!r}: no such folder or file of paths")
@@ -200,6 +238,20 @@ class FileSource(IndexedSource):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "length": self.length, "files_sha1": self.fingerprint, "resize": self.resize}
+
+    def stamp(self, shard: int, shard_size: int) -> str:
+        """What identifies the content of shard ``shard``'s files without reading them: one
+        line ``position,size,mtime_ns`` per file (``-1,-1`` for a file that is gone), as
+        ``make`` and ``rsync`` judge a file unchanged. Taken before the files are read, so
+        a file changed during a run is found changed by the next one."""
+        lines = []
+        for position in range(shard * shard_size, min((shard + 1) * shard_size, self.length)):
+            try:
+                info = os.stat(os.path.join(self.base, self.ident(position)))
+                lines.append(f"{position},{info.st_size},{info.st_mtime_ns}")
+            except OSError:
+                lines.append(f"{position},-1,-1")
+        return "position,size,mtime_ns\n" + "\n".join(lines) + "\n"
 
     def ident(self, position: int) -> str:
         return self.names[position].decode("utf-8", "surrogateescape")
@@ -243,8 +295,11 @@ class TensorSource(IndexedSource):
     kind = "tensor"
 
     def __init__(self, data: torch.Tensor):
-        if data.dim() != 4 or not data.is_floating_point():
+        check_image_batch(data)
+        if not data.is_floating_point():
             raise ValueError(f"data tensor must be float [M, C, H, W], got {data.dtype} {list(data.shape)}")
+        if not len(data):
+            raise ValueError(f"data holds no images: shape {list(data.shape)}")
         self.data, self.length = data, data.shape[0]
 
     def describe(self) -> dict:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..core import autograd_on, capture_layers, forward_to_layers, model_guard
 from ._common import identity
-from ..core.validation import check_choice, check_int
+from ..core.validation import check_choice, check_int, check_layer_name, check_positive_number
 from .parameterization import ImageParameterization
 
 Features = Dict[str, Tensor]
@@ -79,6 +79,9 @@ def _forward(model: nn.Module, inputs: Tensor, objective: Objective) -> Tuple[Fe
     missing = [name for name in objective.layers if name not in captured]
     if missing:
         raise ValueError(f"layer {missing[0]!r} was not executed during the forward pass of {type(model).__name__}")
+    if isinstance(output, Tensor) and not output.requires_grad:
+        raise ValueError(f"model output does not depend on its input ({type(model).__name__} returns a tensor "
+                         "without a gradient, e.g. detached or computed under torch.no_grad()): nothing to optimise")
     return dict(captured), output
 
 
@@ -173,8 +176,9 @@ def optimize(
     """
     check_choice(step_norm, STEP_NORMS, "step_norm")
     check_int(steps, "steps", minimum=0)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    check_positive_number(lr, "lr")
+    for name in objective.layers:
+        check_layer_name(name, "each layer of objective.layers")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     normalize = identity if normalize is None else normalize
     params = image.parameters()
@@ -196,8 +200,15 @@ def optimize(
         x = selected
         for transform in transforms:
             x = transform(x, generator)
-        features, output = _forward(model, normalize(x), objective)
+        inputs = normalize(x)
+        if any(inputs.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (pixels, selected)):
+            inputs = inputs.clone()  # a model may write into its input; the penalties read the pixels afterwards
+        features, output = _forward(model, inputs, objective)
         losses = objective.loss(features, output, index)
+        if not isinstance(losses, Tensor) or losses.shape != (len(index),):
+            raise ValueError(f"objective.loss must return one loss per image, Tensor[{len(index)}], got "
+                             f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}: "
+                             "images are optimised independently")
         for penalty in penalties:
             losses = losses + penalty(selected)
         wrt = params + [native] if native_grad_needed else params
