@@ -13,7 +13,7 @@ copy, :func:`gaussian_blur`).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
