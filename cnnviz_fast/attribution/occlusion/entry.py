@@ -21,14 +21,14 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.arguments import friendly_arguments
-from ..core import check_images, model_guard, target_scores
-from ..core.layout import run_in_fast_layout
-from ..core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
-from ._backprop import detach_output
-from ..core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
-from ..ops import occlude, occlusion_accumulate, occlusion_grid
-from ..ops.reference import occlusion_window_bounds
+from ...core.arguments import friendly_arguments
+from ...core import check_images, model_guard, target_scores
+from ...core.layout import run_in_fast_layout
+from ...core.targets import Target, check_target, is_predicted, resolve_target, target_for_rows
+from .._backprop import detach_output
+from ...core.validation import check_baseline, check_model_inputs, check_pair, check_positive_int
+from ...ops import occlude, occlusion_accumulate, occlusion_grid
+from ...ops.reference import occlusion_window_bounds
 from .incremental import IncrementalOcclusion
 
 __all__ = ["occlusion", "choose_batch_size"]
