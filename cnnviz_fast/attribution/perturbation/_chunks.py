@@ -16,7 +16,8 @@ from ...core import capture_layers, target_scores
 from ...core.layout import run_in_fast_layout
 from ...core.targets import Neuron, Target, target_for_rows
 from ...core.validation import check_positive_int
-from ..occlusion import MAX_MEASURED_BUDGET, _clean_pass, _time_batch_sizes, choose_batch_size
+from ..occlusion import batching as occlusion_batching
+from ..occlusion.batching import MAX_MEASURED_BUDGET, choose_batch_size, time_batch_sizes
 
 __all__ = ["Batching", "CleanPass", "clean_pass", "batch_rows", "perturbed_scores"]
 
@@ -35,10 +36,10 @@ def clean_pass(model: nn.Module, x: Tensor, target: Target, keep_output: bool, l
     """One forward pass of the clean inputs ``x`` (a copy the model may write into), with
     ``layer``'s output (its first call) captured when given."""
     if layer is None:
-        scores, output, per_image = _clean_pass(model, x, target, keep_output, measure=True)
+        scores, output, per_image = occlusion_batching.clean_pass(model, x, target, keep_output, measure=True)
         return CleanPass(scores, output, None, per_image)
     with capture_layers(model, [layer]) as captured:
-        scores, output, per_image = _clean_pass(model, x, target, keep_output, measure=True)
+        scores, output, per_image = occlusion_batching.clean_pass(model, x, target, keep_output, measure=True)
     activation = captured.get(layer)
     if activation is None:
         if isinstance(target, Neuron):
@@ -102,8 +103,8 @@ def perturbed_scores(model: nn.Module, target: Target, image: int, total: int, b
 
     first = 0
     if batching.rows is None:
-        seconds, first = _time_batch_sizes(run, batching.candidates, total // 2, torch.device("cpu"),
-                                           stop_when_slower=True)
+        seconds, first = time_batch_sizes(run, batching.candidates, total // 2, torch.device("cpu"),
+                                          stop_when_slower=True)
         batching.rows = min(seconds, key=seconds.get) if seconds else batching.candidates[0]
     for start in range(first, total, batching.rows):
         run(start, min(batching.rows, total - start))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ...core.targets import Target, is_predicted, resolve_target, target_for_rows, target_scores
 from ...core.validation import check_positive_int
 from .._backprop import detach_output
-from ..occlusion import _clean_pass, choose_batch_size
+from ..occlusion.batching import choose_batch_size, clean_pass
 
 # A row maker: (image n, first row, end row) -> the images Tensor[rows, C, H, W]
 RowMaker = Callable[[int, int, int], Tensor]
@@ -47,7 +47,7 @@ class SegmentScorer:
         self.base = base.expand_as(inputs) if base.shape[0] == N else base.expand(1, *inputs.shape[1:])
         keep = keep_output or is_predicted(target)
         # a copy: a model that writes into its input must not change the images we mask
-        scores, output, per_image = _clean_pass(model, inputs.clone(), target, keep, measure=batch_size is None)
+        scores, output, per_image = clean_pass(model, inputs.clone(), target, keep, measure=batch_size is None)
         self.target = resolve_target(target, output)
         self.clean = scores.detach()
         self.output = detach_output(output) if keep_output else None

@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 from ...core import autograd_on, get_layer, layer_name, model_guard, target_scores
 from ...core.arguments import friendly_arguments
 from ...core.targets import Target, is_predicted, resolve_target, target_for_rows
-from ..occlusion import ACTIVATION_COPIES, choose_batch_size
+from ..occlusion.batching import ACTIVATION_COPIES, choose_batch_size
 from .._backprop import detach_output, prepare_inputs, with_output
 from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores
 

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..core.padding import pad_same, same_padding
-from ..core.targets import Neuron, Target, select_scores
+from ...core.padding import pad_same, same_padding
+from ...core.targets import Neuron, Target, select_scores
 
 __all__ = ["IncrementalOcclusion", "FULL_FRACTION", "capture"]
 
