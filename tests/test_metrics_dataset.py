@@ -130,7 +130,7 @@ def test_cli_writes_table_and_report_with_valid_pngs(tmp_path, folder, capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"methods": ["lime"]}, "methods must be one of"),
+    ({"methods": ["no_such_method"]}, "methods must be one of"),
     ({"methods": "saliency"}, "methods must be a non-empty list"),
     ({"metrics": ["auc"]}, "metrics must be"),
     ({"steps": 0}, "steps"),
@@ -143,10 +143,10 @@ def test_bad_arguments_name_the_argument(tmp_path, model, pixels, kwargs, messag
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "random"], "--methods must name"),
+    (["--methods", "no_such_method"], "--methods must name"),
     (["--sanity", "-1"], "--sanity must be >= 0"),
     (["--shard-size", "0"], "--shard-size must be >= 1"),
-    (["--limit", "3"], "--limit applies to digits"),
+    (["--limit", "3"], "--limit applies to built-in data"),
 ])
 def test_cli_bad_arguments_exit_2(tmp_path, folder, capsys, args, message):
     assert main(["evaluate", "--model", "zoo:digits", "--data", str(folder), "--stream", str(tmp_path / "run"), *args]) == 2
