@@ -198,3 +198,66 @@ def test_cuda_resnet18_saliency_without_a_host_sync():
         cam = cv.grad_cam(model, x, "layer4", torch.tensor([1, 2, 3, 4], device="cuda"))
     torch.testing.assert_close(got, expected)
     assert cam.shape == (4, 64, 64)
+
+
+# ------------------------------------------------------------------ Explainer(cuda_graph=True)
+
+
+def test_cuda_graph_refusals_on_cpu():
+    model = tiny_cnn()
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device; its parameters are on cpu"):
+        cv.Explainer(model, "saliency", cuda_graph=True)
+    with pytest.raises(ValueError, match=r"cuda_graph=True captures saliency, .*; occlusion cannot be captured"):
+        cv.Explainer(model, "occlusion", cuda_graph=True)
+    with pytest.raises(ValueError, match="cannot be captured"):
+        cv.Explainer(model, lambda m, x, target, return_output: (x, x), cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be True or False, got 'yes'"):
+        cv.Explainer(model, "saliency", cuda_graph="yes")
+    explainer = cv.Explainer(model, "saliency", cuda_graph=False)  # the default path is untouched
+    assert explainer(torch.randn(1, 3, 8, 8)).maps.shape == (1, 3, 8, 8)
+
+
+def test_cuda_graph_target_kinds(monkeypatch):
+    from cnnviz_fast import explainer as module
+
+    for target in ("predicted", 3, Neuron("2", 1), lambda out: out[:, 0]):
+        assert module._graph_key(target) is target
+    for target in ([1, 2], torch.tensor([1, 2]), 1.5):
+        with pytest.raises(ValueError, match="target must be 'predicted', an int, a Neuron or a callable with cuda_graph"):
+            module._graph_key(target)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method,arguments", [("saliency", {}), ("guided_backprop", {}),
+                                              ("grad_cam", {"layer": "2"}), ("guided_grad_cam", {"layer": "2"}),
+                                              ("grad_cam", {})])
+def test_cuda_graph_replays_equal_eager_calls(method, arguments):
+    model = tiny_cnn().cuda()
+    eager = cv.Explainer(model, method, **arguments)
+    graphed = cv.Explainer(model, method, cuda_graph=True, **arguments)
+    for shape in ((1, 3, 8, 8), (3, 3, 12, 12), (1, 3, 8, 8)):
+        for target in (None, 2, Neuron("2", 1)):
+            x = torch.randn(shape, device="cuda")
+            want, got = eager(x, target), graphed(x, target)
+            torch.testing.assert_close(got.maps, want.maps)
+            torch.testing.assert_close(got.output, want.output)
+    assert len(graphed._graphed.graphs) == 6  # two shapes x three targets
+    first = graphed(torch.randn(1, 3, 8, 8, device="cuda"))
+    kept = first.maps.clone()
+    graphed(torch.randn(1, 3, 8, 8, device="cuda"))
+    torch.testing.assert_close(first.maps, kept, rtol=0, atol=0)  # results are not the graph's buffers
+
+
+@needs_cuda
+def test_cuda_graph_checks_each_replay_and_refuses_cpu_inputs():
+    graphed = cv.Explainer(tiny_cnn().cuda(), "saliency", cuda_graph=True)
+    x = torch.randn(1, 3, 8, 8, device="cuda")
+    graphed(x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="inputs contains NaN or infinite values"):
+        graphed(bad)
+    with pytest.raises(ValueError, match="inputs must be on the model's device"):
+        graphed(x.cpu())
+    with no_sync():
+        graphed(x)  # a replay reads nothing on the host either

@@ -65,15 +65,16 @@ def defers(tensor: torch.Tensor) -> bool:
     return bool(getattr(_LOCAL, "stack", None)) and tensor.device.type in DEFERRED_DEVICES
 
 
-def defer_check(failed: torch.Tensor, message: Callable[[], str],
+def defer_check(failed: Callable[[], torch.Tensor], message: Callable[[], str],
                 confirm: Optional[Callable[[], bool]] = None) -> None:
-    """Queue a check: ``failed`` (a one-element bool tensor on the device) says whether it
-    failed; ``message()`` makes the ``ValueError``'s text and ``confirm()`` an exact re-check,
-    both only when it failed. Call only where :func:`defers` is True. During CUDA-graph
-    capture nothing is queued: a captured call's caller checks its inputs before each replay
-    (:class:`~cnnviz_fast.Explainer` with ``cuda_graph=True``)."""
+    """Queue a check: ``failed()`` computes a one-element bool tensor on the device, True
+    when the check failed; ``message()`` makes the ``ValueError``'s text and ``confirm()`` an
+    exact re-check, both only when it failed. Call only where :func:`defers` is True.
+    During CUDA-graph capture nothing is computed or queued: a captured call's caller checks
+    its inputs before each replay (:class:`~cnnviz_fast.Explainer` with ``cuda_graph=True``)."""
     if _capturing():
         return
+    failed = failed()
     event = None
     if failed.device.type == "cuda":
         failed = failed.reshape(1).to("cpu", non_blocking=True)  # into pinned memory: no wait

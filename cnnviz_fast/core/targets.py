@@ -108,8 +108,10 @@ def _class_indices(target, n: int, device, classes: Optional[int] = None) -> tor
     given = indices
     message = lambda: f"target classes must lie in [0, {classes}), got {given.tolist()}"  # noqa: E731
     if classes is not None and n and defers(indices):
-        low, high = indices.aminmax()
-        defer_check((low < 0) | (high >= classes), message)
+        def failed():
+            low, high = given.aminmax()
+            return (low < 0) | (high >= classes)
+        defer_check(failed, message)
         indices = indices.clamp(0, classes - 1)
     elif classes is not None and n:
         low, high = indices.aminmax()

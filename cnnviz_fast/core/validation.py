@@ -43,7 +43,7 @@ def check_finite(tensor: torch.Tensor, argument: str) -> torch.Tensor:
     # on CPU); the exact check runs only when the sum is not finite (NaN, inf or overflow)
     exact = lambda: bool(torch.isfinite(tensor).all())  # noqa: E731
     if defers(tensor):  # a GPU tensor inside a call: no read here (core/deferred.py)
-        defer_check(~tensor.sum().isfinite(), lambda: f"{argument} contains NaN or infinite values",
+        defer_check(lambda: ~tensor.sum().isfinite(), lambda: f"{argument} contains NaN or infinite values",
                     confirm=lambda: not exact())
     elif not bool(tensor.sum().isfinite()) and not exact():
         raise ValueError(f"{argument} contains NaN or infinite values")
