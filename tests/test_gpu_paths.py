@@ -261,3 +261,53 @@ def test_cuda_graph_checks_each_replay_and_refuses_cpu_inputs():
         graphed(x.cpu())
     with no_sync():
         graphed(x)  # a replay reads nothing on the host either
+
+
+# ------------------------------------------------------------------ synthesis: no reads per step, bf16
+
+
+def texture_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+
+
+def synthesis_calls(model, pixels, **kwargs):
+    return {
+        "texture": lambda: cv.synthesize_texture(model, pixels, ["1", "3", "6"], progress=False, **kwargs),
+        "style": lambda: cv.style_transfer(model, pixels, pixels.flip(-1)[:1], "3", ["1", "6"], progress=False,
+                                           **kwargs),
+    }
+
+
+@pytest.mark.parametrize("task", ["texture", "style"])
+def test_synthesis_reads_nothing_per_step(task, monkeypatch):
+    model, pixels = texture_net(), torch.rand(2, 3, 16, 16)
+    counts = []
+    for steps in (2, 5):
+        with reads_before_the_end(monkeypatch) as reads:
+            synthesis_calls(model, pixels, steps=steps, optimizer="sgd", lr=0.05)[task]()
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts  # set-up reads only, none per step (Adam and L-BFGS read their own)
+
+
+@pytest.mark.parametrize("task", ["texture", "style"])
+def test_synthesis_fp32_options_change_nothing_and_bf16_stays_close(task):
+    model, pixels = texture_net(), torch.rand(2, 3, 16, 16)
+    run = lambda **kw: synthesis_calls(model, pixels, steps=6, **kw)[task]()  # noqa: E731
+    plain = run()
+    same = run(dtype="fp32")
+    torch.testing.assert_close(same.images, plain.images, rtol=0, atol=0)
+    torch.testing.assert_close(same.history, plain.history, rtol=0, atol=0)
+    weights = [p.clone() for p in model.parameters()]
+    nhwc = run(channels_last=True)  # another convolution kernel: float rounding only
+    torch.testing.assert_close(nhwc.history, plain.history, rtol=1e-3, atol=1e-6)
+    assert all(p.is_contiguous() and torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    bf16 = run(dtype="bf16")
+    first = ((bf16.history[0] - plain.history[0]).abs() / plain.history[0]).max()
+    assert first < 0.1, first  # bf16 keeps 8 bits: the same loss within a few per cent
+    # L-BFGS then takes other steps from other rounding; it must optimise as well
+    assert (bf16.history[-1] < bf16.history[0]).all() and (bf16.history[-1] < 2 * plain.history[-1]).all()
+    assert (bf16.images - plain.images).abs().mean() < 0.03
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        run(dtype="int8")
