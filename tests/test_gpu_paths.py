@@ -311,3 +311,26 @@ def test_synthesis_fp32_options_change_nothing_and_bf16_stays_close(task):
     assert (bf16.images - plain.images).abs().mean() < 0.03
     with pytest.raises(ValueError, match="dtype must be one of"):
         run(dtype="int8")
+
+
+# ------------------------------------------------------------------ occlusion in bf16
+
+
+@pytest.mark.parametrize("mode", ["exact", "full"])
+def test_occlusion_bf16_error_against_float32(mode, device):
+    """The digits CNN (trained), 2 digits, 8-px windows at stride 4: the bf16 map stays within
+    2 % of the map's range of float32 and
+    correlates > 0.99; the map is float32."""
+    model = cv.zoo.digits_cnn().to(device)
+    pixels, labels = cv.zoo.digits("test")
+    x, labels = cv.zoo.DIGITS_NORMALIZE(pixels[:2]).to(device), labels[:2].to(device)
+    exact = cv.occlusion(model, x, labels, window=8, stride=4, batch_size=64, mode=mode)
+    half = cv.occlusion(model, x, labels, window=8, stride=4, batch_size=64, mode=mode, dtype="bf16")
+    assert half.dtype == torch.float32
+    error = float((half - exact).abs().max() / exact.abs().max())
+    assert error < 0.02, error
+    assert float(torch.corrcoef(torch.stack([half.flatten(), exact.flatten()]))[0, 1]) > 0.99
+    same = cv.occlusion(model, x, labels, window=8, stride=4, batch_size=64, mode=mode, dtype="fp32")
+    torch.testing.assert_close(same, exact, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cv.occlusion(model, x, labels, dtype="float8")
