@@ -63,7 +63,7 @@ step occlusion 90 bench bench_occlusion.py
 step incremental 200 bench bench_incremental.py --models resnet18,vgg16,mobilenet,efficientnet
 step metrics 120 bench bench_metrics.py
 step synthesis 120 bench bench_synthesis.py
-step overhead 60 bench bench_overhead.py
+step overhead 90 bench bench_overhead.py
 step profile 60 "$PY" benchmarks/profile_call_overhead.py cuda
 step pipeline 120 bench bench_pipeline.py --only throughput --images 2048 --resnet-images 1024 \
   --batch-size 128 --num-workers 8 --rounds 2
