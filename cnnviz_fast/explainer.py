@@ -18,9 +18,15 @@ from torch import Tensor, nn
 
 from . import registry
 from .core import Neuron, get_layer
+from .core.deferred import deferred_checks
 from .core.targets import PREDICTED, check_target, is_predicted
+from .core.validation import check_images, model_device_dtype
 
 __all__ = ["Explainer", "Explanation"]
+
+# Methods that run one forward + one backward pass without a host read (core/deferred.py),
+# so that a call can be captured in a CUDA graph (cuda_graph=True).
+CAPTURABLE = ("saliency", "gradient_x_input", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam")
 
 # One lock per model instance, shared by every Explainer of that model (see Explainer).
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
@@ -60,6 +66,14 @@ class Explainer:
             :class:`~cnnviz_fast.core.Normalize`), applied to each request's inputs. The maps
             are those of the method on the model inputs ``normalize(x)`` (what the model
             sees); the caller's ``x`` is not modified.
+        cuda_graph: capture each call in a CUDA graph, once per input shape, dtype and
+            target, and replay it (the host launches the whole call at once: what bounds a
+            batch-1 call on a GPU). For a model on a CUDA device and the methods in
+            :data:`CAPTURABLE`; the target must be ``"predicted"``, an int, a Neuron or a
+            callable (the same object each call): one graph each. The inputs must be on the
+            model's device; they are copied into the graph's buffer and the results cloned
+            out of it. The model's weights must stay the same tensors (in-place updates such
+            as ``load_state_dict`` are seen; replaced parameters are not).
         **arguments: the method's other arguments (``layer``, ``samples``, ``window``, ...).
 
     At construction the method's arguments are bound to its signature and every layer
@@ -76,7 +90,8 @@ class Explainer:
     """
 
     def __init__(self, model: nn.Module, method: Union[str, Callable] = "saliency", *,
-                 target=PREDICTED, normalize: Optional[Callable[[Tensor], Tensor]] = None, **arguments):
+                 target=PREDICTED, normalize: Optional[Callable[[Tensor], Tensor]] = None,
+                 cuda_graph: bool = False, **arguments):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         declared = None
@@ -111,6 +126,50 @@ class Explainer:
         self.declared = declared
         self.arguments = arguments
         self._lock = _model_lock(model)
+        self._graphed = self._graph_setup(cuda_graph)
+
+    def _graph_setup(self, cuda_graph: bool):
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if not cuda_graph:
+            return None
+        name = self.declared.name if self.declared is not None else getattr(self.method, "__name__", "method")
+        if name not in CAPTURABLE or self.declared is None:
+            raise ValueError(f"cuda_graph=True captures {', '.join(CAPTURABLE)}; {name} cannot be captured "
+                             "(host-side decisions, randomness or reads); use cuda_graph=False")
+        device = model_device_dtype(self.model)[0]
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device; its parameters are on {device}")
+        _graph_key(self.target)
+        from .core.cuda_graph import GraphedCall
+        self._device, self._layers = device, {}
+        return GraphedCall(name)
+
+    def _graph_call(self, inputs: Tensor, target) -> Explanation:
+        key = _graph_key(target)
+        with self._lock, deferred_checks():
+            check_images(inputs, "inputs")  # finite: checked on the device, read at the end
+            if inputs.device != self._device:
+                raise ValueError(f"inputs must be on the model's device {self._device} with cuda_graph=True, "
+                                 f"got {inputs.device}")
+            arguments = self.arguments
+            if self._needs_default_layer:  # once per input shape, outside the graph
+                shape = (tuple(inputs.shape), inputs.dtype)
+                if shape not in self._layers:
+                    with torch.no_grad():
+                        probe = self.normalize(inputs) if self.normalize is not None else inputs
+                    self._layers[shape] = registry.resolve_layer(self.declared, self.model, probe)
+                layer, self.layer_note = self._layers[shape]
+                arguments = dict(arguments, layer=layer)
+
+            def run(x: Tensor):
+                if self.normalize is not None:
+                    with torch.no_grad():
+                        x = self.normalize(x)
+                return self.method(self.model, x, target=target, return_output=True, **arguments)
+
+            maps, output = self._graphed(inputs, (key, arguments.get("layer")), run)
+        return Explanation(output, maps)
 
     @staticmethod
     def _check_target(model: nn.Module, target) -> None:
@@ -130,6 +189,8 @@ class Explainer:
             target = self.target
         else:
             self._check_target(self.model, target)
+        if self._graphed is not None:
+            return self._graph_call(inputs, target)
         if self.normalize is not None:
             if not isinstance(inputs, Tensor):
                 raise ValueError(f"inputs must be a Tensor[N, C, H, W], got {type(inputs).__name__}")
@@ -147,3 +208,15 @@ class Explainer:
         arguments = "".join(f", {k}={v!r}" for k, v in self.arguments.items())
         return (f"Explainer({type(self.model).__name__}, {getattr(self.method, '__name__', self.method)}, "
                 f"target={self.target!r}{arguments})")
+
+
+def _graph_key(target):
+    """The target as part of a CUDA graph's key: what the graph bakes in must be hashable
+    and the same each call (per-image classes would be baked in too)."""
+    if is_predicted(target) or isinstance(target, Neuron) or (isinstance(target, int) and not isinstance(target, bool)):
+        return target
+    if callable(target) and not isinstance(target, Tensor):
+        return target
+    raise ValueError(f"target must be 'predicted', an int, a Neuron or a callable with cuda_graph=True (each is "
+                     f"captured once per input shape), got {type(target).__name__}; use cuda_graph=False for "
+                     "per-image classes")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..core import Neuron, get_layer, layer_name, model_guard, target_scores
 from ..core.arguments import friendly_arguments
 from ..core import autograd_on
+from ..core.deferred import deferred_checks
 from ..core.targets import is_predicted, resolve_target
 from ..core.validation import check_choice
 from ._backprop import check_nonlinear, detach_output, input_gradients, prepare_inputs, with_output
@@ -107,7 +108,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: 
     """
     layer = layer_name(model, layer, "layer", target, "grad_cam")
     _check_interpolate(interpolate)
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate, keep_output=return_output)
     return with_output(cam, output, return_output)
@@ -130,7 +131,7 @@ def guided_grad_cam(
     layer = layer_name(model, layer, "layer", target, "guided_grad_cam")
     _check_interpolate(interpolate)
     check_nonlinear(nonlinear)
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate,
                                 keep_output=return_output or is_predicted(target))

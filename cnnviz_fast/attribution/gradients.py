@@ -18,6 +18,7 @@ from ..core.arguments import friendly_arguments
 from ..core import model_guard
 from ..core.validation import check_baseline, check_number, check_positive_int
 from ..core import autograd_on
+from ..core.deferred import deferred_checks
 from ._backprop import accumulate_gradients, clean_output, input_gradients, prepare_inputs, with_output
 
 __all__ = ["gradient_shap", "gradient_x_input", "integrated_gradients", "saliency", "smoothgrad", "smoothgrad_sq",
@@ -43,7 +44,7 @@ def saliency(model: nn.Module, inputs: Tensor, target, abs: bool = True, return_
         ``Tensor[N, C, H, W]`` on the inputs' device; with ``return_output``,
         ``(attributions, output)``.
     """
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, model=model)
         grads, _, output = input_gradients(model, x, target, keep_output=return_output)
     return with_output(grads.abs() if abs else grads, output, return_output)
@@ -54,7 +55,7 @@ def gradient_x_input(model: nn.Module, inputs: Tensor, target, return_output: bo
     """Gradient × input, signed (Captum's ``InputXGradient``): ``inputs * d score / d inputs``.
 
     Same arguments and return as :func:`saliency`; one forward + one backward pass."""
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, model=model)
         grads, _, output = input_gradients(model, x, target, keep_output=return_output)
     return with_output(grads * x.detach(), output, return_output)

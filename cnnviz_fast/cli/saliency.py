@@ -6,12 +6,14 @@
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 
 from .. import registry
 from ..loading import load_images
 from ..pipeline import init_distributed, merge, saliency_maps
+from ..pipeline.decoders import DECODE_CHOICES
 from .common import CLIError, add_method_options, add_model_options, add_parser, load_context_model, method_options
 
 DATA_HELP = ("a folder of images (recursive), a text file of paths, digits[:split], samples, photos, or "
@@ -94,11 +96,15 @@ def add_saliency_parser(commands):
     sal.add_argument("--batch-size", type=int, default=64, help="images per forward/backward (default 64)")
     sal.add_argument("--num-workers", type=int, help="decoding processes (default: up to 8 with a GPU, 1 on a CPU)")
     sal.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when present, else cpu)")
-    sal.add_argument("--dtype", choices=["bf16", "fp16"], help="run under autocast")
-    sal.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
+    sal.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                     help="autocast dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
+    sal.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC memory layout (default: on a GPU)")
     sal.add_argument("--map-dtype", choices=["float16", "float32"], default="float16")
     sal.add_argument("--shard-size", type=int, default=1024, help="items per output shard")
-    sal.add_argument("--decode", choices=["pil", "gpu"], default="pil", help="gpu: nvJPEG on the device")
+    sal.add_argument("--decode", choices=list(DECODE_CHOICES), default="auto",
+                     help="image decoder (default auto: the fastest that works on the device; "
+                          "gpu: torchvision's nvJPEG; torchcodec: TorchCodec, batched nvJPEG on a GPU)")
     sal.add_argument("--pictures", type=int, default=0, help="also save overlays of the first N images as PNG")
     sal.add_argument("--quiet", action="store_true")
     sal.add_argument("--debug", action="store_true", help="show the traceback of an error")

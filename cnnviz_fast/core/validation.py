@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .deferred import defer_check, defers
+
 
 def check_images(images, argument: str = "inputs", allow_empty: bool = False) -> torch.Tensor:
     """Return ``images`` if it is a finite floating Tensor[N, C, H, W]; else raise ValueError."""
@@ -39,7 +41,11 @@ def check_finite(tensor: torch.Tensor, argument: str) -> torch.Tensor:
         return tensor
     # a finite sum implies finite values: one cheap reduction (25x faster than isfinite().all()
     # on CPU); the exact check runs only when the sum is not finite (NaN, inf or overflow)
-    if not bool(tensor.sum().isfinite()) and not bool(torch.isfinite(tensor).all()):
+    exact = lambda: bool(torch.isfinite(tensor).all())  # noqa: E731
+    if defers(tensor):  # a GPU tensor inside a call: no read here (core/deferred.py)
+        defer_check(lambda: ~tensor.sum().isfinite(), lambda: f"{argument} contains NaN or infinite values",
+                    confirm=lambda: not exact())
+    elif not bool(tensor.sum().isfinite()) and not exact():
         raise ValueError(f"{argument} contains NaN or infinite values")
     return tensor
 

@@ -24,12 +24,13 @@ from ..core.targets import is_predicted, resolve_target
 from ..core.validation import check_choice, check_device, check_out_folder, check_positive_int
 from . import distributed
 from .results import check_settings, write_index
+from .decoders import choose_decoder
 from .sources import FileSource, StreamSource, PositionBatches, make_source
 from .writer import BackgroundWriter, finished_shards, shard_paths, stamp_path, write_atomic
 
 # name -> declared attribution Method (cnnviz_fast.registry): the pipeline runs every one of them
 METHODS = {name: registry.get_method(name) for name in registry.attribution_methods()}
-AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
 MAP_DTYPES = ("float16", "float32")
 
 
@@ -112,6 +113,22 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def device_defaults(dtype: Optional[str], channels_last: Optional[bool], device: torch.device):
+    """``(dtype, channels_last)`` with ``"auto"`` / None resolved for ``device``: on a GPU bf16
+    autocast and channels-last (tensor cores, cuDNN's NHWC kernels), on a CPU float32 and
+    the contiguous layout (the methods pick channels-last for large CPU batches themselves,
+    :mod:`cnnviz_fast.core.layout`). The bf16 maps' error against float32 on a GPU is to be
+    measured (benchmarks/bench_pipeline.py, ``--only accuracy``, in scripts/device_check.sh)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if dtype == "auto":
+        dtype = "bf16" if on_gpu else None
+    elif dtype == "fp32":
+        dtype = None
+    if channels_last is None:
+        channels_last = on_gpu
+    return dtype, channels_last
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value, default=repr))
 
@@ -120,8 +137,8 @@ def saliency_maps(
     model: nn.Module, data, out: Union[str, Path], method: str = "saliency",
     target: Union[str, int] = "predicted", *, normalize: Optional[nn.Module] = None, size: Optional[int] = None,
     batch_size: int = 64, num_workers: Optional[int] = None, device: Union[str, torch.device, None] = None,
-    dtype: Optional[str] = None, channels_last: bool = False, map_dtype: str = "float16",
-    shard_size: int = 1024, overlays: int = 0, decode: str = "pil", progress: bool = True,
+    dtype: Optional[str] = "auto", channels_last: Optional[bool] = None, map_dtype: str = "float16",
+    shard_size: int = 1024, overlays: int = 0, decode: str = "auto", progress: bool = True,
     extra: Optional[ExtraColumns] = None, resize: str = "crop", **method_kwargs,
 ) -> RunSummary:
     """Attribution maps for every input of ``data`` with one method, streamed to the folder ``out``.
@@ -146,10 +163,14 @@ def saliency_maps(
         num_workers: decoding processes (default for files: up to 8 next to a GPU, 1 on a
             CPU; 0 for other sources).
         device: default the model's (under torchrun: ``cuda:LOCAL_RANK`` when GPUs exist).
-        dtype: ``"bf16"`` / ``"fp16"`` to run under autocast; ``channels_last``: NHWC layout.
+        dtype: ``"bf16"`` / ``"fp16"`` to run under autocast, ``"fp32"`` (or None) not;
+            ``"auto"`` (default): bf16 on a GPU, fp32 on a CPU. ``channels_last``: NHWC
+            layout; None (default): on a GPU, not on a CPU (see :func:`device_defaults`).
         map_dtype: ``"float16"`` (default) or ``"float32"`` on disk.
         overlays: also write PNG overlays of the first ``overlays`` items.
-        decode: ``"pil"`` (Pillow in the workers) or ``"gpu"`` (nvJPEG on the device).
+        decode: ``"auto"`` (default: the fastest that works on the device), ``"pil"`` (Pillow
+            in the workers), ``"gpu"`` (torchvision's nvJPEG on the device) or
+            ``"torchcodec"`` (see :mod:`cnnviz_fast.pipeline.decoders`).
         resize: how files become ``size``² pixels: ``"crop"`` (default: shorter side, centre
             crop), ``"squash"`` or ``"pad"`` (:mod:`cnnviz_fast.core.images`).
         progress: a progress bar and a summary line on rank 0.
@@ -169,11 +190,12 @@ def saliency_maps(
         raise ValueError(f"extra must be an ExtraColumns or None, got {type(extra).__name__}")
     rank, world = distributed.rank_world()
     device = check_device(device) or next((p.device for p in model.parameters()), torch.device("cpu"))
-    if decode == "gpu" and device.type != "cuda":
-        raise ValueError(f"decode='gpu' needs a CUDA device, got device={str(device)!r}"
-                         + ("" if torch.cuda.is_available() else " (no GPU is present)"))
+    dtype, channels_last = device_defaults(dtype, channels_last, device)
+    if isinstance(data, (str, os.PathLike)):  # files: the decoder for this device
+        decode = choose_decoder(decode, device)
     channels = normalize.channels if normalize is not None else None
-    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size, resize=resize)
+    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size, resize=resize,
+                         device=device)
     if source.pixels and normalize is None:
         raise ValueError("normalize is required to turn decoded pixels into model inputs")
     declared = METHODS[method]

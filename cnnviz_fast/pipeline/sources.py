@@ -18,10 +18,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from ..core.images import check_resize, fit_pixels
+from ..core.images import check_resize
 from ..core.validation import check_choice, check_image_batch, check_int
 from ..loading import IMAGE_SUFFIXES, decode_file
-DECODERS = ("pil", "gpu")
+from .decoders import DECODE_CHOICES as DECODERS, DEVICE_DECODERS, decode_in_worker, runs_on_device
+from .decoders import decode_on_device  # noqa: F401  (its home until pipeline/decoders.py)
 
 
 @dataclass
@@ -54,52 +55,6 @@ def decode_image(data, size: int, channels: int, resize: str = "crop") -> np.nda
         return decode_file(data, size, channels, resize)
     except UnidentifiedImageError as error:
         raise ValueError(f"data is not an image Pillow can read ({error})") from None
-
-
-def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
-                     device: torch.device, resize: str = "crop") -> Tuple[List[int], torch.Tensor, List[Tuple[int, str]]]:
-    """Decode file bytes with ``torchvision.io`` on ``device`` (nvJPEG on a GPU), resize there.
-
-    Returns ``(kept, pixels uint8[K, C, size, size], failed [(index, reason)])``. A batch whose
-    joint JPEG decode fails is retried one file at a time, so one bad file skips only itself;
-    a file torchvision's decoders refuse (CMYK JPEG, 16-bit PNG, ...) is decoded by Pillow,
-    as in the CPU path, and skipped only when Pillow fails too.
-    """
-    import torchvision.io as tio
-
-    mode = tio.ImageReadMode.RGB if channels == 3 else tio.ImageReadMode.GRAY
-    decoded: List[Optional[torch.Tensor]] = [None] * len(raw)
-    failed: List[Tuple[int, str]] = []
-
-    def with_pillow(i: int) -> None:
-        try:
-            array = decode_image(raw[i].numpy().tobytes(), size, channels, resize)
-            decoded[i] = torch.from_numpy(array).permute(2, 0, 1).to(device)
-        except Exception as error:  # noqa: BLE001 - a bad file is a skip, whatever it raised
-            failed.append((i, f"decode: {error}".splitlines()[0]))
-
-    jpegs = [i for i, data in enumerate(raw) if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8]
-    try:
-        for i, image in zip(jpegs, tio.decode_jpeg([raw[i] for i in jpegs], mode=mode, device=device)):
-            decoded[i] = image
-    except RuntimeError:
-        for i in jpegs:
-            try:
-                decoded[i] = tio.decode_jpeg(raw[i], mode=mode, device=device)
-            except RuntimeError:
-                with_pillow(i)
-    for i, data in enumerate(raw):
-        if i in jpegs:
-            continue
-        try:  # PNG and others: torchvision's CPU decoders, then on to the device
-            decoded[i] = tio.decode_image(data, mode=mode).to(device)
-        except RuntimeError:
-            with_pillow(i)
-    kept = [i for i, image in enumerate(decoded) if image is not None]
-    pixels = [fit_pixels(decoded[i][None].float(), size, resize)[0] for i in kept]
-    stacked = (torch.stack(pixels).round_().clamp_(0, 255).to(torch.uint8) if pixels
-               else torch.empty(0, channels, size, size, dtype=torch.uint8, device=device))
-    return kept, stacked, sorted(failed)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -206,9 +161,12 @@ class FileSource(IndexedSource):
 
     pixels = True
 
-    def __init__(self, spec, size: int, channels: int, decode: str = "pil", resize: str = "crop"):
+    def __init__(self, spec, size: int, channels: int, decode: str = "pil", resize: str = "crop",
+                 on_device: Optional[bool] = None):
         check_resize(resize)
         self.resize = resize
+        # workers read bytes and the main process decodes on the device (pipeline/decoders.py)
+        self.on_device = decode in DEVICE_DECODERS if on_device is None else on_device
         root = Path(spec)
         if root.is_dir():
             names = sorted(_image_files(root))
@@ -258,16 +216,16 @@ class FileSource(IndexedSource):
 
     def read(self, position: int):
         path = os.path.join(self.base, self.ident(position))
-        if self.decode == "gpu":  # bytes only; the main process decodes on the GPU
+        if self.on_device:  # bytes only; the main process decodes on the GPU
             with open(path, "rb") as handle:
                 data = handle.read()
             if not data:
                 raise ValueError("empty file")
             return np.frombuffer(data, dtype=np.uint8).copy()
-        return decode_image(path, self.size, self.channels, self.resize)
+        return decode_in_worker(path, self.size, self.channels, self.resize, self.decode)
 
     def batches(self, sampler, num_workers, pin_memory):
-        if self.decode != "gpu":
+        if not self.on_device:
             yield from super().batches(sampler, num_workers, pin_memory)
             return
         loader = DataLoader(_ItemDataset(self.read, self.ident), batch_sampler=sampler, num_workers=num_workers,
@@ -276,7 +234,8 @@ class FileSource(IndexedSource):
 
     def decode_batch(self, batch: Batch, device: torch.device) -> Batch:
         """GPU decode: the raw bytes of ``batch`` decoded and resized on ``device``."""
-        kept, pixels, failed = decode_on_device(batch.inputs, self.size, self.channels, device, self.resize)
+        kept, pixels, failed = decode_on_device(batch.inputs, self.size, self.channels, device, self.resize,
+                                                self.decode)
         skipped = batch.skipped + [(int(batch.positions[i]), batch.ids[i], reason) for i, reason in failed]
         return Batch(batch.positions[kept], [batch.ids[i] for i in kept], pixels, sorted(skipped))
 
@@ -359,16 +318,17 @@ class StreamSource(Source):
 
 
 def make_source(data, size: Optional[int] = None, channels: Optional[int] = None, decode: str = "pil",
-                batch_size: int = 64, resize: str = "crop") -> Source:
+                batch_size: int = 64, resize: str = "crop", device=None) -> Source:
     """The :class:`Source` for ``data``: a folder or text file of paths (needs ``size`` and
     ``channels``), a Tensor, a map-style Dataset, an IterableDataset or a DataLoader."""
     check_choice(decode, DECODERS, "decode")
     if isinstance(data, (str, os.PathLike)):
         if size is None or channels is None:
             raise ValueError("size and channels are required to decode image files")
-        return FileSource(data, size, channels, decode, resize)
-    if decode != "pil":
-        raise ValueError("decode='gpu' applies to image files only")
+        return FileSource(data, size, channels, decode, resize,
+                          on_device=None if device is None else runs_on_device(decode, device))
+    if decode not in ("pil", "auto"):
+        raise ValueError(f"decode={decode!r} applies to image files only")
     if isinstance(data, torch.Tensor):
         return TensorSource(data)
     if isinstance(data, (DataLoader, IterableDataset)):
