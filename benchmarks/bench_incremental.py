@@ -49,7 +49,7 @@ from captum.attr import Occlusion  # noqa: E402
 
 from cnnviz_fast import zoo  # noqa: E402
 from cnnviz_fast.attribution import occlusion  # noqa: E402
-from cnnviz_fast.attribution.incremental import IncrementalOcclusion  # noqa: E402
+from cnnviz_fast.attribution.occlusion import IncrementalOcclusion  # noqa: E402
 from cnnviz_fast.ops.reference import occlusion_grid, occlusion_window_bounds  # noqa: E402
 
 CAPTUM_PER_EVAL = (16, 64)

@@ -69,11 +69,15 @@ def make_jpegs(folder: Path, count: int, size: int, channels: int) -> Path:
     return folder
 
 
-def bare_throughput(model, inputs: torch.Tensor, batch_size: int) -> float:
-    """Images/s of forward + backward to the inputs (top-class score) on decoded tensors."""
+def bare_throughput(model, inputs: torch.Tensor, batch_size: int, dtype: str = "fp32") -> float:
+    """Images/s of forward + backward to the inputs (top-class score) on decoded tensors, under
+    autocast for ``dtype`` bf16 / fp16 (the same dtype as the pipeline's run)."""
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+
     def step(x):
         x = x.clone().requires_grad_(True)
-        output = model(x)
+        with torch.autocast(x.device.type, amp, enabled=amp is not None):
+            output = model(x)
         score = output.gather(1, output.argmax(1, keepdim=True)).sum()
         (grad,) = torch.autograd.grad(score, x)
         return grad.abs().amax(1)
@@ -121,10 +125,12 @@ def captum_loop(model, folder: Path, size, channels, normalize, batch_size, work
     return len(files) / (time.perf_counter() - start)
 
 
-def pipeline_throughput(model, folder, size, normalize, batch_size, workers, out, decode="pil") -> float:
+def pipeline_throughput(model, folder, size, normalize, batch_size, workers, out, decode="pil",
+                        dtype="fp32") -> float:
     start = time.perf_counter()
     summary = saliency_maps(model, folder, out, normalize=normalize, size=size, batch_size=batch_size,
-                            num_workers=workers, shard_size=batch_size * 8, progress=False, decode=decode)
+                            num_workers=workers, shard_size=batch_size * 8, progress=False, decode=decode,
+                            dtype=dtype)
     assert summary.complete
     return summary.images / (time.perf_counter() - start)
 
@@ -160,8 +166,12 @@ def main() -> None:
     parser.add_argument("--only", default="throughput,rss,resume")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--device", type=device_argument, default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--decode", choices=("pil", "gpu"), default="pil",
-                        help="the pipeline's decoding: Pillow in the workers, or nvJPEG on the GPU")
+    parser.add_argument("--decode", choices=("pil", "gpu", "torchcodec", "auto"), default="pil",
+                        help="the pipeline's decoding: Pillow in the workers, torchvision's nvJPEG on the GPU, "
+                             "TorchCodec (batched nvJPEG on a GPU), or the pipeline's choice")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast dtype of both the pipeline and the bare anchor (the pipeline's GPU default "
+                             "is bf16 with channels-last)")
     args = parser.parse_args()
     print(machine_description())
     rows = []
@@ -175,10 +185,10 @@ def main() -> None:
                 tensors = decoded(folder, size, channels, normalize).to(args.device)
                 speeds = {"bare": [], "cnnviz": [], "captum": []}
                 for round_ in range(args.rounds):  # interleaved: load changes hit all three alike
-                    speeds["bare"].append(bare_throughput(model, tensors, args.batch_size))
+                    speeds["bare"].append(bare_throughput(model, tensors, args.batch_size, args.dtype))
                     speeds["cnnviz"].append(pipeline_throughput(model, folder, size, normalize, args.batch_size,
                                                                 args.num_workers, work / f"{name}-out{round_}",
-                                                                args.decode))
+                                                                args.decode, args.dtype))
                     speeds["captum"].append(captum_loop(model, folder, size, channels, normalize, args.batch_size,
                                                         args.num_workers, work / f"{name}-captum{round_}"))
                     print(name, {k: round(v[-1], 1) for k, v in speeds.items()})
@@ -188,6 +198,7 @@ def main() -> None:
                     ratios = [a / b for a, b in zip(speeds["cnnviz"], speeds[anchor])]
                     ratio = statistics.median(ratios)
                     rows.append({"task": task, "model": name, "device": args.device, "decode": args.decode,
+                                 "dtype": args.dtype,
                                  "images": count, "batch": args.batch_size,
                                  "workers": args.num_workers, "anchor_img_s": statistics.median(speeds[anchor]),
                                  "cnnviz_img_s": ours, "ratio": ratio,
@@ -247,7 +258,9 @@ def main() -> None:
                  "three passes (forward + backward ~ 3 forwards), so ~1.33x is the compute-bound ceiling on a CPU "
                  "for equal passes; beyond it decode/writing overlap and, for large colour batches on a CPU, "
                  "the channels-last layout (cnnviz_fast.core.layout; digits are 1-channel and stay contiguous).")
-        print(write_results("pipeline" + ("-nvjpeg" if args.decode == "gpu" else ""), rows, notes=notes, title="Dataset-scale saliency pipeline"))
+        suffix = {"pil": "", "gpu": "-nvjpeg"}.get(args.decode, "-" + args.decode)
+        suffix += "" if args.dtype == "fp32" else "-" + args.dtype
+        print(write_results("pipeline" + suffix, rows, notes=notes, title="Dataset-scale saliency pipeline"))
 
 
 if __name__ == "__main__":

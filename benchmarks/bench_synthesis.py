@@ -117,10 +117,11 @@ def bench_gatys(rows, quick, device, texture):
         return (0.5 + 0.1 * noise).clamp(0, 1).to(device)
     task = "texture" if texture else "style_transfer"
 
-    def contenders(vgg, content, style, start):
+    def contenders(vgg, content, style, start, **options):  # options: dtype=, channels_last=
         if texture:
             def ours(steps=steps):
-                result = cv.synthesize_texture(vgg, style, names, normalize=NORM, steps=steps, progress=False)
+                result = cv.synthesize_texture(vgg, style, names, normalize=NORM, steps=steps, progress=False,
+                                               **options)
                 return result.images, result.history[:, 0].tolist()
 
             def plain(network, steps=steps):
@@ -128,7 +129,7 @@ def bench_gatys(rows, quick, device, texture):
         else:
             def ours(steps=steps):
                 result = cv.style_transfer(vgg, content, style, f"features.{CONTENT}", names, normalize=NORM,
-                                           steps=steps, progress=False)
+                                           steps=steps, progress=False, **options)
                 return result.images, result.history[:, 0].tolist()
 
             def plain(network, steps=steps):
@@ -143,12 +144,21 @@ def bench_gatys(rows, quick, device, texture):
         ours64, plain64 = contenders(vgg64, content.double(), style.double(), start(torch.float64))
         cut64 = vgg64.features[:last]
         difference = check_close(task, (ours64(2)[0], plain64(cut64, 2)[0]), (ours64(), plain64(cut64)))
-    times = interleaved({"ours": ours, "cut": lambda: plain(cut), "whole": lambda: plain(whole)}, rounds)
+    timed = {"ours": ours, "cut": lambda: plain(cut), "whole": lambda: plain(whole)}
+    if device == "cuda":  # issue 21: >= 1.5x the plain loop with bf16 (tensor cores) and channels-last
+        timed["bf16"] = contenders(vgg, content, style, start(), dtype="bf16", channels_last=True)[0]
+        bf16_images = timed["bf16"]()[0]
+        bf16_error = float((bf16_images - ours()[0]).abs().mean())
+    times = interleaved(timed, rounds)
     label = f"{device} {task} vgg19/{divisor} {size}x{size}, {len(names)} Gram layers, per L-BFGS iteration"
     rows.append(row(f"{label} vs plain Gatys loop, Sequential cut at last layer", times["ours"] / steps,
                     times["cut"] / steps, ">= 1.3x", max_image_difference_2_iterations=difference))
     rows.append(row(f"{label} vs plain Gatys loop over all of vgg.features", times["ours"] / steps,
                     times["whole"] / steps))
+    if "bf16" in times:
+        rows.append(row(f"{label}, dtype=bf16 + channels_last vs plain Gatys loop (fp32), Sequential cut",
+                        times["bf16"] / steps, times["cut"] / steps, ">= 1.5x",
+                        mean_image_difference_vs_fp32=bf16_error))
 
 
 # --- class visualisation: one batch vs one call per class -------------------------------

@@ -8,13 +8,18 @@
 #
 #   OUT=<folder> bash scripts/device_check.sh [step,step,...]     (default: every step)
 #   steps: build tests ops attribution occlusion incremental metrics synthesis overhead profile
-#          pipeline nvjpeg
+#          pipeline nvjpeg gpupaths decode pipeline-bf16 bf16-accuracy
+#   (issue 21: gpupaths = the CUDA tests of the sync-free checks, the CUDA-graph Explainer and
+#    the device decoders; decode = the pipeline with TorchCodec's batched nvJPEG; pipeline-bf16 =
+#    the pipeline's GPU defaults against a bare bf16 forward + backward; bf16-accuracy =
+#    occlusion of ResNet-50 in bf16 and the defaults' error against float32; the overhead and
+#    synthesis steps now include the sync-free, cuda_graph and bf16 rows)
 #
 # Packages the image lacks travel in .devsite (made here by scripts/device_site.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/device-check}"
-STEPS="${1:-build,tests,ops,attribution,occlusion,incremental,metrics,synthesis,overhead,profile,pipeline,nvjpeg}"
+STEPS="${1:-build,gpupaths,tests,ops,attribution,occlusion,incremental,metrics,synthesis,overhead,profile,pipeline,nvjpeg,decode,pipeline-bf16,bf16-accuracy}"
 WORK=/tmp/device-check-work
 mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.devsite${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,6 +54,7 @@ export OUT PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 step build 240 build
+step gpupaths 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_paths.py tests/test_pipeline_decoders.py
 step tests 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --continue-on-collection-errors -k "cuda or gpu" \
   --junitxml="$WORK/junit.xml" tests
 step ops 90 bench bench_ops.py
@@ -57,10 +63,15 @@ step occlusion 90 bench bench_occlusion.py
 step incremental 200 bench bench_incremental.py --models resnet18,vgg16,mobilenet,efficientnet
 step metrics 120 bench bench_metrics.py
 step synthesis 120 bench bench_synthesis.py
-step overhead 60 bench bench_overhead.py
+step overhead 90 bench bench_overhead.py
 step profile 60 "$PY" benchmarks/profile_call_overhead.py cuda
 step pipeline 120 bench bench_pipeline.py --only throughput --images 2048 --resnet-images 1024 \
   --batch-size 128 --num-workers 8 --rounds 2
 step nvjpeg 90 bench bench_pipeline.py --only throughput --images 1024 --resnet-images 1024 \
   --batch-size 128 --num-workers 8 --rounds 1 --decode gpu
+step decode 120 bench bench_pipeline.py --only throughput --images 1024 --resnet-images 1024 \
+  --batch-size 128 --num-workers 8 --rounds 1 --decode torchcodec
+step pipeline-bf16 120 bench bench_pipeline.py --only throughput --images 1024 --resnet-images 1024 \
+  --batch-size 128 --num-workers 8 --rounds 1 --decode auto --dtype bf16
+step bf16-accuracy 120 bench bench_gpu_paths.py
 echo "=== done at $(date +%T)"

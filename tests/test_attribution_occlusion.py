@@ -1,5 +1,6 @@
 """occlusion: against Captum's Occlusion (channel 0) and a hand-written sliding-window loop."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -148,6 +149,14 @@ def forward_batch_sizes(model):
     sizes = []
     handle = model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     return sizes, handle
+
+
+def test_occlusion_is_the_function_and_its_package_imports():
+    """``attribution.occlusion`` is the function; importing the dotted name gives the package."""
+    import cnnviz_fast.attribution as attribution
+    package = importlib.import_module("cnnviz_fast.attribution.occlusion")
+    assert attribution.occlusion is occlusion and callable(occlusion)
+    assert package.occlusion is occlusion and package.choose_batch_size is choose_batch_size
 
 
 def test_memory_budget_chooses_batch_size(digits):

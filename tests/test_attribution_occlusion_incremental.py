@@ -1,6 +1,5 @@
 """Incremental occlusion (mode="exact") equals full recomputation (mode="full"); the
 approximate mode stays close to it; models that cannot run incrementally fall back."""
-import importlib
 import math
 import weakref
 
@@ -12,21 +11,20 @@ from torch import nn
 
 from cnnviz_fast import zoo
 from cnnviz_fast.attribution import occlusion
-from cnnviz_fast.attribution.incremental import IncrementalOcclusion
+from cnnviz_fast.attribution.occlusion import IncrementalOcclusion, approximate, entry, incremental_scorer
 from cnnviz_fast.core import Neuron
 from cnnviz_fast.ops.reference import occlusion_grid, occlusion_window_bounds
 from cnnviz_fast.zoo.efficientnet import Conv2dSame
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-occlusion_module = importlib.import_module("cnnviz_fast.attribution.occlusion")  # (the name is the function)
 
 
 @pytest.fixture(autouse=True)
 def always_incremental(monkeypatch):
     """Keep the incremental plan even where it saves little (tiny test images), so that
     its exactness is what is tested; test_unprofitable_plan_runs_full checks the default."""
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": math.inf, "cuda": math.inf})
-    monkeypatch.setattr(occlusion_module, "_UNPROFITABLE_PLANS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(entry, "PROFITABLE_FRACTION", {"cpu": math.inf, "cuda": math.inf})
+    monkeypatch.setattr(entry, "_UNPROFITABLE_PLANS", weakref.WeakKeyDictionary())
 
 TOL64 = dict(atol=1e-10, rtol=1e-8)
 
@@ -196,7 +194,7 @@ def test_digits_cnn(digits64, relu, window, stride):
 
 
 def test_unprofitable_plan_runs_full(digits64, monkeypatch):
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 0.8, "cuda": 0.25})
+    monkeypatch.setattr(entry, "PROFITABLE_FRACTION", {"cpu": 0.8, "cuda": 0.25})
     x, labels = digits64
     # a window covering the whole image saves nothing: full recomputation runs
     assert_exact(zoo.digits_cnn().double(), x, labels, (32, 32), (1, 1), incremental=False)
@@ -205,15 +203,15 @@ def test_unprofitable_plan_runs_full(digits64, monkeypatch):
 def test_profitable_fraction_is_per_device(digits64, monkeypatch):
     x, labels = digits64
     model = zoo.digits_cnn().double()
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 0.8, "cuda": 0.25})
+    monkeypatch.setattr(entry, "PROFITABLE_FRACTION", {"cpu": 0.8, "cuda": 0.25})
     assert_exact(model, x, labels, (4, 4), (2, 2))  # saves > 2x: kept at the CPU's threshold
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 0.8})
+    monkeypatch.setattr(entry, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 0.8})
     assert_exact(model, x, labels, (4, 4), (2, 2), incremental=False)  # the input's device's entry decides
 
 
 def test_unprofitable_plan_is_remembered(digits64, monkeypatch):
     """A plan found unprofitable is not traced again for the same model and geometry."""
-    monkeypatch.setattr(occlusion_module, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 1e-9})
+    monkeypatch.setattr(entry, "PROFITABLE_FRACTION", {"cpu": 1e-9, "cuda": 1e-9})
     builds = []
     build = IncrementalOcclusion.build
     monkeypatch.setattr(IncrementalOcclusion, "build",
@@ -487,7 +485,7 @@ def test_cuda_incremental_pass_never_waits_for_the_gpu():
 def test_measured_incremental_batch_sizes(digits64, monkeypatch):
     """Without batch_size the first passes try each candidate size (while they are at most a
     quarter of the positions), then the rest runs at one size; the result stays exact."""
-    monkeypatch.setattr(occlusion_module, "INCREMENTAL_BATCH_SIZES", (8, 16, 32))
+    monkeypatch.setattr(incremental_scorer, "INCREMENTAL_BATCH_SIZES", (8, 16, 32))
     sizes = []
     scores = IncrementalOcclusion.scores
     monkeypatch.setattr(IncrementalOcclusion, "scores", lambda self, *b: sizes.append(len(b[0])) or scores(self, *b))
@@ -498,7 +496,7 @@ def test_measured_incremental_batch_sizes(digits64, monkeypatch):
 
 def test_field_cap_default_is_per_device():
     """The cap is on by default on the CPU and off on a GPU (see FIELD_CAP); given, it is kept."""
-    check = occlusion_module._check_mode
+    check = approximate.check_mode
     assert check("approximate", None, None, None, torch.device("cpu"))[0] == 0.5
     assert check("approximate", None, None, None, torch.device("cuda"))[0] is None
     assert check("approximate", 0.7, None, None, torch.device("cuda"))[0] == 0.7

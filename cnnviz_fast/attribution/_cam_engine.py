@@ -219,8 +219,7 @@ def augment(x: Tensor, target):
 def deaugment(maps: Tensor) -> Tensor:
     """Mean over the augmentations of ``Tensor[6 N, H, W]`` maps, each flipped back."""
     per = maps.reshape(len(AUGMENTATIONS), -1, *maps.shape[1:])
-    flips = torch.tensor([flip for flip, _ in AUGMENTATIONS], device=maps.device)
-    return torch.where(flips[:, None, None, None], per.flip(-1), per).mean(dim=0)
+    return torch.stack([m.flip(-1) if flip else m for m, (flip, _) in zip(per, AUGMENTATIONS)]).mean(dim=0)
 
 
 def clean_rows(output, n: int):

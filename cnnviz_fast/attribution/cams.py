@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..core import autograd_on, model_guard
 from ..core.arguments import friendly_arguments
+from ..core.deferred import deferred_checks
 from ._backprop import prepare_inputs, with_output
 from ._cam_engine import Reshape, check_flag, check_interpolate, check_methods, layer_names_of, run_cams
 from .cam_rules import CAM_RULES
@@ -41,7 +42,7 @@ def _run(method: str, model, inputs, layer, target, methods: Sequence[str], inte
     check_flag(aug_smooth, "aug_smooth")
     if reshape is not None and not callable(reshape):
         raise ValueError(f"reshape must be a callable (layer output -> Tensor[N, K, h, w]), got {reshape!r}")
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         maps, output = run_cams(model, x, layers, target, methods, fused=fused, eigen_smooth=eigen_smooth,
                                 aug_smooth=aug_smooth, interpolate=interpolate, keep_output=return_output,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..core import autograd_on, model_guard, target_scores
 from ..core.layout import run_in_fast_layout
 from ..core.arguments import friendly_arguments
+from ..core.deferred import deferred_checks
 from ._backprop import detach_output, prepare_inputs, with_output
 from ._cam_engine import augment, check_flag, check_interpolate, clean_rows, deaugment, layer_outputs, min_max, upsample
 
@@ -63,7 +64,7 @@ def full_grad(model: nn.Module, inputs: Tensor, target, interpolate: str = "bili
     """
     check_interpolate(interpolate)
     check_flag(aug_smooth, "aug_smooth")
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         n, size = x.shape[0], x.shape[2:]
         batch, batch_target = augment(x, target) if aug_smooth else (x, target)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..core import layer_name, model_guard
 from ..core.arguments import friendly_arguments
 from ..core import autograd_on
+from ..core.deferred import deferred_checks
 from ..core.targets import is_predicted, resolve_target
 from ._backprop import check_nonlinear, input_gradients, prepare_inputs, with_output
 from ._cam_engine import Reshape, check_flag, check_interpolate, run_cams
@@ -61,7 +62,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: str, target, interpolate: 
     check_interpolate(interpolate)
     check_flag(eigen_smooth, "eigen_smooth")
     check_flag(aug_smooth, "aug_smooth")
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate, keep_output=return_output,
                                 eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, reshape=reshape)
@@ -85,7 +86,7 @@ def guided_grad_cam(
     layer = layer_name(model, layer, "layer", target, "guided_grad_cam")
     check_interpolate(interpolate)
     check_nonlinear(nonlinear)
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         x = prepare_inputs(inputs, target, copy=True, model=model)
         cam, output = _grad_cam(model, x, target, layer, interpolate,
                                 keep_output=return_output or is_predicted(target))

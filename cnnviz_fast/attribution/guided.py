@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..core.arguments import friendly_arguments
 from ..core import model_guard
 from ..core import autograd_on
+from ..core.deferred import deferred_checks
 from ._backprop import check_nonlinear, input_gradients, prepare_inputs, with_output
 
 __all__ = ["deconvnet", "guided_backprop"]
@@ -40,7 +41,7 @@ def _modified_gradient(
     model: nn.Module, inputs: Tensor, target, relu_mode: str, return_output: bool, nonlinear: str
 ):
     check_nonlinear(nonlinear)
-    with model_guard(model), autograd_on():
+    with model_guard(model), autograd_on(), deferred_checks():
         grads, _, output = input_gradients(model, prepare_inputs(inputs, target, model=model), target, relu_mode,
                                            keep_output=return_output, nonlinear=nonlinear)
     return with_output(grads, output, return_output)

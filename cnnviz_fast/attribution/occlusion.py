@@ -93,6 +93,7 @@ def occlusion(
     field_cap: Optional[float] = None,
     drill_down: Optional[float] = None,
     coarse_step: Optional[int] = None,
+    dtype: Optional[str] = None,
 ):
     """Occlusion map: how much the target score drops when a window around each pixel is
     replaced by ``baseline``.
@@ -151,6 +152,11 @@ def occlusion(
             one position instead of two, which a 16-px window at stride 8 needs for maps
             that follow exact (on EfficientNet-Lite0: Pearson 0.96-0.98 with
             ``field_cap=1, drill_down=0.2`` against 0.58 at the defaults).
+        dtype: ``"bf16"`` / ``"fp16"``: the clean and occluded passes under autocast (tensor
+            cores on a GPU), their scores compared in the inputs' dtype; None / ``"fp32"``
+            (default): the inputs' dtype. With 8 bits of mantissa, a score is rounded by
+            ~0.4% of its magnitude, so small drops carry that much noise (the error against
+            float32 is tested in tests/test_gpu_paths.py).
 
     Returns:
         ``Tensor[N, H, W]`` on the inputs' device, in the scores' dtype; with
@@ -179,14 +185,16 @@ def occlusion(
         rows, cols = occlusion_grid(H, W, window, stride)
 
         keep_output = return_output or is_predicted(target)
-        with torch.inference_mode():
+        amp = _autocast(dtype, inputs.device)
+        with torch.inference_mode(), amp:
             # a copy: a model that writes into its input must not change the caller's tensor
             scores, output, per_image = _clean_pass(model, inputs.clone(), target, keep_output,
                                                     measure=batch_size is None)
+            scores = scores.to(inputs.dtype)  # under autocast: drops taken in the inputs' dtype
             target = resolve_target(target, output)
             deltas = None
             plan = (tuple(inputs.shape[1:]), window, stride, inputs.device.type, field_cap,
-                    getattr(target, "layer", None))
+                    getattr(target, "layer", None), dtype)
             if mode != "full" and plan not in _UNPROFITABLE_PLANS.get(model, ()):
                 engine = IncrementalOcclusion.build(model, target, field_cap=field_cap)
                 if engine is not None:
@@ -211,6 +219,18 @@ def occlusion(
             if return_output:
                 results += (detach_output(output, clone=True),)
         return results[0] if len(results) == 1 else results
+
+
+AUTOCAST_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(dtype, device: torch.device):
+    """The passes' autocast context for ``dtype=`` (a no-op for None / ``"fp32"``)."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be one of {list(AUTOCAST_DTYPES)}, got {dtype!r}")
+    if AUTOCAST_DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, AUTOCAST_DTYPES[dtype])
 
 
 def _check_mode(mode, field_cap, drill_down, coarse_step,
@@ -293,6 +313,7 @@ def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tens
     def score(n: int, positions: Tensor) -> Tensor:
         if state["image"] != n:
             clean = engine.clean(inputs[n:n + 1], _rows(base, n, n + 1), _image_target(target, n))
+            clean = clean.to(scores.dtype)  # under autocast: a 16-bit score
             if clean.shape != (1,) or not torch.allclose(clean, scores[n:n + 1], rtol=1e-3, atol=1e-5):
                 raise _Fallback
             state["image"] = n
@@ -306,7 +327,7 @@ def _incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tens
                 first = _choose_engine_layout(engine, lambda chunk: out.append(run(chunk)), positions, first,
                                               state["batch"], seconds[state["batch"]])
         out += [run(chunk) for chunk in positions[first:].split(state["batch"])]
-        return scores[n] - torch.cat(out)
+        return scores[n] - torch.cat(out).to(scores.dtype)  # a 0-dim minuend would not promote
     return score
 
 
@@ -342,7 +363,7 @@ def _full_scorer(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor,
             occluded = torch.where(masks[:, None], fill, image)
             rows = target_for_rows(target, torch.full_like(chunk, n))
             out.append(run_in_fast_layout(model, occluded, lambda batch: target_scores(model, batch, rows)))
-        return scores[n] - torch.cat(out)
+        return scores[n] - torch.cat(out).to(scores.dtype)  # a 0-dim minuend would not promote
     return score
 
 
@@ -355,7 +376,8 @@ def _drill_down(score: Callable[[Tensor], Tensor], rows: int, cols: int, fractio
     coarse = (torch.tensor(knots_r)[:, None] * cols + torch.tensor(knots_c)[None, :]).flatten()
     coarse_deltas = score(coarse)
     grid = coarse_deltas.view(len(knots_r), len(knots_c))
-    estimate = (_interpolation(knots_r, rows).to(grid) @ grid @ _interpolation(knots_c, cols).to(grid).T).flatten()
+    with torch.autocast(grid.device.type, enabled=False):  # interpolated in the deltas' dtype (dtype=bf16 too)
+        estimate = (_interpolation(knots_r, rows).to(grid) @ grid @ _interpolation(knots_c, cols).to(grid).T).flatten()
     estimate[coarse.to(estimate.device)] = coarse_deltas
     todo = torch.ones(rows * cols, dtype=torch.bool)
     todo[coarse] = False

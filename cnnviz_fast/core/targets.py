@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .deferred import defer_check, defers
 from .layers import capture_layers, forward_to_layers
 
 
@@ -87,26 +88,50 @@ def target_layer(target: Target) -> Optional[str]:
 
 
 def _class_indices(target, n: int, device, classes: Optional[int] = None) -> torch.Tensor:
-    """``Tensor[n]`` of class indices on ``device``; with ``classes``, each checked to lie in
-    ``[0, classes)``. The checks run where the target is given (ints, lists and CPU tensors on
-    the host), so that a GPU model is not stopped between its forward and backward passes;
-    only a target already on the GPU costs one read back."""
+    """``Tensor[n]`` of class indices on ``device`` (None: where they are); with ``classes``,
+    each checked to lie in ``[0, classes)``. The checks run where the target is given (ints,
+    lists and CPU tensors on the host), so that a GPU model is not stopped between its
+    forward and backward passes; a target already on the GPU is checked on the device inside
+    a call (:mod:`.deferred`: the verdict is read at the call's end, the indices clamped
+    meanwhile so that no kernel reads out of range), else with one read back."""
     if isinstance(target, (bool, str)):
         raise ValueError(f"target must be {_EXPECTED}, got {target!r}")
     if isinstance(target, int):
         if classes is not None and not 0 <= target < classes:
             raise ValueError(f"target classes must lie in [0, {classes}), got {target}")
         return torch.full((n,), target, dtype=torch.long, device=device)
-    indices = torch.as_tensor(target)
+    if isinstance(target, torch.Tensor) and target.is_meta:
+        raise ValueError("target is a meta tensor (shape only, no values); pass the classes as ints or a tensor "
+                         "with data")
+    try:  # a dict, a set, ragged sequences: not classes
+        indices = None if isinstance(target, (dict, set, frozenset)) else torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        indices = None
+    if indices is None:
+        raise ValueError(f"target must be {_EXPECTED}, got {type(target).__name__} {target!r}")
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dim() != 1:
         raise ValueError(f"target must be an int or a 1-D sequence of ints, got {target!r}")
     if indices.numel() != n:
         raise ValueError(f"target must hold one class per image ({n}), got {indices.numel()}")
-    if classes is not None and n:
+    given = indices
+    message = lambda: f"target classes must lie in [0, {classes}), got {given.tolist()}"  # noqa: E731
+    if classes is not None and n and defers(indices):
+        def failed():
+            low, high = given.aminmax()
+            return (low < 0) | (high >= classes)
+        defer_check(failed, message)
+        indices = indices.clamp(0, classes - 1)
+    elif classes is not None and n:
         low, high = indices.aminmax()
         if int(low) < 0 or int(high) >= classes:
-            raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")
-    return indices.to(device=device, dtype=torch.long)
+            raise ValueError(message())
+    if device is None:
+        return indices
+    indices = indices.to(dtype=torch.long)
+    if indices.device.type == "cpu" and torch.device(device).type == "cuda":
+        # from pinned memory, without blocking: the host does not wait for the GPU's queue
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device=device)
 
 
 def check_target(target: Target, n: int, allow_predicted: bool = True) -> None:
@@ -119,7 +144,7 @@ def check_target(target: Target, n: int, allow_predicted: bool = True) -> None:
         return
     if isinstance(target, Neuron) or _is_function(target):
         return
-    _class_indices(target, n, "cpu")
+    _class_indices(target, n, None)  # types and length only: a GPU target stays there, unread
 
 
 def _is_function(target) -> bool:

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .deferred import defer_check, defers
+
 
 def check_images(images, argument: str = "inputs", allow_empty: bool = False) -> torch.Tensor:
     """Return ``images`` if it is a finite floating Tensor[N, C, H, W]; else raise ValueError."""
@@ -39,7 +41,11 @@ def check_finite(tensor: torch.Tensor, argument: str) -> torch.Tensor:
         return tensor
     # a finite sum implies finite values: one cheap reduction (25x faster than isfinite().all()
     # on CPU); the exact check runs only when the sum is not finite (NaN, inf or overflow)
-    if not bool(tensor.sum().isfinite()) and not bool(torch.isfinite(tensor).all()):
+    exact = lambda: bool(torch.isfinite(tensor).all())  # noqa: E731
+    if defers(tensor):  # a GPU tensor inside a call: no read here (core/deferred.py)
+        defer_check(lambda: ~tensor.sum().isfinite(), lambda: f"{argument} contains NaN or infinite values",
+                    confirm=lambda: not exact())
+    elif not bool(tensor.sum().isfinite()) and not exact():
         raise ValueError(f"{argument} contains NaN or infinite values")
     return tensor
 
@@ -142,3 +148,80 @@ def check_choice(value, choices, argument: str):
             shown = sorted(shown, key=repr)
         raise ValueError(f"{argument} must be one of {shown}, got {value!r}")
     return value
+
+
+def check_positive_number(value, argument: str, maximum: Optional[float] = None) -> float:
+    """``value`` as a finite float > 0 (and <= ``maximum`` when given); else ValueError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            or (maximum is not None and value > maximum)):
+        bound = f"in (0, {maximum}]" if maximum is not None else "> 0"
+        raise ValueError(f"{argument} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_device(device, argument: str = "device") -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` (None passes); a name torch does not know
+    (``"gpu"``) is a ValueError naming ``argument``."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{argument} must be a torch.device or a device name such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
+
+
+def check_layer_name(layer, argument: str = "layer") -> str:
+    """``layer`` if it is a dotted module name (a non-empty str); else ValueError (a list of
+    names, a module object: the function takes one name here)."""
+    if not isinstance(layer, str) or not layer:
+        raise ValueError(f"{argument} must be a dotted module name (a str), got {type(layer).__name__} {layer!r}")
+    return layer
+
+
+def check_model_dtype(images: Tensor, dtype: torch.dtype, argument: str) -> Tensor:
+    """Refuse floating ``images`` of another dtype than the model's: they would be converted
+    (float64 pixels optimised in float32, or half pixels widened) without a word."""
+    if images.dtype != dtype:
+        have, want = (str(t).replace("torch.", "") for t in (images.dtype, dtype))
+        raise ValueError(f"{argument} are {have} but the model's parameters are {want}; pass "
+                         f"{argument}.to(torch.{want}) (values are never converted silently)")
+    return images
+
+
+def check_out_folder(out, argument: str = "out") -> "Path":
+    """``out`` as a ``Path`` of a folder that exists or can be created: a str or path-like,
+    not an existing file, not below a file, and inside a writable folder; else ValueError
+    naming ``argument`` (found before any work, not at the first write)."""
+    from pathlib import Path
+    import os
+
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise ValueError(f"{argument} must be a folder path (str or pathlib.Path), got {type(out).__name__} {out!r}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} is an existing file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor: where the folder would be made
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} lies below {str(existing)!r}, which is a file")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument} {str(path)!r}: the folder {str(existing)!r} is not writable")
+    return path
+
+
+def check_image_batch(batch, argument: str = "data") -> Tensor:
+    """``batch`` if it is a Tensor of images ``[N, C, H, W]`` with values (N may be 0: a
+    dataset's tensor or one of its batches); else ValueError naming ``argument``. Values
+    are checked where the batch is used (:func:`check_finite`)."""
+    if not isinstance(batch, Tensor):
+        raise ValueError(f"{argument} must hold image batches Tensor[N, C, H, W], got {type(batch).__name__}")
+    if batch.dim() != 4:
+        raise ValueError(f"{argument} must hold images [N, C, H, W], got a {batch.dim()}-D tensor of shape "
+                         f"{tuple(batch.shape)}")
+    if batch.is_meta:
+        raise ValueError(f"{argument} is a meta tensor (shape only, no values); pass a tensor with data")
+    return batch

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from ..core import forward_to_layers, get_layer, model_guard
 from ..core.data import checked_batch, data_length, iter_batches
 from ..core.npy_writer import NpyWriter
-from ..core.validation import check_choice, check_positive_int, model_device_dtype
+from ..core.validation import (check_choice, check_device, check_image_batch, check_positive_int,
+                               model_device_dtype)
 
 _POOLS = (None, "avg", "max")
 
@@ -78,6 +79,8 @@ def extract_features(
         on the CPU otherwise.
     """
     get_layer(model, layer)
+    if isinstance(data, torch.Tensor) and not data.is_meta:  # a meta tensor: refused below, with its positions
+        check_image_batch(data)
     check_positive_int(batch_size, "batch_size")
     check_choice(pool, _POOLS, "pool")
     if length is not None:
@@ -86,7 +89,7 @@ def extract_features(
     if known is not None and length is not None and known != length:
         raise ValueError(f"length={length} but data holds {known} inputs")
     total = known if known is not None else length
-    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
+    device = check_device(device) or model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
     path = Path(out) if out is not None else None
     if path is not None and path.is_dir():  # found now, not after all the work at the final rename
@@ -101,7 +104,7 @@ def extract_features(
     try:
         with model_guard(model):
             for inputs in iter_batches(data, batch_size, num_workers=num_workers):
-                batch = checked_batch(model, inputs, seen, device)
+                batch = check_image_batch(checked_batch(model, inputs, seen, device))
                 seen += len(inputs)
                 with torch.inference_mode():
                     activation = forward_to_layers(model, batch, [layer])[layer]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core import get_layer
+from ..core.validation import check_int
 from ..pictures import image_grid
 
 
@@ -34,6 +35,9 @@ def filter_grid(model: nn.Module, layer: Optional[str] = None, per_channel: Opti
     Each filter is min-max scaled over all its weights (so a row keeps the relative
     strength of its input channels); a constant filter shows as black.
     """
+    if nrow is not None:
+        check_int(nrow, "nrow", minimum=1)
+    check_int(padding, "padding", minimum=0)
     if layer is None:
         convs = _conv_layers(model)
         if not convs:

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ..core import Neuron, forward_to_layers, get_layer, model_guard
-from ..core.data import _images_of, checked_batch, iter_batches
-from ..core.validation import check_positive_int, model_device_dtype
+from ..core.data import images_of, checked_batch, iter_batches
+from ..core.validation import (check_device, check_image_batch, check_int, check_number, check_positive_int,
+                               model_device_dtype)
 from ..pictures import image_grid
 from .receptive import ReceptiveField, receptive_field
 
@@ -86,6 +87,8 @@ def _check_channels(channels, count: int) -> torch.Tensor:
         return torch.arange(count)
     if isinstance(channels, int) and not isinstance(channels, bool):
         channels = [channels]
+    if not isinstance(channels, (list, tuple, range, torch.Tensor)):
+        raise ValueError(f"channels must be an int or a non-empty sequence of ints, got {channels!r}")
     chosen = torch.as_tensor(list(channels) if not isinstance(channels, torch.Tensor) else channels)
     if chosen.dim() != 1 or chosen.numel() == 0 or chosen.dtype.is_floating_point or chosen.dtype == torch.bool:
         raise ValueError(f"channels must be a non-empty sequence of ints, got {channels!r}")
@@ -97,7 +100,7 @@ def _check_channels(channels, count: int) -> torch.Tensor:
 def _indexable_image(data, index: int) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data[index]
-    return _images_of(data[index])
+    return images_of(data[index])
 
 
 def max_activating_patches(
@@ -131,13 +134,15 @@ def max_activating_patches(
         :class:`TopActivations` (on the CPU, or on ``data``'s device for a Tensor).
     """
     get_layer(model, layer)
+    if isinstance(data, torch.Tensor):
+        check_image_batch(data)
     check_positive_int(k, "k")
     check_positive_int(batch_size, "batch_size")
     indexable = isinstance(data, torch.Tensor) or (isinstance(data, Dataset) and not isinstance(data, IterableDataset))
     if guided and not indexable:
         raise ValueError(f"guided=True needs data that can be indexed (a Tensor or a map-style Dataset), "
                          f"got {type(data).__name__}")
-    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
+    device = check_device(device) or model_device_dtype(model)[0]
     result_device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
 
     from tqdm.auto import tqdm
@@ -146,8 +151,7 @@ def max_activating_patches(
     try:
         with model_guard(model):
             for inputs in iter_batches(data, batch_size):
-                if inputs.dim() != 4:
-                    raise ValueError(f"data must yield image batches [B, C, H, W], got shape {tuple(inputs.shape)}")
+                check_image_batch(inputs)
                 # the model gets its own copy: the patches are cut from inputs afterwards
                 batch = checked_batch(model, inputs, seen, device)
                 inputs = inputs.to(device, non_blocking=True)
@@ -265,6 +269,8 @@ def patch_grid(result: TopActivations, inverse: Optional[Callable[[torch.Tensor]
     """
     if not isinstance(result, TopActivations):
         raise ValueError(f"result must be a TopActivations from max_activating_patches, got {type(result).__name__}")
+    check_int(padding, "padding", minimum=0)
+    check_number(outside, "outside", maximum=1.0)
     if guided is None:
         guided = result.guided is not None
     if guided and result.guided is None:

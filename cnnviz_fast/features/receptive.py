@@ -19,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import forward_to_layers, get_layer, model_guard
-from ..core.validation import model_device_dtype
+from ..core.validation import is_int, model_device_dtype
 
 
 @dataclass(frozen=True)
@@ -217,11 +217,8 @@ def _union(geometries, name):
 
 
 def _input_size(input_size) -> Tuple[int, int, int]:
-    try:
-        size = tuple(int(v) for v in input_size)
-    except TypeError:
-        size = ()
-    if len(size) != 3 or min(size) < 1 or any(isinstance(v, bool) for v in input_size):
+    size = tuple(input_size) if isinstance(input_size, (tuple, list, torch.Size)) else ()
+    if len(size) != 3 or not all(is_int(v) and v >= 1 for v in size):
         raise ValueError(f"input_size must be (channels, height, width) of positive ints, got {input_size!r}")
     return size
 

@@ -1,12 +1,11 @@
 """Argument checks and target handling shared by the metrics."""
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
-from ..core.validation import check_images
+from ..core.validation import check_images, check_model_inputs
 from ..core.targets import (
     Neuron, check_target, is_predicted, resolve_target, select_scores, target_for_rows, target_scores,
 )
@@ -41,20 +40,23 @@ def check_maps(attributions, inputs: Tensor, argument: str = "attributions", sam
     return maps
 
 
-def checked_copy(inputs) -> Tensor:
+def checked_copy(inputs, model: nn.Module, argument: str = "inputs") -> Tensor:
     """Checked ``inputs`` as a private copy: the metrics run the model on them many times,
     and a model may write into its input; the caller's tensor stays as it was (a copy made
-    here is also an ordinary tensor when the caller is in ``inference_mode``)."""
+    here is also an ordinary tensor when the caller is in ``inference_mode``). Float64
+    inputs to a float32 model are refused (:func:`check_model_inputs`)."""
+    check_images(inputs, argument)
+    check_model_inputs(model, inputs, argument)
     with torch.inference_mode(False):
-        return check_images(inputs).detach().clone()
+        return inputs.detach().clone()
 
 
 def resolve(model: nn.Module, inputs: Tensor, target):
     """Check ``target`` for N inputs; ``"predicted"`` becomes the clean inputs' top classes."""
     check_target(target, inputs.shape[0])
     if is_predicted(target):
-        with torch.no_grad():
-            target = resolve_target(target, model(inputs))
+        with torch.no_grad():  # a copy: a model may write into its input, which is used again
+            target = resolve_target(target, model(inputs.clone()))
     return target
 
 
@@ -80,14 +82,24 @@ def scores(model: nn.Module, batch: Tensor, target, probability: bool) -> Tensor
     return target_scores(model, batch, target)
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
 def interval95(values: Tensor):
-    """``(mean, low, high, n)``: the mean and its normal-approximation 95% interval
-    ``mean +- 1.96 * sd / sqrt(n)`` (NaN bounds for a single value)."""
-    v = values.detach().double().flatten()
+    """``(mean, low, high, n)``: the mean and its 95% percentile-bootstrap interval
+    (2,000 resamples, seeded: the same values give the same interval). The bounds are
+    means of resampled values, so they stay inside the metric's range (an AUC in [0, 1]
+    gets bounds in [0, 1]); NaN bounds for a single value."""
+    v = values.detach().double().flatten().cpu()
     v = v[torch.isfinite(v)]
     n = v.numel()
     if n == 0:
         return float("nan"), float("nan"), float("nan"), 0
     mean = float(v.mean())
-    half = 1.96 * float(v.std()) / math.sqrt(n) if n > 1 else float("nan")
-    return mean, mean - half, mean + half, n
+    if n == 1:
+        return mean, float("nan"), float("nan"), 1
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, n, (BOOTSTRAP_RESAMPLES, n), generator=generator)
+    means = v[rows].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return mean, low, high, n

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..core import model_guard
 from ..core.model_state import check_model
-from ..core.validation import check_choice, check_positive_int
+from ..core.validation import check_choice, check_finite, check_int, check_positive_int
 from ._common import checked_copy, check_maps, resolve, rows_target, scores
 
 __all__ = ["Curve", "deletion_curve", "insertion_curve", "perturbation_curve", "step_counts"]
@@ -42,6 +42,7 @@ class Curve:
 def step_counts(cells: int, steps: int) -> list:
     """The number of cells moved at each of the ``steps + 1`` points: ``floor(k * cells / steps)``
     for ``k = 0..steps`` (0 and ``cells`` included)."""
+    check_int(cells, "cells", minimum=0)
     check_positive_int(steps, "steps")
     return [k * cells // steps for k in range(steps + 1)]
 
@@ -85,14 +86,14 @@ def perturbation_curve(
     """Deletion or insertion curve of each image's attribution map (see
     :func:`deletion_curve` for the arguments); ``mode`` is ``"deletion"`` or ``"insertion"``."""
     check_model(model)
-    inputs = checked_copy(inputs)
+    inputs = checked_copy(inputs, model)
     check_choice(mode, ops.MASK_MODES, "mode")
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")
     maps = check_maps(attributions, inputs)
     if maps.device != inputs.device:
         raise ValueError(f"attributions must be on the inputs' device {inputs.device}, got {maps.device}")
-    base = ops._checks.baseline(baseline, inputs)
+    base = check_finite(ops._checks.baseline(baseline, inputs), "baseline")
     N, C, H, W = inputs.shape
     per_image_base = base.dim() == 4 and base.shape[0] == N and N > 1
     order, patch = _order(maps, inputs, patch)

@@ -12,6 +12,7 @@ Rerunning with the same ``out`` resumes: finished shards (and finished methods) 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core.validation import check_choice, check_positive_int
+from ..core.validation import check_choice, check_number, check_out_folder, check_positive_int
 from ..pictures import render_figure
+from ..report import Report
 from ..pipeline import ExtraColumns, open_results, saliency_maps
 from ..pipeline.run import METHODS
 from ._common import interval95
@@ -85,6 +87,7 @@ def evaluate_dataset(
         ``{method: {metric: {"mean", "low", "high", "n"}}}`` over the AUCs of the images that
         decoded, as :func:`evaluate` returns it (:func:`format_table` prints it).
     """
+    out = check_out_folder(out)
     methods = _methods(methods)
     if isinstance(metrics, str) or not metrics or any(m not in METRICS for m in metrics):
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {metrics!r}")
@@ -92,6 +95,7 @@ def evaluate_dataset(
     check_positive_int(curve_batch_size, "curve_batch_size")
     if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
         raise ValueError(f"baseline must be a number (it is recorded in run.json), got {type(baseline).__name__}")
+    check_number(baseline, "baseline", minimum=-math.inf)
     metrics = list(metrics)
 
     def compute(model: nn.Module, inputs: Tensor, classes: Tensor, maps: Tensor) -> Tensor:
@@ -199,7 +203,6 @@ def write_report(out: Union[str, Path], methods: Optional[Sequence[str]] = None,
     """``out/report.html`` (and report.md) of a finished run: the summary table, the mean
     deletion / insertion curves per method and, when given, ``sanity``: method ->
     :class:`~cnnviz_fast.metrics.Randomization` (cascading), plotted as Spearman per layer."""
-    from ..report import Report
 
     out = Path(out)
     runs = _runs(out, methods)  # read once: index.csv holds every curve point of every image

@@ -3,29 +3,39 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Sequence, Union
 
+import sys
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from ..core.model_state import check_model
-from ..core.validation import check_positive_int
+from ..core.validation import check_images, check_model_inputs, check_positive_int
 from ._common import interval95
 from .curves import deletion_curve, insertion_curve
 
-__all__ = ["METRICS", "evaluate", "format_table"]
+__all__ = ["BETTER", "METRICS", "evaluate", "format_table"]
 
 METRICS = ("deletion", "insertion")
+# which way is better: a faithful map's most important pixels, removed first, drop the score
+# fast (low deletion AUC); inserted first, raise it fast (high insertion AUC)
+BETTER = {"deletion": "lower", "insertion": "higher"}
 
 
 def _batches(data, images_per_batch: int):
     """``(images, labels or None)`` batches from a Tensor, a map-style Dataset, a DataLoader or
     an iterable of batches (labels: the second element of ``(x, y, ...)`` items)."""
     if isinstance(data, Tensor):
+        check_images(data, "data")
         for start in range(0, data.shape[0], images_per_batch):
             yield data[start:start + images_per_batch], None
         return
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=images_per_batch, shuffle=False)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise ValueError("data must be a Tensor[N, C, H, W], a Dataset, or an iterable of images or "
+                         f"(images, labels) batches, got {type(data).__name__}")
     for item in data:
         if isinstance(item, Tensor):
             yield item, None
@@ -48,6 +58,7 @@ def evaluate(
     batch_size: int = 64,
     images_per_batch: int = 16,
     device=None,
+    progress: bool = False,
 ) -> Dict[str, Dict[str, dict]]:
     """Deletion / insertion AUCs of every method over a dataset, summarised per method.
 
@@ -65,10 +76,12 @@ def evaluate(
             images per forward pass); ``baseline``: a number or a
             callable ``images -> baseline tensor`` (e.g. a blur).
         device: where the batches are moved (default: the model's device).
+        progress: a progress bar over the images (stderr).
 
     Returns:
         ``{method: {metric: {"mean", "low", "high", "n"}}}``: the mean AUC per image and its
-        95% interval (normal approximation, ``mean +- 1.96 sd / sqrt(n)``).
+        95% percentile-bootstrap interval (inside [0, 1]; see :data:`BETTER` for which way
+        is better).
     """
     check_model(model)
     if not isinstance(methods, dict) or not methods or not all(callable(m) for m in methods.values()):
@@ -82,8 +95,14 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     curve_fns = {"deletion": deletion_curve, "insertion": insertion_curve}
     aucs = {name: {m: [] for m in metrics} for name in methods}
+    bar = tqdm(total=len(data) if isinstance(data, (Tensor, Dataset)) and not isinstance(data, IterableDataset)
+               else None, unit="img", desc="evaluate", disable=not progress, file=sys.stderr)
     for images, labels in _batches(data, images_per_batch):
+        check_images(images, "data", allow_empty=True)
+        if not len(images):
+            continue
         images = images.to(device)
+        check_model_inputs(model, images, "data")
         if target == "label":
             if labels is None:
                 raise ValueError("target='label' needs (images, labels) batches")
@@ -97,6 +116,10 @@ def evaluate(
                 curve = curve_fns[metric](model, images, tgt, maps, steps=steps, baseline=base, patch=patch,
                                           batch_size=batch_size)
                 aucs[name][metric].append(curve.auc.cpu())
+        bar.update(len(images))
+    bar.close()
+    if not any(values for per_metric in aucs.values() for values in per_metric.values()):
+        raise ValueError("data holds no images: nothing to evaluate")
     summary = {}
     for name, per_metric in aucs.items():
         summary[name] = {}
@@ -107,9 +130,14 @@ def evaluate(
 
 
 def format_table(summary: Dict[str, Dict[str, dict]]) -> str:
-    """The summary of :func:`evaluate` as a Markdown table (mean [95% interval] per cell)."""
+    """The summary of :func:`evaluate` as a Markdown table (mean [95% bootstrap interval] per
+    cell; the header says which way is better)."""
+    if not isinstance(summary, dict) or not all(
+            isinstance(cells, dict) and all(isinstance(v, dict) for v in cells.values()) for cells in summary.values()):
+        raise ValueError(f"summary must be evaluate()'s dict {{method: {{metric: {{mean, low, high, n}}}}}}, "
+                         f"got {type(summary).__name__}")
     metrics = list(next(iter(summary.values())).keys()) if summary else []
-    lines = ["| method | " + " | ".join(f"{m} AUC" for m in metrics) + " |",
+    lines = ["| method | " + " | ".join(f"{m} AUC ({BETTER.get(m, '?')} is better)" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for name, per_metric in summary.items():
         cells = [f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}] (n={v['n']})" for v in per_metric.values()]

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core.validation import check_finite, check_number
+
 __all__ = ["pointing_game"]
 
 
@@ -31,8 +33,7 @@ def pointing_game(
     maps = attributions.sum(1) if attributions.dim() == 4 else attributions
     if not bool(torch.isfinite(maps).all()):
         raise ValueError("attributions contains NaN or infinite values")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    check_number(tolerance, "tolerance")
     N, H, W = maps.shape
     peak = maps.flatten(1).argmax(1)
     py, px = (peak // W).double(), (peak % W).double()
@@ -42,7 +43,7 @@ def pointing_game(
         if not isinstance(boxes, Tensor) or boxes.shape != (N, 4):
             raise ValueError(f"boxes must be a Tensor[N, 4] = [{N}, 4] (x1, y1, x2, y2), got "
                              f"{tuple(getattr(boxes, 'shape', ())) or type(boxes).__name__}")
-        b = boxes.to(device=maps.device, dtype=torch.float64)
+        b = check_finite(boxes.to(device=maps.device, dtype=torch.float64), "boxes")
         x1, y1, x2, y2 = (b[:, i, None, None] for i in range(4))
         region = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)  # [N, H, W]
     else:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..core import model_guard
 from ..core.targets import target_scores
 from ..core.model_state import check_model
-from ..core.validation import check_positive_int
+from ..core.validation import check_number, check_positive_int
 from ._common import checked_copy, resolve, rows_target
 
 __all__ = ["infidelity", "sensitivity_max", "uniform_noise"]
@@ -35,7 +35,7 @@ def _chunks(n_samples: int, n_images: int, batch_size: Optional[int]):
 def _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func) -> Tensor:
     """The arguments infidelity and sensitivity_max share; returns the inputs' private copy."""
     check_model(model)
-    inputs = checked_copy(inputs)
+    inputs = checked_copy(inputs, model)
     check_positive_int(n_perturb_samples, "n_perturb_samples", minimum=1)
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size", minimum=1)
@@ -87,16 +87,16 @@ def infidelity(
     sums = None
     with model_guard(model), torch.no_grad():
         target = resolve(model, inputs, target)
-        clean = target_scores(model, inputs, target)
+        clean = target_scores(model, inputs.clone(), target)  # a model may write into its input
         for m in _chunks(n_perturb_samples, N, batch_size):
             x = inputs.repeat_interleave(m, 0)
             if baselines is None:
-                perturbations, perturbed = perturb_func(x)
+                perturbations, perturbed = _pair(perturb_func(x))
             else:
                 b = baselines
                 if isinstance(b, Tensor) and b.dim() > 0 and b.shape[0] == N and N > 1:
                     b = b.repeat_interleave(m, 0)
-                perturbations, perturbed = perturb_func(x, b)
+                perturbations, perturbed = _pair(perturb_func(x, b))
             if isinstance(perturbations, (tuple, list)):
                 (perturbations,), (perturbed,) = perturbations, perturbed
             f_perturbed = target_scores(model, perturbed, rows_target(target, image_ids, m))
@@ -116,9 +116,18 @@ def infidelity(
     return value / n_perturb_samples
 
 
+def _pair(result):
+    """``perturb_func``'s ``(perturbations, perturbed inputs)``, checked."""
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = f"a {type(result).__name__}" + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
+        raise ValueError(f"perturb_func must return (perturbations, perturbed inputs), got {got}")
+    return result
+
+
 def uniform_noise(inputs: Tensor, radius: float = 0.02) -> Tensor:
     """Captum's default perturbation for ``sensitivity_max``: ``inputs + U(-radius, radius)``
     (float32 noise from the global CPU generator, so ``torch.manual_seed`` reproduces Captum's)."""
+    check_number(radius, "radius")
     return inputs + torch.empty(inputs.size(), dtype=torch.float32).uniform_(-radius, radius).to(inputs.device)
 
 
@@ -153,6 +162,10 @@ def sensitivity_max(
     inputs = _check_perturbation(model, inputs, n_perturb_samples, batch_size, perturb_func)
     if not callable(method):
         raise ValueError(f"method must be callable (model, inputs, target) -> maps, got {type(method).__name__}")
+    check_number(perturb_radius, "perturb_radius")
+    if not (norm_ord == "fro" or (isinstance(norm_ord, (int, float)) and not isinstance(norm_ord, bool)
+                                  and norm_ord == norm_ord)):
+        raise ValueError(f"norm_ord must be 'fro' or a number (torch.norm's p, inf included), got {norm_ord!r}")
     takes_radius = len(inspect.signature(perturb_func).parameters) > 1
     N = inputs.shape[0]
     image_ids = torch.arange(N, device=inputs.device)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..core import autograd_on, model_guard
 from ..core.layers import get_layer
 from ..core.model_state import check_model
+from ..core.validation import check_finite, check_int, check_number, check_positive_number
 from ._common import checked_copy, resolve
 
 __all__ = ["Randomization", "model_randomization", "spearman", "ssim"]
@@ -56,6 +57,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     (scipy's ``spearmanr``: average ranks for ties; 0 where a map is constant)."""
     if a.shape != b.shape or a.dim() < 2:
         raise ValueError(f"maps must have the same shape [N, ...], got {tuple(a.shape)} and {tuple(b.shape)}")
+    check_finite(a, "maps a")
+    check_finite(b, "maps b")
     ra, rb = _ranks(a.flatten(1)), _ranks(b.flatten(1))
     ra = ra - ra.mean(1, keepdim=True)
     rb = rb - rb.mean(1, keepdim=True)
@@ -79,6 +82,9 @@ def ssim(a: Tensor, b: Tensor, sigma: float = 1.5) -> Tensor:
     """
     if a.shape != b.shape or a.dim() != 3:
         raise ValueError(f"maps must have the same shape [N, H, W], got {tuple(a.shape)} and {tuple(b.shape)}")
+    check_positive_number(sigma, "sigma")
+    check_finite(a, "maps a")
+    check_finite(b, "maps b")
 
     def norm(x):
         x = x.double()
@@ -160,7 +166,9 @@ def model_randomization(
         :class:`Randomization`. The randomized models are deep copies of ``model``.
     """
     check_model(model)
-    inputs = checked_copy(inputs)
+    inputs = checked_copy(inputs, model)
+    check_number(threshold, "threshold", minimum=-1.0, maximum=1.0)  # a Spearman correlation
+    check_int(seed, "seed")
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
     if not callable(method):

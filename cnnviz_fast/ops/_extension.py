@@ -19,10 +19,31 @@ class ExtensionMissingWarning(UserWarning):
 
 FORCE_REFERENCE = os.environ.get("CNNVIZ_FORCE_REFERENCE", "").strip().lower() not in ("", "0", "false", "no")
 
+# Every op csrc/cnnviz.cpp declares: an extension built from older sources lacks some, and
+# then runs as if it were missing (the fake kernels of absent ops cannot be registered).
+OPS = ("occlude", "occlusion_accumulate", "guided_relu", "_guided_relu_backward", "gram", "gram_loss",
+       "_gram_loss_backward", "progressive_mask", "rise_mask", "rise_accumulate")
+
+
+def _missing_ops():
+    import torch
+
+    missing = []
+    for name in OPS:
+        try:
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"cnnviz::{name}", "CPU")
+        except RuntimeError:  # "operator cnnviz::<name> does not exist"
+            missing.append(name)
+    return missing
+
+
 try:
     from cnnviz_fast import _C  # noqa: F401  (loading it registers torch.ops.cnnviz.*)
 
     LOAD_ERROR = None
+    _MISSING = _missing_ops()
+    if _MISSING:
+        LOAD_ERROR = f"it was built from older sources (no {', '.join(_MISSING)}); rebuild it"
 except ImportError as e:  # also OSError-derived loader failures surface as ImportError
     _C = None
     LOAD_ERROR = f"{type(e).__name__}: {e}"

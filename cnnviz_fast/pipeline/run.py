@@ -11,33 +11,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import attribution
+from .. import registry
+from ..registry import to_map
 from ..core.preprocess import Normalize
 from ..core.targets import is_predicted, resolve_target
-from ..core.validation import check_choice, check_positive_int
+from ..core.validation import check_choice, check_device, check_out_folder, check_positive_int
 from . import distributed
 from .results import check_settings, write_index
+from .decoders import choose_decoder
 from .sources import FileSource, StreamSource, PositionBatches, make_source
-from .writer import BackgroundWriter, finished_shards, write_atomic
+from .writer import BackgroundWriter, finished_shards, shard_paths, stamp_path, write_atomic
 
-# name -> attribution function; each takes (model, inputs, target, ..., return_output=True).
-METHODS: Dict[str, Callable] = {
-    "saliency": attribution.saliency,
-    "smoothgrad": attribution.smoothgrad,
-    "integrated_gradients": attribution.integrated_gradients,
-    "guided_backprop": attribution.guided_backprop,
-    "deconvnet": attribution.deconvnet,
-    "grad_cam": attribution.grad_cam,
-    "guided_grad_cam": attribution.guided_grad_cam,
-    "occlusion": attribution.occlusion,
-}
-AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# name -> declared attribution Method (cnnviz_fast.registry): the pipeline runs every one of them
+METHODS = {name: registry.get_method(name) for name in registry.attribution_methods()}
+AUTOCAST = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
 MAP_DTYPES = ("float16", "float32")
 
 
@@ -79,14 +72,6 @@ class RunSummary:
                 + ("" if self.complete else "; index not written (shards missing here: see above)"))
 
 
-def to_map(attributions: torch.Tensor) -> torch.Tensor:
-    """One map per image: ``[N, H, W]`` as is; ``[N, C, H, W]`` by max |·| over channels
-    (Simonyan et al.'s saliency map)."""
-    if attributions.dim() != 4:
-        return attributions
-    return attributions[:, 0].abs() if attributions.shape[1] == 1 else attributions.abs().amax(1)
-
-
 def _pixels_to_inputs(normalize: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 pixels → model inputs. A :class:`Normalize` becomes one fused multiply-add
     (``x·1/(255σ) − μ/σ``): fewer passes over the batch than ``/255``, ``−μ``, ``/σ``."""
@@ -98,6 +83,27 @@ def _pixels_to_inputs(normalize: nn.Module, device: torch.device) -> Callable[[t
     return lambda pixels: torch.addcmul(shift, pixels.float(), scale)
 
 
+def _layer(method, model: nn.Module, data, source, size, channels, layer, device, say: bool) -> str:
+    """The layer ``method`` runs at: the given one (a name or module), else the registry's
+    default for inputs shaped like ``data``'s (said on stderr when ``say``)."""
+    if layer is not None:
+        return registry.resolve_layer(method, model, None, layer)[0]
+    if isinstance(data, torch.Tensor):
+        probe = data[:1]
+    elif isinstance(source, FileSource):
+        probe = torch.zeros(1, channels, size, size)
+    else:
+        raise ValueError(f"layer: {method.name} needs one with Dataset or stream data (the default rule "
+                         f"needs an input shape)")
+    with torch.no_grad():
+        first = next((p for p in model.parameters()), None)
+        probe = probe.to(device if first is None else first.device, first.dtype if first is not None else probe.dtype)
+    name, note = registry.resolve_layer(method, model, probe)
+    if say:
+        print(note, file=sys.stderr)
+    return name
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Class and a hash of every parameter and buffer: a resumed run must use the same model."""
     digest = hashlib.sha1(f"{type(model).__module__}.{type(model).__qualname__}".encode())
@@ -105,6 +111,22 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def device_defaults(dtype: Optional[str], channels_last: Optional[bool], device: torch.device):
+    """``(dtype, channels_last)`` with ``"auto"`` / None resolved for ``device``: on a GPU bf16
+    autocast and channels-last (tensor cores, cuDNN's NHWC kernels), on a CPU float32 and
+    the contiguous layout (the methods pick channels-last for large CPU batches themselves,
+    :mod:`cnnviz_fast.core.layout`). The bf16 maps' error against float32 on a GPU is to be
+    measured (benchmarks/bench_pipeline.py, ``--only accuracy``, in scripts/device_check.sh)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if dtype == "auto":
+        dtype = "bf16" if on_gpu else None
+    elif dtype == "fp32":
+        dtype = None
+    if channels_last is None:
+        channels_last = on_gpu
+    return dtype, channels_last
 
 
 def _jsonable(value):
@@ -115,9 +137,9 @@ def saliency_maps(
     model: nn.Module, data, out: Union[str, Path], method: str = "saliency",
     target: Union[str, int] = "predicted", *, normalize: Optional[nn.Module] = None, size: Optional[int] = None,
     batch_size: int = 64, num_workers: Optional[int] = None, device: Union[str, torch.device, None] = None,
-    dtype: Optional[str] = None, channels_last: bool = False, map_dtype: str = "float16",
-    shard_size: int = 1024, overlays: int = 0, decode: str = "pil", progress: bool = True,
-    extra: Optional[ExtraColumns] = None, **method_kwargs,
+    dtype: Optional[str] = "auto", channels_last: Optional[bool] = None, map_dtype: str = "float16",
+    shard_size: int = 1024, overlays: int = 0, decode: str = "auto", progress: bool = True,
+    extra: Optional[ExtraColumns] = None, resize: str = "crop", **method_kwargs,
 ) -> RunSummary:
     """Attribution maps for every input of ``data`` with one method, streamed to the folder ``out``.
 
@@ -130,16 +152,27 @@ def saliency_maps(
         out: output folder (see :mod:`cnnviz_fast.pipeline.results`); read it with
             :func:`~cnnviz_fast.pipeline.open_results`. Rerunning into it resumes; other
             settings against it raise ``ValueError``.
-        method: one of :data:`METHODS`; ``method_kwargs`` go to it (``layer=``, ``window=``, …).
+        method: a declared attribution method (:data:`METHODS`, from :mod:`cnnviz_fast.registry`);
+            ``method_kwargs`` go to it (``layer=``, ``window=``, …). A method that needs a layer
+            and gets none uses the registry's default layer (said on stderr, recorded in
+            run.json). Each attribution becomes one map per image by the method's
+            ``map_rule`` (gradient magnitudes: max |·| over channels; signed additive
+            attributions: sum over channels; CAMs and occlusion: as returned).
         target: ``"predicted"`` (each input's top class, from the same forward pass) or a class.
         batch_size: inputs per forward + backward; ``shard_size``: items per output shard.
         num_workers: decoding processes (default for files: up to 8 next to a GPU, 1 on a
             CPU; 0 for other sources).
         device: default the model's (under torchrun: ``cuda:LOCAL_RANK`` when GPUs exist).
-        dtype: ``"bf16"`` / ``"fp16"`` to run under autocast; ``channels_last``: NHWC layout.
+        dtype: ``"bf16"`` / ``"fp16"`` to run under autocast, ``"fp32"`` (or None) not;
+            ``"auto"`` (default): bf16 on a GPU, fp32 on a CPU. ``channels_last``: NHWC
+            layout; None (default): on a GPU, not on a CPU (see :func:`device_defaults`).
         map_dtype: ``"float16"`` (default) or ``"float32"`` on disk.
         overlays: also write PNG overlays of the first ``overlays`` items.
-        decode: ``"pil"`` (Pillow in the workers) or ``"gpu"`` (nvJPEG on the device).
+        decode: ``"auto"`` (default: the fastest that works on the device), ``"pil"`` (Pillow
+            in the workers), ``"gpu"`` (torchvision's nvJPEG on the device) or
+            ``"torchcodec"`` (see :mod:`cnnviz_fast.pipeline.decoders`).
+        resize: how files become ``size``² pixels: ``"crop"`` (default: shorter side, centre
+            crop), ``"squash"`` or ``"pad"`` (:mod:`cnnviz_fast.core.images`).
         progress: a progress bar and a summary line on rank 0.
         extra: per-image numbers computed from each batch and stored with it (see
             :class:`ExtraColumns`; :func:`cnnviz_fast.metrics.evaluate_dataset` uses it).
@@ -152,22 +185,28 @@ def saliency_maps(
     check_positive_int(batch_size, "batch_size")
     check_positive_int(shard_size, "shard_size")
     check_positive_int(overlays, "overlays", minimum=0)
+    out = check_out_folder(out)
+    if extra is not None and not isinstance(extra, ExtraColumns):
+        raise ValueError(f"extra must be an ExtraColumns or None, got {type(extra).__name__}")
     rank, world = distributed.rank_world()
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    if decode == "gpu" and device.type != "cuda":
-        raise ValueError(f"decode='gpu' needs a CUDA device, got device={str(device)!r}"
-                         + ("" if torch.cuda.is_available() else " (no GPU is present)"))
+    device = check_device(device) or next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype, channels_last = device_defaults(dtype, channels_last, device)
+    if isinstance(data, (str, os.PathLike)):  # files: the decoder for this device
+        decode = choose_decoder(decode, device)
     channels = normalize.channels if normalize is not None else None
-    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size)
+    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size, resize=resize,
+                         device=device)
     if source.pixels and normalize is None:
         raise ValueError("normalize is required to turn decoded pixels into model inputs")
+    declared = METHODS[method]
+    if declared.needs_layer:
+        method_kwargs["layer"] = _layer(declared, model, data, source, size, channels, method_kwargs.get("layer"),
+                                        device, rank == 0)
     if num_workers is None:  # on a CPU, decoding processes take cores from the compute
         num_workers = 0 if not isinstance(source, FileSource) else (
             min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     check_positive_int(num_workers, "num_workers", minimum=0)
 
-    out = Path(out)
     settings = _jsonable({
         "method": method, "method_kwargs": method_kwargs, "target": target, "model": model_fingerprint(model),
         "normalize": None if normalize is None else [normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()],
@@ -176,9 +215,13 @@ def saliency_maps(
     })
     check_settings(out, settings)
     done = set(finished_shards(out))
+    redone, stamps = _stamp_inputs(out, source, shard_size, done, rank, world) if isinstance(
+        source, FileSource) else (0, None)
+    if redone and progress:
+        print(f"cnnviz saliency: {redone} finished shard(s) redone: their input files changed (size or "
+              "modification time)", file=sys.stderr)
     writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays,
-                              extra_columns=extra.names if extra is not None else ())
-    function = METHODS[method]
+                              extra_columns=extra.names if extra is not None else (), stamps=stamps)
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, AUTOCAST[dtype])) if dtype else contextlib.nullcontext
     to_inputs = _pixels_to_inputs(normalize, device) if source.pixels else None
@@ -226,11 +269,11 @@ def saliency_maps(
                 x = to_inputs(x)
             x = x.contiguous(memory_format=layout)
             with autocast():
-                attributions, output = function(model, x, target=target, return_output=True, **method_kwargs)
+                attributions, output = declared(model, x, target=target, return_output=True, **method_kwargs)
             output = output.float()
             classes = resolve_target(target, output) if is_predicted(target) else torch.full(
                 (output.shape[0],), target, dtype=torch.long, device=output.device)
-            maps = to_map(attributions).detach()
+            maps = to_map(attributions.detach(), declared.map_rule)
             columns = [maps.to(getattr(torch, map_dtype)), output.argmax(1), classes,
                        output.gather(1, classes[:, None])[:, 0]]
             if extra is not None:
@@ -281,6 +324,31 @@ def saliency_maps(
     if progress and rank == 0:
         print(f"{method}: {summary.line()}", file=sys.stderr)
     return summary
+
+
+def _stamp_inputs(out: Path, source: FileSource, shard_size: int, done: set, rank: int,
+                  world: int) -> Tuple[int, Dict[int, str]]:
+    """This rank's shards' input stamps (:meth:`FileSource.stamp`), taken before their files
+    are read (the writer stores each with its shard), and ``done`` without the finished
+    shards whose files changed since they were written (their files are removed: a run
+    killed while redoing one redoes it again). A finished shard without a stamp (a folder
+    from an older version, or merged) is kept. Returns ``(shards redone, {shard: stamp})``."""
+    redone, stamps = 0, {}
+    for shard in range(rank, -(-source.length // shard_size), world):
+        stamp = source.stamp(shard, shard_size)
+        if shard in done:
+            try:
+                recorded = stamp_path(out, shard).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            if recorded == stamp:
+                continue
+            for finished in shard_paths(out, shard) + (stamp_path(out, shard),):
+                finished.unlink(missing_ok=True)
+            done.discard(shard)
+            redone += 1
+        stamps[shard] = stamp
+    return redone, stamps
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from ..core.validation import check_choice
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-DECODERS = ("pil", "gpu")
+from ..core.images import check_resize
+from ..core.validation import check_choice, check_image_batch, check_int
+from ..loading import IMAGE_SUFFIXES, decode_file
+from .decoders import DECODE_CHOICES as DECODERS, DEVICE_DECODERS, decode_in_worker, runs_on_device
+from .decoders import decode_on_device  # noqa: F401  (its home until pipeline/decoders.py)
 
 
 @dataclass
@@ -42,87 +43,18 @@ class Batch:
 
 # ---------------------------------------------------------------------------- decoding
 
-def _to_8bit(image):
-    """16-bit and float grayscale (modes I;16*, I, F) to 8-bit L; other modes unchanged."""
-    from PIL import Image
+def decode_image(data, size: int, channels: int, resize: str = "crop") -> np.ndarray:
+    """A file (path or bytes) decoded with Pillow as ``uint8[size, size, channels]``, fitted by
+    the package's one ``resize`` policy (:func:`cnnviz_fast.loading.decode_file`). Raises on
+    an unreadable, truncated or empty file (ValueError when Pillow does not recognise it)."""
+    from PIL import UnidentifiedImageError
 
-    if image.mode.startswith("I;16") or image.mode == "I":
-        array = np.asarray(image, dtype=np.float32) / 257.0
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        array = array * 255.0 if array.size and array.max() <= 1.0 else array
-    else:
-        return image
-    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L")
-
-
-def decode_image(data, size: int, channels: int) -> np.ndarray:
-    """A file (path or bytes) decoded with Pillow as ``uint8[size, size, channels]``.
-
-    CMYK, palette, grayscale, RGBA (alpha dropped) and 16-bit images are converted; JPEGs are
-    decoded at the smallest DCT scale still ≥ ``size`` (Pillow's draft mode). Raises on an
-    unreadable, truncated or empty file.
-    """
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as image:
-        if image.format == "JPEG":
-            image.draft(None, (size, size))
-        image = _to_8bit(image)
-        image = image.convert("RGB" if channels == 3 else "L")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        array = np.array(image, dtype=np.uint8)  # a writable copy, as torch wants
-    return array if array.ndim == 3 else array[:, :, None]
-
-
-def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
-                     device: torch.device) -> Tuple[List[int], torch.Tensor, List[Tuple[int, str]]]:
-    """Decode file bytes with ``torchvision.io`` on ``device`` (nvJPEG on a GPU), resize there.
-
-    Returns ``(kept, pixels uint8[K, C, size, size], failed [(index, reason)])``. A batch whose
-    joint JPEG decode fails is retried one file at a time, so one bad file skips only itself;
-    a file torchvision's decoders refuse (CMYK JPEG, 16-bit PNG, ...) is decoded by Pillow,
-    as in the CPU path, and skipped only when Pillow fails too.
-    """
-    import torchvision.io as tio
-
-    mode = tio.ImageReadMode.RGB if channels == 3 else tio.ImageReadMode.GRAY
-    decoded: List[Optional[torch.Tensor]] = [None] * len(raw)
-    failed: List[Tuple[int, str]] = []
-
-    def with_pillow(i: int) -> None:
-        try:
-            array = decode_image(raw[i].numpy().tobytes(), size, channels)
-            decoded[i] = torch.from_numpy(array).permute(2, 0, 1).to(device)
-        except Exception as error:  # noqa: BLE001 - a bad file is a skip, whatever it raised
-            failed.append((i, f"decode: {error}".splitlines()[0]))
-
-    jpegs = [i for i, data in enumerate(raw) if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8]
+    check_int(size, "size", minimum=1)
+    check_choice(channels, (1, 3), "channels")
     try:
-        for i, image in zip(jpegs, tio.decode_jpeg([raw[i] for i in jpegs], mode=mode, device=device)):
-            decoded[i] = image
-    except RuntimeError:
-        for i in jpegs:
-            try:
-                decoded[i] = tio.decode_jpeg(raw[i], mode=mode, device=device)
-            except RuntimeError:
-                with_pillow(i)
-    for i, data in enumerate(raw):
-        if i in jpegs:
-            continue
-        try:  # PNG and others: torchvision's CPU decoders, then on to the device
-            decoded[i] = tio.decode_image(data, mode=mode).to(device)
-        except RuntimeError:
-            with_pillow(i)
-    kept = [i for i, image in enumerate(decoded) if image is not None]
-    pixels = [torch.nn.functional.interpolate(decoded[i][None].float(), size=(size, size), mode="bilinear",
-                                              antialias=True, align_corners=False)[0] for i in kept]
-    stacked = (torch.stack(pixels).round_().clamp_(0, 255).to(torch.uint8) if pixels
-               else torch.empty(0, channels, size, size, dtype=torch.uint8, device=device))
-    return kept, stacked, sorted(failed)
+        return decode_file(data, size, channels, resize)
+    except UnidentifiedImageError as error:
+        raise ValueError(f"data is not an image Pillow can read ({error})") from None
 
 
 # ---------------------------------------------------------------------------- sources
@@ -180,6 +112,33 @@ class PositionBatches(Sampler):
                    for k in self.shards)
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image suffix (``..png`` and ``.png`` too, which
+    ``os.path.splitext`` sees as names without a suffix)."""
+    return "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_SUFFIXES
+
+
+def _image_files(root: Path) -> Iterator[str]:
+    """Image files below ``root`` (links followed), as ``/``-separated paths relative to it.
+    Each real folder is walked once, so a link loop (``loop -> .``) or two links to one
+    folder do not list its files again."""
+    seen = set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            folders[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        folders.sort()
+        for name in files:
+            if is_image_name(name):
+                yield os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+
+
 class IndexedSource(Source):
     """Items read by position in DataLoader workers."""
 
@@ -202,17 +161,25 @@ class FileSource(IndexedSource):
 
     pixels = True
 
-    def __init__(self, spec, size: int, channels: int, decode: str = "pil"):
+    def __init__(self, spec, size: int, channels: int, decode: str = "pil", resize: str = "crop",
+                 on_device: Optional[bool] = None):
+        check_resize(resize)
+        self.resize = resize
+        # workers read bytes and the main process decodes on the device (pipeline/decoders.py)
+        self.on_device = decode in DEVICE_DECODERS if on_device is None else on_device
         root = Path(spec)
         if root.is_dir():
-            names = sorted(
-                os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-                for folder, _, files in os.walk(root, followlinks=True) for name in files
-                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+            names = sorted(_image_files(root))
             self.kind, base = "folder", root
+        elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"data {str(spec)!r} is one image; pass its folder or a text file of image paths")
         elif root.is_file():
-            with open(root, encoding="utf-8") as lines:
-                names = [line.rstrip("\r\n") for line in lines if line.strip()]
+            try:
+                with open(root, encoding="utf-8") as lines:
+                    names = [line.rstrip("\r\n") for line in lines if line.strip()]
+            except UnicodeDecodeError:
+                raise ValueError(f"data {str(spec)!r} is neither a folder nor a text file of image paths "
+                                 "(not UTF-8 text)") from None
             self.kind, base = "list", root.parent
         else:
             raise ValueError(f"data {str(spec)!r}: no such folder or file of paths")
@@ -228,23 +195,37 @@ class FileSource(IndexedSource):
         self.fingerprint = digest.hexdigest()
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "length": self.length, "files_sha1": self.fingerprint}
+        return {"kind": self.kind, "length": self.length, "files_sha1": self.fingerprint, "resize": self.resize}
+
+    def stamp(self, shard: int, shard_size: int) -> str:
+        """What identifies the content of shard ``shard``'s files without reading them: one
+        line ``position,size,mtime_ns`` per file (``-1,-1`` for a file that is gone), as
+        ``make`` and ``rsync`` judge a file unchanged. Taken before the files are read, so
+        a file changed during a run is found changed by the next one."""
+        lines = []
+        for position in range(shard * shard_size, min((shard + 1) * shard_size, self.length)):
+            try:
+                info = os.stat(os.path.join(self.base, self.ident(position)))
+                lines.append(f"{position},{info.st_size},{info.st_mtime_ns}")
+            except OSError:
+                lines.append(f"{position},-1,-1")
+        return "position,size,mtime_ns\n" + "\n".join(lines) + "\n"
 
     def ident(self, position: int) -> str:
         return self.names[position].decode("utf-8", "surrogateescape")
 
     def read(self, position: int):
         path = os.path.join(self.base, self.ident(position))
-        if self.decode == "gpu":  # bytes only; the main process decodes on the GPU
+        if self.on_device:  # bytes only; the main process decodes on the GPU
             with open(path, "rb") as handle:
                 data = handle.read()
             if not data:
                 raise ValueError("empty file")
             return np.frombuffer(data, dtype=np.uint8).copy()
-        return decode_image(path, self.size, self.channels)
+        return decode_in_worker(path, self.size, self.channels, self.resize, self.decode)
 
     def batches(self, sampler, num_workers, pin_memory):
-        if self.decode != "gpu":
+        if not self.on_device:
             yield from super().batches(sampler, num_workers, pin_memory)
             return
         loader = DataLoader(_ItemDataset(self.read, self.ident), batch_sampler=sampler, num_workers=num_workers,
@@ -253,7 +234,8 @@ class FileSource(IndexedSource):
 
     def decode_batch(self, batch: Batch, device: torch.device) -> Batch:
         """GPU decode: the raw bytes of ``batch`` decoded and resized on ``device``."""
-        kept, pixels, failed = decode_on_device(batch.inputs, self.size, self.channels, device)
+        kept, pixels, failed = decode_on_device(batch.inputs, self.size, self.channels, device, self.resize,
+                                                self.decode)
         skipped = batch.skipped + [(int(batch.positions[i]), batch.ids[i], reason) for i, reason in failed]
         return Batch(batch.positions[kept], [batch.ids[i] for i in kept], pixels, sorted(skipped))
 
@@ -272,8 +254,11 @@ class TensorSource(IndexedSource):
     kind = "tensor"
 
     def __init__(self, data: torch.Tensor):
-        if data.dim() != 4 or not data.is_floating_point():
+        check_image_batch(data)
+        if not data.is_floating_point():
             raise ValueError(f"data tensor must be float [M, C, H, W], got {data.dtype} {list(data.shape)}")
+        if not len(data):
+            raise ValueError(f"data holds no images: shape {list(data.shape)}")
         self.data, self.length = data, data.shape[0]
 
     def describe(self) -> dict:
@@ -333,16 +318,17 @@ class StreamSource(Source):
 
 
 def make_source(data, size: Optional[int] = None, channels: Optional[int] = None, decode: str = "pil",
-                batch_size: int = 64) -> Source:
+                batch_size: int = 64, resize: str = "crop", device=None) -> Source:
     """The :class:`Source` for ``data``: a folder or text file of paths (needs ``size`` and
     ``channels``), a Tensor, a map-style Dataset, an IterableDataset or a DataLoader."""
     check_choice(decode, DECODERS, "decode")
     if isinstance(data, (str, os.PathLike)):
         if size is None or channels is None:
             raise ValueError("size and channels are required to decode image files")
-        return FileSource(data, size, channels, decode)
-    if decode != "pil":
-        raise ValueError("decode='gpu' applies to image files only")
+        return FileSource(data, size, channels, decode, resize,
+                          on_device=None if device is None else runs_on_device(decode, device))
+    if decode not in ("pil", "auto"):
+        raise ValueError(f"decode={decode!r} applies to image files only")
     if isinstance(data, torch.Tensor):
         return TensorSource(data)
     if isinstance(data, (DataLoader, IterableDataset)):

@@ -17,7 +17,7 @@ import queue
 import signal
 import threading
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ KILL_RANK = "CNNVIZ_TEST_KILL_RANK"
 
 def shard_paths(out: Path, shard: int) -> Tuple[Path, Path]:
     return out / "shards" / f"{shard:06d}.npy", out / "shards" / f"{shard:06d}.csv"
+
+
+def stamp_path(out: Path, shard: int) -> Path:
+    """The shard's input stamp (files' size and modification time, see FileSource.stamp)."""
+    return out / "shards" / f"{shard:06d}.inputs.csv"
 
 
 def finished_shards(out: Path) -> List[int]:
@@ -59,8 +64,10 @@ def write_atomic(path: Path, text: str) -> None:
 class ShardWriter:
     """One shard being filled; ``commit`` makes it finished."""
 
-    def __init__(self, out: Path, shard: int, map_dtype: np.dtype, extra_columns: Sequence[str] = ()):
-        self.shard, self.map_dtype, self.extra_columns = shard, map_dtype, list(extra_columns)
+    def __init__(self, out: Path, shard: int, map_dtype: np.dtype, extra_columns: Sequence[str] = (),
+                 stamp: Optional[str] = None):
+        self.shard, self.map_dtype, self.extra_columns, self.stamp = shard, map_dtype, list(extra_columns), stamp
+        self.stamp_path = stamp_path(out, shard)
         self.npy_path, self.csv_path = shard_paths(out, shard)
         for leftover in self.npy_path.parent.glob(f"{shard:06d}.*partial"):  # from a killed attempt
             leftover.unlink(missing_ok=True)
@@ -86,6 +93,8 @@ class ShardWriter:
         table = csv.writer(text)
         table.writerow(CSV_COLUMNS + self.extra_columns)
         table.writerows(self.lines)
+        if self.stamp is not None:  # what the inputs were when read; before the files that finish the shard
+            write_atomic(self.stamp_path, self.stamp)
         write_atomic(self.csv_path, text.getvalue())
         if self.npy is None:  # every item skipped: an empty array marks the shard finished
             self.npy = NpyWriter(self.npy_path, (0, 0), self.map_dtype, durable=True)
@@ -106,8 +115,10 @@ class BackgroundWriter:
     """
 
     def __init__(self, out: Path, shard_size: int, map_dtype: np.dtype, rank: int = 0,
-                 overlays: int = 0, depth: int = 4, extra_columns: Sequence[str] = ()):
+                 overlays: int = 0, depth: int = 4, extra_columns: Sequence[str] = (),
+                 stamps: Optional[Dict[int, str]] = None):
         self.out, self.shard_size, self.map_dtype, self.overlays = Path(out), shard_size, map_dtype, overlays
+        self.stamps = stamps or {}  # shard -> FileSource.stamp, taken before its files were read
         self.extra_columns = list(extra_columns)
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
         self.queue: "queue.Queue" = queue.Queue(depth)
@@ -170,7 +181,7 @@ class BackgroundWriter:
         if self.current is not None and self.current.shard != shard:
             self._commit()
         if self.current is None:
-            self.current = ShardWriter(self.out, shard, self.map_dtype, self.extra_columns)
+            self.current = ShardWriter(self.out, shard, self.map_dtype, self.extra_columns, self.stamps.get(shard))
         return self.current
 
     def _commit(self) -> None:

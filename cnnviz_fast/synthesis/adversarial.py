@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..core import Neuron, autograd_on, model_guard
 from ..core.targets import check_target, resolve_target, select_scores
 from ..core.validation import check_choice, check_int, check_number, model_device_dtype
-from ._common import check_normalize, check_pixels, make_generator, probe
+from ._common import check_class_output, check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
 
@@ -105,7 +105,7 @@ def adversarial(
         if method == "ascent" and not step_size > 0:
             raise ValueError(f"step_size must be > 0 for method='ascent', got {step_size}")
 
-        clean_output = probe(model, normalize(pixels), "pixels")
+        clean_output = check_class_output(probe(model, normalize(pixels), "pixels"), n, "adversarial")
         select_scores(clean_output, target)  # checks target's range
         target = resolve_target(target, clean_output)  # "predicted": leave the model's own prediction
         labels = torch.as_tensor(target, device=device).long().expand(n).clone()

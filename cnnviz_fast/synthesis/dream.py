@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import autograd_on, model_guard
-from ..core.validation import check_int, check_number, model_device_dtype
+from ..core.validation import check_int, check_layer_name, check_number, model_device_dtype
 from ._common import check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import PixelImage
@@ -58,6 +58,7 @@ def deep_dream(
     """
     with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
+        check_layer_name(layer)
         pixels = check_pixels(pixels, "pixels", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
         probe(model, normalize(pixels), "pixels", layers=[layer])

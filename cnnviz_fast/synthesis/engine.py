@@ -17,6 +17,7 @@ initialisations and transforms would.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from dataclasses import dataclass, field
@@ -27,12 +28,15 @@ from torch import Tensor, nn
 
 from ..core import autograd_on, capture_layers, forward_to_layers, model_guard
 from ._common import identity
-from ..core.validation import check_choice, check_int
+from ..core.validation import check_choice, check_int, check_layer_name, check_positive_number
 from .parameterization import ImageParameterization
 
 Features = Dict[str, Tensor]
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
+# dtype= of the synthesis loop: the model's forward pass (and the losses on its features)
+# under autocast in that dtype; the images, their gradients and the optimiser stay float32
+AUTOCAST_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEP_NORMS = (None, "sign", "l2", "mean_abs")
 
 
@@ -79,6 +83,9 @@ def _forward(model: nn.Module, inputs: Tensor, objective: Objective) -> Tuple[Fe
     missing = [name for name in objective.layers if name not in captured]
     if missing:
         raise ValueError(f"layer {missing[0]!r} was not executed during the forward pass of {type(model).__name__}")
+    if isinstance(output, Tensor) and not output.requires_grad:
+        raise ValueError(f"model output does not depend on its input ({type(model).__name__} returns a tensor "
+                         "without a gradient, e.g. detached or computed under torch.no_grad()): nothing to optimise")
     return dict(captured), output
 
 
@@ -120,6 +127,38 @@ def _steps(steps: int, progress: Optional[bool], description: str):
     return tqdm(range(steps), desc=description, leave=False)
 
 
+@contextlib.contextmanager
+def _model_channels_last(model: nn.Module, on: bool):
+    """The model's 4-D weights channels-last for the block (cuDNN's NHWC kernels with
+    channels-last inputs; without it every convolution would convert its weight each
+    call), put back as they were afterwards."""
+    layout = torch.channels_last
+    changed = [p for p in model.parameters() if on and p.dim() == 4 and not p.is_contiguous(memory_format=layout)]
+    for p in changed:
+        p.data = p.data.contiguous(memory_format=layout)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.data = p.data.contiguous()
+
+
+def _after_step(image, opt, optimizer: str, step_ops, record: dict, step: int, callback) -> bool:
+    """Projection and step operations after a step; True when the callback asks to stop."""
+    with torch.no_grad():
+        if optimizer != "lbfgs":
+            image.project()
+        if step_ops:
+            native, changed = image.native(), False
+            for op in step_ops:
+                new = op(native, record["native_grad"], step)
+                if new is not None:
+                    native, changed = new, True
+            if changed:
+                image.set_native(native)
+    return bool(callback is not None and callback(step, record["pixels"], record["losses"]))
+
+
 def _guarded(function):
     """Run ``function(model, ...)`` inside ``model_guard(model)`` with gradients on."""
     @functools.wraps(function)
@@ -147,6 +186,8 @@ def optimize(
     progress: Optional[bool] = None,
     callback: Optional[Callable[[int, Tensor, Tensor], Optional[bool]]] = None,
     description: str = "synthesis",
+    dtype: Optional[str] = None,
+    channels_last: bool = False,
 ) -> SynthesisResult:
     """Minimise ``objective + penalties`` over the images of ``image``.
 
@@ -170,11 +211,22 @@ def optimize(
             or a Jupyter kernel).
         callback: ``callback(step, pixels, losses)`` after each step (``pixels`` the
             images before the step, ``losses`` ``Tensor[N]``); returning True stops.
+        dtype: ``"bf16"`` / ``"fp16"``: the forward pass and the losses under autocast
+            (tensor cores on a GPU); None / ``"fp32"``: the model's dtype.
+        channels_last: run the model on channels-last (NHWC) images and weights.
+
+    Nothing is read back to the host per step (the loss history stays on the device until
+    the end) except what the optimiser reads (L-BFGS's line-search tests) and, with an
+    objective's ``done``, whether every image is done.
     """
+    check_choice(dtype, AUTOCAST_DTYPES, "dtype")
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True or False, got {channels_last!r}")
     check_choice(step_norm, STEP_NORMS, "step_norm")
     check_int(steps, "steps", minimum=0)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    check_positive_number(lr, "lr")
+    for name in objective.layers:
+        check_layer_name(name, "each layer of objective.layers")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     normalize = identity if normalize is None else normalize
     params = image.parameters()
@@ -186,6 +238,9 @@ def optimize(
     last_losses = torch.zeros(n, dtype=torch.float32, device=done.device)
     history: List[Tensor] = []
     record: dict = {}
+    amp = (functools.partial(torch.autocast, done.device.type, AUTOCAST_DTYPES[dtype])
+           if AUTOCAST_DTYPES[dtype] is not None else contextlib.nullcontext)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def closure() -> Tensor:
         # finished images leave the batch: only the others are run through the model
@@ -196,8 +251,16 @@ def optimize(
         x = selected
         for transform in transforms:
             x = transform(x, generator)
-        features, output = _forward(model, normalize(x), objective)
-        losses = objective.loss(features, output, index)
+        with amp():
+            inputs = normalize(x).contiguous(memory_format=layout)
+            if any(inputs.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (pixels, selected)):
+                inputs = inputs.clone()  # a model may write into its input; the penalties read the pixels afterwards
+            features, output = _forward(model, inputs, objective)
+            losses = objective.loss(features, output, index)
+        if not isinstance(losses, Tensor) or losses.shape != (len(index),):
+            raise ValueError(f"objective.loss must return one loss per image, Tensor[{len(index)}], got "
+                             f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}: "
+                             "images are optimised independently")
         for penalty in penalties:
             losses = losses + penalty(selected)
         wrt = params + [native] if native_grad_needed else params
@@ -217,34 +280,24 @@ def optimize(
                           native_grad=grads[-1] if native_grad_needed else None)
         return losses.detach().sum()
 
-    for step in _steps(steps, progress, description):
-        record.clear()
-        if optimizer == "lbfgs":
-            opt.step(closure)
-        else:
-            closure()
-            if not bool(done.all()):
-                opt.step()
-        history.append(record["losses"].cpu())
-        if bool(done.all()):
-            break
-        with torch.no_grad():
-            if optimizer != "lbfgs":
-                image.project()
-            if step_ops:
-                native, changed = image.native(), False
-                for op in step_ops:
-                    new = op(native, record["native_grad"], step)
-                    if new is not None:
-                        native, changed = new, True
-                if changed:
-                    image.set_native(native)
-        if callback is not None and callback(step, record["pixels"], record["losses"]):
-            break
+    with _model_channels_last(model, channels_last):
+        for step in _steps(steps, progress, description):
+            record.clear()
+            if optimizer == "lbfgs":
+                opt.step(closure)
+            else:
+                closure()
+                if objective.done is None or not bool(done.all()):
+                    opt.step()
+            history.append(record["losses"])  # on the device: no read per step
+            if objective.done is not None and bool(done.all()):
+                break
+            if _after_step(image, opt, optimizer, step_ops, record, step, callback):
+                break
     for p in params:
         p.grad = None
     with torch.no_grad():
         image.project()
         images = image().detach().clone()
-    history_tensor = torch.stack(history) if history else torch.zeros(0, n)
+    history_tensor = torch.stack(history).cpu() if history else torch.zeros(0, n)
     return SynthesisResult(images=images, history=history_tensor)

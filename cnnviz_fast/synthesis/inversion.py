@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import autograd_on, forward_to_layers, model_guard
-from ..core.validation import check_number, model_device_dtype
+from ..core.validation import check_layer_name, check_number, model_device_dtype
 from ._common import check_normalize, check_pixels, make_generator, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import make_image
@@ -66,6 +66,7 @@ def invert_features(
     """
     with model_guard(model), autograd_on():
         device, dtype = model_device_dtype(model)
+        check_layer_name(layer)
         pixels = check_pixels(pixels, "pixels", device, dtype)
         normalize = check_normalize(normalize, pixels.shape[1])
 

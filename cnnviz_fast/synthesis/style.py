@@ -50,20 +50,24 @@ def _style_grams(model, pixels, normalize, layers, argument) -> Dict[str, Tuple[
     return grams
 
 
-def _gram_losses(features: Dict[str, Tensor], grams, layers, weights, index) -> Tensor:
+def _gram_losses(features: Dict[str, Tensor], grams, layers, weights, index, images: Optional[int] = None) -> Tensor:
     """Per-image Gram loss ``sum_l w_l mean((G_l - T_l)^2) / mean(T_l^2)`` as ``Tensor[M]``
-    for the images ``index``: one fused ``gram_loss`` call (all layers) per image.
+    for the images ``index`` (of ``images``): one fused ``gram_loss`` call (all layers) per
+    image. Features of another dtype (bf16 under autocast) are compared in the targets'.
 
     Dividing by the target's mean square makes each layer count by its weight whatever
     the magnitude of its features (deep layers of a random network are tiny) and the
     loss scale-free (L-BFGS's curvature test has an absolute threshold)."""
     losses = []
-    for row, i in enumerate(index.tolist()):
+    # a batch of all the images is 0..N-1 in order: no read of ``index`` (on a GPU that read
+    # waited for the forward pass before the loss could be queued, every iteration)
+    rows = range(images) if len(index) == images else index.tolist()
+    for row, i in enumerate(rows):
         feats, targets, scaled = [], [], []
         for name, weight in zip(layers, weights):
             gram, scale = grams[name]
             j = i if gram.shape[0] > 1 else 0
-            feats.append(features[name][row:row + 1])
+            feats.append(features[name][row:row + 1].to(gram.dtype))
             targets.append(gram[j])
             scaled.append(weight / scale[j])
         losses.append(ops.gram_loss(feats, targets, scaled))
@@ -85,6 +89,8 @@ def synthesize_texture(
     seed: Optional[int] = 0,
     progress: Optional[bool] = None,
     callback=None,
+    dtype: Optional[str] = None,
+    channels_last: bool = False,
 ) -> SynthesisResult:
     """New images with the Gram statistics of ``texture`` at ``layers``.
 
@@ -101,6 +107,9 @@ def synthesize_texture(
         steps: iterations; optimizer: ``"lbfgs"`` (default; one L-BFGS iteration per
             step), ``"adam"`` or ``"sgd"``; lr: its step size.
         parameterization: ``"pixels"`` or ``"fourier"``; seed: the initial noise.
+        dtype: ``"bf16"`` / ``"fp16"``: each iteration's forward pass under autocast (tensor
+            cores on a GPU); the target Gram matrices, the loss and the images stay in the
+            model's dtype. channels_last: NHWC images and weights for the call.
 
     Returns:
         :class:`SynthesisResult`: ``images`` ``Tensor[N, C, H, W]`` in [0, 1], ``history``
@@ -108,8 +117,8 @@ def synthesize_texture(
         the call and is left as it was; only the images get gradients.
     """
     with model_guard(model), autograd_on():
-        device, dtype = model_device_dtype(model)
-        pixels = check_pixels(texture, "texture", device, dtype)
+        device, model_dtype = model_device_dtype(model)
+        pixels = check_pixels(texture, "texture", device, model_dtype)
         layers = _layers(layers, "layers")
         weights = _layer_weights(layer_weights, layers, "layer_weights")
         normalize = check_normalize(normalize, pixels.shape[1])
@@ -117,15 +126,15 @@ def synthesize_texture(
         grams = _style_grams(model, pixels, normalize, layers, "texture")
         generator = make_generator(seed)
         shape = (pixels.shape[0], pixels.shape[1], height, width)
-        image = make_image(parameterization, shape, generator=generator, device=device, dtype=dtype,
+        image = make_image(parameterization, shape, generator=generator, device=device, dtype=model_dtype,
                            init_std=0.1 if parameterization == "pixels" else 0.01)
         def loss(features, output, index):
-            return _gram_losses(features, grams, layers, weights, index)
+            return _gram_losses(features, grams, layers, weights, index, shape[0])
 
         objective = Objective(loss=loss, layers=tuple(layers))
         return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
                         generator=generator, progress=progress, callback=callback,
-                        description="synthesize_texture")
+                        description="synthesize_texture", dtype=dtype, channels_last=channels_last)
 
 
 def style_transfer(
@@ -146,6 +155,8 @@ def style_transfer(
     seed: Optional[int] = 0,
     progress: Optional[bool] = None,
     callback=None,
+    dtype: Optional[str] = None,
+    channels_last: bool = False,
 ) -> SynthesisResult:
     """Paint ``content`` in the style of ``style`` (Gatys et al. 2016).
 
@@ -162,6 +173,7 @@ def style_transfer(
         content_weight, style_weight: the balance of the two terms.
         steps, optimizer (``"lbfgs"`` default, ``"adam"``, ``"sgd"``), lr: the optimisation.
         init: ``"content"`` (start from the content image) or ``"noise"`` (seeded).
+        dtype, channels_last: as in :func:`synthesize_texture`.
 
     Returns:
         :class:`SynthesisResult` (``images`` ``Tensor[N, C, H, W]``, ``history``
@@ -169,9 +181,9 @@ def style_transfer(
         it was; only the images get gradients.
     """
     with model_guard(model), autograd_on():
-        device, dtype = model_device_dtype(model)
-        content = check_pixels(content, "content", device, dtype)
-        style = check_pixels(style, "style", device, dtype)
+        device, model_dtype = model_device_dtype(model)
+        content = check_pixels(content, "content", device, model_dtype)
+        style = check_pixels(style, "style", device, model_dtype)
         if style.shape[0] not in (1, content.shape[0]) or style.shape[1] != content.shape[1]:
             raise ValueError(f"style must be [1 or N, C, h, w] with N={content.shape[0]}, C={content.shape[1]}, "
                              f"got shape {tuple(style.shape)}")
@@ -188,13 +200,15 @@ def style_transfer(
         content_scale = target.pow(2).flatten(1).mean(1).clamp_min(1e-30)
 
         def loss(features, output, index):
-            content_loss = (features[content_layer] - target[index]).pow(2).flatten(1).mean(1) / content_scale[index]
-            style_loss = _gram_losses(features, grams, style_layers, weights, index)
+            content_loss = (features[content_layer].to(target.dtype) - target[index]).pow(2).flatten(1).mean(1) \
+                / content_scale[index]
+            style_loss = _gram_losses(features, grams, style_layers, weights, index, content.shape[0])
             return content_weight * content_loss + style_weight * style_loss
 
         generator = make_generator(seed)
-        image = make_image("pixels", content.shape, generator=generator, device=device, dtype=dtype,
+        image = make_image("pixels", content.shape, generator=generator, device=device, dtype=model_dtype,
                            init=content if init == "content" else None, init_std=0.1)
         objective = Objective(loss=loss, layers=tuple(dict.fromkeys(style_layers + [content_layer])))
         return optimize(model, objective, image, normalize=normalize, steps=steps, lr=lr, optimizer=optimizer,
-                        generator=generator, progress=progress, callback=callback, description="style_transfer")
+                        generator=generator, progress=progress, callback=callback, description="style_transfer",
+                        dtype=dtype, channels_last=channels_last)

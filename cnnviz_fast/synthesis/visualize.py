@@ -22,7 +22,7 @@ from ..core import Neuron, autograd_on, model_guard
 from ..core.targets import check_target
 from ..core.validation import check_number, model_device_dtype
 from . import regularizers as R
-from ._common import check_normalize, check_pixels, make_generator, neutral_pixel, probe
+from ._common import check_class_output, check_normalize, check_pixels, make_generator, neutral_pixel, probe
 from .engine import Objective, SynthesisResult, optimize
 from .parameterization import Size, check_shape, make_image
 
@@ -191,7 +191,7 @@ def visualize_class(
         normalize = check_normalize(normalize, shape[1])
         device, dtype = model_device_dtype(model)
         blank = torch.full((1,) + shape[1:], 0.5, device=device, dtype=dtype)
-        classes = probe(model, normalize(blank), "input_shape").shape[-1]
+        classes = check_class_output(probe(model, normalize(blank), "input_shape"), 1, "visualize_class").shape[-1]
         indices = torch.as_tensor(target, device=device).reshape(-1).long()
         if int(indices.min()) < 0 or int(indices.max()) >= classes:
             raise ValueError(f"target classes must lie in [0, {classes}), got {indices.tolist()}")

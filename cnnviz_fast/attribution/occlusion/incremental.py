@@ -3,7 +3,8 @@
 An occluded image differs from the clean one inside the window only, and each layer's
 output only inside that window's projective field. The model is captured once with
 ``torch.fx.symbolic_trace``; the clean image runs through the graph with every node's
-output kept. A batch of window positions then runs node by node, each value being
+output kept. The capture runs in this thread only (:func:`capture`): other threads see
+nothing of it. A batch of window positions then runs node by node, each value being
 
 - a :class:`Patch`: one rectangle per position (same size for all positions of the
   batch, different offsets) holding the recomputed values; outside it the node's
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -42,15 +44,74 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..core.padding import pad_same, same_padding
-from ..core.targets import Neuron, Target, select_scores
+from ...core.padding import pad_same, same_padding
+from ...core.targets import Neuron, Target, select_scores
 
-__all__ = ["IncrementalOcclusion", "FULL_FRACTION"]
+__all__ = ["IncrementalOcclusion", "FULL_FRACTION", "capture"]
 
 # A windowed layer is computed on the whole map for every position once the changed
 # rectangle covers more than this fraction of it: the gather/scatter overhead of a
 # patch is no longer worth the saved arithmetic.
 FULL_FRACTION = 0.6
+
+
+# fx keeps its patches as one stack per process: two captures at once would restore each
+# other's patches in the wrong order, so captures run one at a time (other calls do not wait).
+_CAPTURE_LOCK = threading.Lock()
+
+
+class _ThreadConfinedTracer(fx.Tracer):
+    """``torch.fx.Tracer`` whose capture acts in the capturing thread only.
+
+    While it traces, fx replaces ``nn.Module.__call__`` and ``nn.Module.__getattr__`` for
+    the whole process (and wraps ``math`` functions in the globals of every module whose
+    forward runs): a module called by another thread at that moment would be recorded
+    into this graph, or fail ("module is not installed as a submodule"). Here the
+    replaced methods hand every call from another thread straight to the original, and
+    the function wrapping is offered to the capturing thread only; fx's remaining
+    wrappers (``torch.fx.wrap``) act only on this capture's proxies, which no other
+    thread holds. The cost for other threads during a capture: one Python call and a
+    thread-id comparison per module call and attribute look-up.
+    """
+
+    def __init__(self):
+        self._owner: Optional[int] = None  # the capturing thread, while it captures
+        self._wrapped_ids: set = set()
+        super().__init__()
+
+    @property
+    def _autowrap_function_ids(self) -> set:  # read by fx on every module call, from any thread
+        return self._wrapped_ids if self._owner in (None, threading.get_ident()) else set()
+
+    @_autowrap_function_ids.setter
+    def _autowrap_function_ids(self, ids):
+        self._wrapped_ids = set(ids)
+
+    def trace(self, root, concrete_args=None):
+        with _CAPTURE_LOCK:
+            self._owner = threading.get_ident()
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                self._owner = None
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._owner != threading.get_ident():
+            return forward(*args, **kwargs)  # nn.Module.__call__ as it was
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._owner != threading.get_ident():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def capture(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, seen by no other thread (:class:`_ThreadConfinedTracer`).
+    Raises what tracing raises (data-dependent control flow, unsupported Python)."""
+    tracer = _ThreadConfinedTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 @dataclass
@@ -273,7 +334,7 @@ class IncrementalOcclusion:
         """Trace ``model``; None when it cannot be traced or ``target`` reads a layer that is
         not a node of the traced graph (then use full recomputation)."""
         try:
-            graph = fx.symbolic_trace(model)
+            graph = capture(model)
         except Exception:  # data-dependent control flow, unsupported Python: not capturable
             return None
         nodes = list(graph.graph.nodes)
