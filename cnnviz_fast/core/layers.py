@@ -84,6 +84,8 @@ def layer_name(model: nn.Module, layer, argument: str = "layer", target=_NO_TARG
     ValueError names ``argument`` otherwise. Given the call's ``target``, a layer that
     looks like a target next to a target that looks like a layer (Captum's order
     ``(target, layer)``) is explained as swapped."""
+    if not isinstance(model, nn.Module):
+        return layer  # not a module (an ExportedProgram, ...): the method's model check says what to pass
     looks_like_layer = isinstance(target, nn.Module) or (isinstance(target, str) and target != "predicted")
     if target is not _NO_TARGET and looks_like_layer and not isinstance(layer, (str, nn.Module)):
         raise ValueError(f"{argument}: got {layer!r} as layer and {target!r} as target; {method or 'this method'} "

@@ -95,6 +95,8 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     curve_fns = {"deletion": deletion_curve, "insertion": insertion_curve}
     aucs = {name: {m: [] for m in metrics} for name in methods}
+    if isinstance(data, Tensor):
+        check_images(data, "data")
     bar = tqdm(total=len(data) if isinstance(data, (Tensor, Dataset)) and not isinstance(data, IterableDataset)
                else None, unit="img", desc="evaluate", disable=not progress, file=sys.stderr)
     for images, labels in _batches(data, images_per_batch):

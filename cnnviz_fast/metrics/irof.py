@@ -67,7 +67,7 @@ def irof(
         :class:`Irof` (``curves [N, K]``, ``segments [N]``, ``aoc [N]``).
     """
     check_model(model)
-    inputs = checked_copy(inputs)
+    inputs = checked_copy(inputs, model)
     maps = check_maps(attributions, inputs, same_size=True)
     check_positive_int(batch_size, "batch_size")
     if not (baseline == "mean" or (isinstance(baseline, (int, float)) and not isinstance(baseline, bool))):

@@ -156,7 +156,7 @@ def road(
         :class:`Road` (``morf``, ``lerf`` ``[N, P]``; ``morf_mean``, ``lerf_mean``, ``combined``).
     """
     check_model(model)
-    inputs = checked_copy(inputs)
+    inputs = checked_copy(inputs, model)
     maps = check_maps(attributions, inputs, same_size=True)
     percentiles = tuple(percentiles)
     if not percentiles:

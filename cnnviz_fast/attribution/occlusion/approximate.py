@@ -63,7 +63,8 @@ def drill_down(score: Callable[[Tensor], Tensor], rows: int, cols: int, fraction
     coarse = (torch.tensor(knots_r)[:, None] * cols + torch.tensor(knots_c)[None, :]).flatten()
     coarse_deltas = score(coarse)
     grid = coarse_deltas.view(len(knots_r), len(knots_c))
-    estimate = (_interpolation(knots_r, rows).to(grid) @ grid @ _interpolation(knots_c, cols).to(grid).T).flatten()
+    with torch.autocast(grid.device.type, enabled=False):  # interpolated in the deltas' dtype (dtype=bf16 too)
+        estimate = (_interpolation(knots_r, rows).to(grid) @ grid @ _interpolation(knots_c, cols).to(grid).T).flatten()
     estimate[coarse.to(estimate.device)] = coarse_deltas
     todo = torch.ones(rows * cols, dtype=torch.bool)
     todo[coarse] = False

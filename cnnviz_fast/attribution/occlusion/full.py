@@ -63,7 +63,7 @@ def full_scorer(model: nn.Module, inputs: Tensor, base: Tensor, scores: Tensor, 
             batch = torch.cat([occlude(image, window, stride, fill, first, count)[0]
                                for first, count in _runs(chunk.tolist())])
             out.append(_score_rows(model, batch, target, torch.full((len(chunk),), n, device=inputs.device)))
-        return scores[n] - torch.cat(out)
+        return scores[n] - torch.cat(out).to(scores.dtype)  # a 0-dim minuend would not promote
     return score
 
 

@@ -58,6 +58,7 @@ def incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tenso
     def score(n: int, positions: Tensor) -> Tensor:
         if state["image"] != n:
             clean = engine.clean(inputs[n:n + 1], baseline_rows(base, n, n + 1), _image_target(target, n))
+            clean = clean.to(scores.dtype)  # under autocast: a 16-bit score
             if clean.shape != (1,) or not torch.allclose(clean, scores[n:n + 1], rtol=1e-3, atol=1e-5):
                 raise Fallback
             state["image"] = n
@@ -71,7 +72,7 @@ def incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tenso
                 first = _choose_engine_layout(engine, lambda chunk: out.append(run(chunk)), positions, first,
                                               state["batch"], seconds[state["batch"]])
         out += [run(chunk) for chunk in positions[first:].split(state["batch"])]
-        return scores[n] - torch.cat(out)
+        return scores[n] - torch.cat(out).to(scores.dtype)  # a 0-dim minuend would not promote
     return score
 
 
