@@ -4,10 +4,12 @@ from . import baselines
 from .gradcam import grad_cam, guided_grad_cam
 from .gradients import gradient_x_input, integrated_gradients, saliency, smoothgrad
 from .guided import deconvnet, guided_backprop
+from .lrp import lrp
 from .occlusion import occlusion
 from .segmentation import saliency_to_mask
 
 __all__ = [
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
     "occlusion", "saliency", "saliency_to_mask", "smoothgrad",
+    "lrp",
 ]

@@ -11,6 +11,7 @@ from .. import attribution as A
 from .. import features as F
 from .. import synthesis as S
 from ..attribution import baselines
+from ..attribution.lrp import composites as lrp_composites
 from .spec import Method, Option, int_pair
 
 _BATCH = Option("batch_size", int, None, "inputs per forward/backward pass (default: the method's)")
@@ -44,6 +45,15 @@ METHODS = (
            "(Selvaraju et al. 2017)", needs_layer=True, map_rule="as_is", options=(_INTERPOLATE,)),
     Method("guided_grad_cam", A.guided_grad_cam, "cam", "guided backprop × Grad-CAM", needs_layer=True,
            options=(_INTERPOLATE, _NONLINEAR)),
+    # --- relevance family --------------------------------------------------------------------
+    Method("lrp", A.lrp, "relevance", "layer-wise relevance propagation with Zennit's composites (Bach et al. "
+           "2015, Montavon et al. 2019)", map_rule="sum",
+           options=(Option("composite", str, "epsilon_plus_flat", "which rule each layer gets (Zennit's composites)",
+                           lrp_composites.COMPOSITES),
+                    Option("epsilon", float, 1e-6, "epsilon of the epsilon rule (fully connected layers)"),
+                    Option("gamma", float, 0.25, "gamma of the gamma rule (epsilon_gamma_box's convolutions)"),
+                    Option("nonlinear", str, "raise", "non-rectifying activations (SiLU, GELU): refuse, or pass "
+                           "relevance through them unchanged", ("raise", "pass")))),
     # --- perturbation family -----------------------------------------------------------------
     Method("occlusion", A.occlusion, "perturbation", "score drop when a sliding window is replaced by a "
            "baseline (Zeiler & Fergus 2014)", map_rule="as_is",
