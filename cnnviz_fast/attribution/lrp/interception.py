@@ -19,6 +19,7 @@ keeps its gradient, which routes relevance as Zennit does.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -39,6 +40,8 @@ _ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
 _ADDS_IN_PLACE = (torch.Tensor.add_, torch.Tensor.__iadd__)
 _POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
           F.adaptive_avg_pool3d)
+_MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+              F.adaptive_max_pool3d)
 _REFUSED = {
     torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul (@)",
     torch.Tensor.__rmatmul__: "matmul (@)", torch.mm: "mm", torch.Tensor.mm: "mm", torch.bmm: "bmm",
@@ -86,6 +89,17 @@ class RelevanceMode(TorchFunctionMode):
         self.nonlinear = nonlinear
         self.first_done = False
         self.last = None  # (output, its version, LinearCall) of the latest linear layer
+        # tensors known to be >= 0 (rectifier outputs, their max / average pools): id -> (ref, version);
+        # a layer on one skips the negative-input terms of its rule without looking at its values
+        self.nonnegative = {}
+
+    def _mark_nonnegative(self, t) -> None:
+        if isinstance(t, Tensor):
+            self.nonnegative[id(t)] = (weakref.ref(t), t._version)
+
+    def _is_nonnegative(self, t) -> bool:
+        entry = self.nonnegative.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == t._version
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -99,7 +113,15 @@ class RelevanceMode(TorchFunctionMode):
             x = args[0]
             if not _carries_relevance(x):
                 return func(*args, **kwargs)
-            return NormPool.apply(x, lambda t: func(t, *args[1:], **kwargs), self.composite.stabilizer)
+            output = NormPool.apply(x, lambda t: func(t, *args[1:], **kwargs), self.composite.stabilizer)
+            if self._is_nonnegative(x):
+                self._mark_nonnegative(output)
+            return output
+        if func in _MAX_POOLS:
+            output = func(*args, **kwargs)
+            if args and self._is_nonnegative(args[0]):
+                self._mark_nonnegative(output)
+            return output
         if func in _REFUSED or func in _NORMS:
             self._refuse(func, args, kwargs)
             return func(*args, **kwargs)
@@ -114,7 +136,10 @@ class RelevanceMode(TorchFunctionMode):
                     "ReLU-like activations (ReLU, ReLU6, Hardtanh(0, t), clamp(min=0)). Pass nonlinear='pass' to "
                     "let relevance pass through it unchanged (Zennit's Pass rule for activations)")
         x, rest = args[0], args[1:]
-        return PassThrough.apply(x, lambda t: func(t, *rest, **kwargs))
+        output = PassThrough.apply(x, lambda t: func(t, *rest, **kwargs))
+        if activation is not NONLINEAR:
+            self._mark_nonnegative(output)
+        return output
 
     # ------------------------------------------------------------------ calls
     def _linear(self, func, args, kwargs):
@@ -125,6 +150,7 @@ class RelevanceMode(TorchFunctionMode):
         first = not self.first_done and layer.kind in self.composite.first_kinds
         self.first_done = self.first_done or first
         layer.rule = self.composite.rule(layer.kind, first)
+        layer.nonnegative_input = self._is_nonnegative(x)
         output = LinearRelevance.apply(x, layer, lambda: func(*args, **kwargs))
         self.last = (output, output._version, layer)
         return output

@@ -44,6 +44,7 @@ class LinearCall:
             self.dilation = _tuple(_arg(args, kwargs, 5, "dilation", 1), dims)
             self.groups = int(_arg(args, kwargs, 6, "groups", 1))
         self.merged = False
+        self.nonnegative_input = False  # set by the relevance pass when x is known to be >= 0
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

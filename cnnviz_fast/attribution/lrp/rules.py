@@ -43,6 +43,26 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
     return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
+def _relevance_over(relevance: Tensor, z: Tensor, epsilon: Optional[float]) -> Tensor:
+    """``relevance / stab(z)``, written into ``z`` (a temporary of the rule). ``epsilon``
+    None: ``z`` already holds ``z + eps`` (a denominator that is never negative, whose
+    stabilizer went into the bias of the convolution that computed it)."""
+    denominator = z if epsilon is None else stabilize(z, epsilon)
+    if denominator.shape == relevance.shape:
+        return torch.div(relevance, denominator, out=denominator)
+    return relevance / denominator
+
+
+def _plus(bias: Optional[Tensor], epsilon: float, like: Tensor) -> Tensor:
+    """``bias + epsilon`` (``epsilon`` alone without a bias) for a layer whose output is
+    never negative: ``stab(z) = z + epsilon`` there (``sign(0) = +1``), and the layer adds
+    its bias anyway, so the stabilizer costs nothing (one rounding of ``z + eps`` away from
+    adding it after the layer)."""
+    if bias is None:
+        return torch.full((like.shape[0],), epsilon, dtype=like.dtype, device=like.device)
+    return bias + epsilon
+
+
 def _positive(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.clamp(min=0)
 
@@ -51,10 +71,11 @@ def _negative(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.clamp(max=0)
 
 
-def _split(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+def _split(x: Tensor, nonnegative: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """``(x+, x-)``, ``x-`` None when ``x`` has no negative entry (the usual case after a
-    ReLU: its terms are exact zeros, so they are skipped)."""
-    if bool(x.amin() >= 0):
+    ReLU, which the relevance pass tells the layer (``nonnegative``): its terms are exact
+    zeros, so they are skipped)."""
+    if nonnegative or bool(x.amin() >= 0):
         return x, None
     return x.clamp(min=0), x.clamp(max=0)
 
@@ -92,7 +113,7 @@ class Epsilon(Rule):
         return stabilize(output, self.epsilon)
 
     def relevance(self, layer, x, relevance, kept):
-        return x * layer.transpose(relevance / kept, x, layer.weight)
+        return layer.transpose(relevance / kept, x, layer.weight).mul_(x)
 
 
 @dataclass(frozen=True)
@@ -107,14 +128,15 @@ class ZPlus(Rule):
 
     def relevance(self, layer, x, relevance, kept):
         weight, bias = layer.weight, layer.bias
-        xp, xn = _split(x)
+        xp, xn = _split(x, layer.nonnegative_input)
         wp = weight.clamp(min=0)
-        z = layer.forward(xp, wp, _positive(bias))
+        # z = W+ x+ + W- x- + b+ >= 0: every term is, so stab(z) = z + stabilizer
+        z = layer.forward(xp, wp, _plus(_positive(bias), self.stabilizer, wp))
         if xn is not None:
             wn = weight.clamp(max=0)
             z = z + layer.forward(xn, wn, None)
-        s = relevance / stabilize(z, self.stabilizer)
-        result = xp * layer.transpose(s, x, wp)
+        s = _relevance_over(relevance, z, None)
+        result = layer.transpose(s, x, wp).mul_(xp)
         if xn is not None:
             result = result + xn * layer.transpose(s, x, wn)
         return result
@@ -140,17 +162,17 @@ class AlphaBeta(Rule):
 
     def relevance(self, layer, x, relevance, kept):
         weight, bias = layer.weight, layer.bias
-        xp, xn = _split(x)
+        xp, xn = _split(x, layer.nonnegative_input)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-        zp = layer.forward(xp, wp, _positive(bias))
+        zp = layer.forward(xp, wp, _plus(_positive(bias), self.stabilizer, wp))  # >= 0, as z+ of ZPlus
         zn = layer.forward(xp, wn, _negative(bias))
         if xn is not None:
             zp = zp + layer.forward(xn, wn, None)
             zn = zn + layer.forward(xn, wp, None)
-        sp = relevance / stabilize(zp, self.stabilizer)
-        sn = relevance / stabilize(zn, self.stabilizer)
-        positive = xp * layer.transpose(sp, x, wp)
-        negative = xp * layer.transpose(sn, x, wn)
+        sp = _relevance_over(relevance, zp, None)
+        sn = _relevance_over(relevance, zn, self.stabilizer)
+        positive = layer.transpose(sp, x, wp).mul_(xp)
+        negative = layer.transpose(sn, x, wn).mul_(xp)
         if xn is not None:
             positive = positive + xn * layer.transpose(sp, x, wn)
             negative = negative + xn * layer.transpose(sn, x, wp)
@@ -177,7 +199,7 @@ class Gamma(Rule):
     def relevance(self, layer, x, relevance, kept):
         positive_unit, negative_unit = kept
         weight, bias, gamma = layer.weight, layer.bias, self.gamma
-        xp, xn = _split(x)
+        xp, xn = _split(x, layer.nonnegative_input)
         wp, wn = weight + gamma * weight.clamp(min=0), weight + gamma * weight.clamp(max=0)
         bp = None if bias is None else bias + gamma * bias.clamp(min=0)
         bn = None if bias is None else bias + gamma * bias.clamp(max=0)
@@ -186,10 +208,10 @@ class Gamma(Rule):
         if xn is not None:
             zp = zp + layer.forward(xn, wn, None)
             zn = zn + layer.forward(xn, wp, None)
-        sp = positive_unit * relevance / stabilize(zp, self.stabilizer)
-        sn = negative_unit * relevance / stabilize(zn, self.stabilizer)
+        sp = _relevance_over(positive_unit * relevance, zp, self.stabilizer)
+        sn = _relevance_over(negative_unit * relevance, zn, self.stabilizer)
         if xn is None:
-            return xp * layer.transpose(sp, x, wp) + xp * layer.transpose(sn, x, wn)
+            return layer.transpose(sp, x, wp).mul_(xp) + layer.transpose(sn, x, wn).mul_(xp)
         return (xp * layer.transpose(sp, x, wp) + xn * layer.transpose(sp, x, wn)
                 + xp * layer.transpose(sn, x, wn) + xn * layer.transpose(sn, x, wp))
 
@@ -207,8 +229,9 @@ class Flat(Rule):
 
     def relevance(self, layer, x, relevance, kept):
         ones = torch.ones_like(layer.weight)
-        z = layer.forward(torch.ones_like(x[:1]), ones, None)  # the same for every image
-        return layer.transpose(relevance / stabilize(z, self.stabilizer), x, ones)
+        # receptive-field sizes (> 0), the same for every image
+        z = layer.forward(torch.ones_like(x[:1]), ones, _plus(None, self.stabilizer, ones))
+        return layer.transpose(_relevance_over(relevance, z, None), x, ones)
 
 
 @dataclass(frozen=True)
@@ -224,8 +247,8 @@ class WSquare(Rule):
     def relevance(self, layer, x, relevance, kept):
         squared = layer.weight ** 2
         bias = None if layer.bias is None else layer.bias ** 2
-        z = layer.forward(torch.ones_like(x[:1]), squared, bias)
-        return layer.transpose(relevance / stabilize(z, self.stabilizer), x, squared)
+        z = layer.forward(torch.ones_like(x[:1]), squared, _plus(bias, self.stabilizer, squared))  # >= 0
+        return layer.transpose(_relevance_over(relevance, z, None), x, squared)
 
 
 Bound = Union[None, float, Tensor]
@@ -256,5 +279,5 @@ class ZBox(Rule):
         high = self.high.to(x).expand(self.high.shape[0], *shape)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
         z = kept - (layer.forward(low, wp, _positive(bias)) + layer.forward(high, wn, _negative(bias)))
-        s = relevance / stabilize(z, self.stabilizer)
-        return x * layer.transpose(s, x, weight) - (low * layer.transpose(s, x, wp) + high * layer.transpose(s, x, wn))
+        s = _relevance_over(relevance, z, self.stabilizer)
+        return layer.transpose(s, x, weight).mul_(x) - (low * layer.transpose(s, x, wp) + high * layer.transpose(s, x, wn))
