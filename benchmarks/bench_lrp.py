@@ -1,7 +1,8 @@
 """LRP benchmark: our lrp (EpsilonPlusFlat) timed beside our plain saliency and Zennit's
 Gradient attributor with the same composite, in the same run.
 
-    python benchmarks/bench_lrp.py [--quick] [--device cpu|cuda] [--only vgg16,resnet18] [--size N] [--no-write]
+    python benchmarks/bench_lrp.py [--quick] [--device cpu|cuda] [--only vgg16,resnet18] [--size N] [--rounds R]
+                                   [--no-write]
 
 VGG-16 4x3x224x224 (Zennit's VGGCanonizer) and ResNet-18 16x3x224x224 (ResNetCanonizer),
 torchvision architectures with random weights (ResNet-18's batch norms with random
@@ -51,7 +52,7 @@ def problem(arch: str, device: str, quick: bool, size: int):
     return model, x.to(device), targets.to(device), f"{device} {name} {batch}x3x{size}x{size}"
 
 
-def bench(arch: str, quick: bool, device: str, size: int) -> List[dict]:
+def bench(arch: str, quick: bool, device: str, size: int, rounds: int) -> List[dict]:
     model, x, targets, label = problem(arch, device, quick, size)
     composite = EpsilonPlusFlat(canonizers=[VGGCanonizer() if arch == "vgg16" else ResNetCanonizer()])
     one_hot = torch.eye(1000, device=device)[targets]
@@ -68,7 +69,7 @@ def bench(arch: str, quick: bool, device: str, size: int) -> List[dict]:
 
     # Zennit's merged batch norm keeps its eps (x / sqrt(1 + 1e-5) per batch norm): ~1e-5 apart
     assert_same_up_to_rounding(ours(), zennit(), f"{label} lrp vs Zennit", tolerance=1e-3)
-    t = interleaved({"lrp": ours, "saliency": saliency, "zennit": zennit}, 1 if quick else 3)
+    t = interleaved({"lrp": ours, "saliency": saliency, "zennit": zennit}, 1 if quick else rounds)
     return [
         row(f"{label} lrp(epsilon_plus_flat) vs our saliency", t["lrp"], t["saliency"], "<= 1.5x", unit="s"),
         row(f"{label} lrp(epsilon_plus_flat) vs Zennit EpsilonPlusFlat", t["lrp"], t["zennit"], ">= 2x", unit="s"),
@@ -80,13 +81,14 @@ def bench(arch: str, quick: bool, device: str, size: int) -> List[dict]:
 def main():
     parser = argument_parser(__doc__, tuple(SIZES))
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (default 3)")
     args = parser.parse_args()
     print(machine_description(), flush=True)
-    rows = [r for arch in args.only for r in bench(arch, args.quick, args.device, args.size)]
+    rows = [r for arch in args.only for r in bench(arch, args.quick, args.device, args.size, args.rounds)]
     load = os.getloadavg()
     finish(args, "lrp", rows, title="LRP (EpsilonPlusFlat) vs our saliency and Zennit 0.5.1",
            notes=("ratio = anchor / ours (speedup) for '>=' targets and the info rows; ours / anchor for '<=' "
-                  f"targets. {1 if args.quick else 3} rounds. Load average at the end (1, 5, 15 min): "
+                  f"targets. {1 if args.quick else args.rounds} rounds. Load average at the end (1, 5, 15 min): "
                   f"{load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}: the machine was shared with other jobs "
                   "while this ran, so the times are noisy; each contender's minimum over rounds is reported."))
 

@@ -91,7 +91,7 @@ def vgg16():
     return randomized(torchvision.models.vgg16())
 
 
-@pytest.mark.parametrize("name", COMPOSITES)
+@pytest.mark.parametrize("name", ["epsilon_plus_flat", "epsilon_gamma_box"])  # alpha-beta: ResNet-18 and rules
 def test_vgg16_matches_zennit(vgg16, name):
     x = torch.randn(1, 3, 32, 32)
     low, high = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
@@ -111,22 +111,27 @@ def resnet18_exact():
 
 @pytest.mark.parametrize("name", COMPOSITES)
 def test_resnet18_matches_zennit(resnet18_exact, name):
-    x = torch.randn(2, 3, 32, 32)
-    target = [3, 7]
+    x = torch.randn(1, 3, 32, 32)
+    target = [7]
     bounds = dict(low=-2.5, high=2.5) if name == "epsilon_gamma_box" else {}
     ours = cv.lrp(resnet18_exact, x, target, name, **bounds)
     anchor = zennit_lrp(resnet18_exact, x, target, named_zennit(name, [ResNetCanonizer()], -2.5, 2.5), classes=1000)
     assert max(map_errors(ours, anchor)) <= 1e-4
 
 
-def test_resnet18_default_batch_norm_eps_within_1e4_of_zennit():
+def test_default_batch_norm_eps_within_1e4_of_zennit():
     """With eps = 1e-5 Zennit's canonized network differs from the model by a factor
-    1 / sqrt(1 + eps) per batch norm; in float64 that moves its maps by ~1e-5."""
+    1 / sqrt(1 + eps) per batch norm (its merged batch norm stays behind as
+    x / sqrt(1 + eps)); ours keeps the model's own forward values. That moves the maps by
+    ~1e-5 (on ResNet-18 in float64: <= 3.3e-5)."""
     torch.manual_seed(2)
-    model = randomized(torchvision.models.resnet18(), dtype=torch.float64)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                     nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3),
+                                     nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(8, 4)), dtype=torch.float64)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     ours, output = cv.lrp(model, x, "predicted", return_output=True)
-    anchor = zennit_lrp(model, x, output.argmax(1), EpsilonPlusFlat(canonizers=[ResNetCanonizer()]), classes=1000)
+    anchor = zennit_lrp(model, x, output.argmax(1), EpsilonPlusFlat(canonizers=[VGGCanonizer()]))
     assert max(map_errors(ours, anchor)) <= 1e-4
     torch.testing.assert_close(output, model(x), rtol=0, atol=0)  # the model's own forward
 
@@ -263,12 +268,12 @@ def test_every_rectifier_spelling_matches_zennit_on_modules(spelling):
 
 
 def test_digits_functional_relus_equal_module_relus():
-    pixels, labels = zoo.digits()
-    x = zoo.DIGITS_NORMALIZE(pixels[:4])
+    x = zoo.DIGITS_NORMALIZE(torch.rand(3, 1, 32, 32))
+    labels = [1, 5, 9]
     module, functional = zoo.digits_cnn(), zoo.digits_cnn(relu="functional")
-    ours = cv.lrp(functional, x, labels[:4])
-    torch.testing.assert_close(ours, cv.lrp(module, x, labels[:4]))
-    assert max(map_errors(ours, zennit_lrp(module, x, labels[:4], EpsilonPlusFlat()))) <= 1e-5
+    ours = cv.lrp(functional, x, labels)
+    torch.testing.assert_close(ours, cv.lrp(module, x, labels))
+    assert max(map_errors(ours, zennit_lrp(module, x, labels, EpsilonPlusFlat()))) <= 1e-5
 
 
 class Residual(nn.Module):
@@ -345,7 +350,7 @@ def test_model_left_exactly_as_found_bn_network():
     torch.manual_seed(6)
     model = randomized(torchvision.models.resnet18(num_classes=10)).train()
     before = snapshot(model)
-    cv.lrp(model, torch.randn(1, 3, 32, 32), 1, "epsilon_gamma_box")  # runs in eval mode, put back in train
+    cv.lrp(model, torch.randn(1, 3, 32, 32), 1)  # runs in eval mode, put back in train mode
     assert_same_model(before, snapshot(model))
 
 

@@ -19,6 +19,7 @@ keeps its gradient, which routes relevance as Zennit does.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -175,6 +176,9 @@ class RelevanceMode(TorchFunctionMode):
                 "operation), so it cannot be merged into the layer before it; LRP's rules are defined for "
                 "linear layers with the batch norm folded in")
         layer = last[2]
+        if layer.kind == "linear" and x.dim() != 2:
+            raise ValueError(f"composite: cannot canonize batch norm {name}: it normalises dimension 1 of a "
+                             f"{x.dim()}-D linear layer output, not the layer's output features")
         output = PassThrough.apply(x, lambda t: func(t, *args[1:], **kwargs))
         layer.merge_batch_norm(running_mean, running_var, weight, bias, eps)
         layer.kept = layer.rule.keep(output)
@@ -208,16 +212,21 @@ class RelevanceMode(TorchFunctionMode):
 
 @contextmanager
 def relevance_rules(model: nn.Module, composite: Composite, nonlinear: str) -> Iterator[RelevanceMode]:
-    """Within the block, each forward pass of ``model`` (and only of it) runs under a fresh
-    :class:`RelevanceMode`. The hooks are removed on exit (``model_guard`` would remove them
-    anyway)."""
+    """Within the block, each forward pass of ``model`` (and only of it) made by this thread
+    runs under a fresh :class:`RelevanceMode` (the mode is thread-local; the hooks ignore
+    other threads' passes). The hooks are removed on exit (``model_guard`` would remove
+    them anyway)."""
     state = {}
+    thread = threading.get_ident()
 
     def enter(module, args):
-        state["mode"] = RelevanceMode(model, composite, nonlinear)
-        state["mode"].__enter__()
+        if threading.get_ident() == thread:
+            state["mode"] = RelevanceMode(model, composite, nonlinear)
+            state["mode"].__enter__()
 
     def leave(module, args, output):
+        if threading.get_ident() != thread:
+            return
         mode = state.pop("mode", None)
         if mode is not None:
             mode.__exit__(None, None, None)
