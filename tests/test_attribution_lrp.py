@@ -191,6 +191,15 @@ def test_each_rule_matches_zennit(rule, activation):
                                atol=1e-12)
 
 
+def test_non_rectifier_gradient_matches_zennit_without_pass_rule():
+    model = small_cnn(nn.LeakyReLU)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    ours = cv.lrp(model, x, [0, 4], "epsilon_plus", nonlinear="gradient")
+    no_pass = LayerMapComposite([(nn.AdaptiveAvgPool2d, zr.Norm()), (Convolution, zr.ZPlus()),
+                                 (nn.Linear, zr.Epsilon())])
+    torch.testing.assert_close(ours, zennit_lrp(model, x, [0, 4], no_pass), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("first", ["zbox", "flat", "wsquare"])
 def test_input_layer_rules_match_zennit(first):
     model = small_cnn()
@@ -335,6 +344,12 @@ def test_neuron_target_is_relevance_of_that_unit():
                                rtol=1e-10, atol=1e-12)
 
 
+def test_compiled_model_explained_through_its_eager_original():
+    model = small_cnn(dtype=torch.float32)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(cv.lrp(torch.compile(model), x, [1, 2]), cv.lrp(model, x, [1, 2]), rtol=0, atol=0)
+
+
 def test_registry_declares_lrp():
     method = registry.get_method("lrp")
     assert method.family == "relevance" and method.map_rule == "sum"
@@ -422,7 +437,7 @@ class MatmulHead(nn.Module):
     (dict(composite=lambda: Composite(conv=AlphaBeta(1, 1))), "alpha, beta"),
     (dict(epsilon=-1.0), "epsilon"),
     (dict(gamma="big"), "gamma"),
-    (dict(nonlinear="gradient"), "nonlinear"),
+    (dict(nonlinear="guided"), "nonlinear"),
     (dict(composite="epsilon_gamma_box", low=1.0, high=0.0), "low, high"),
     (dict(composite="epsilon_gamma_box", low=torch.zeros(5, 1, 1)), "low must be broadcastable"),
     (dict(rules={"conv1": "flat"}), "rules: lrp has no argument"),

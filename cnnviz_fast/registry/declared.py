@@ -52,8 +52,9 @@ METHODS = (
                            lrp_composites.COMPOSITES),
                     Option("epsilon", float, 1e-6, "epsilon of the epsilon rule (fully connected layers)"),
                     Option("gamma", float, 0.25, "gamma of the gamma rule (epsilon_gamma_box's convolutions)"),
-                    Option("nonlinear", str, "raise", "non-rectifying activations (SiLU, GELU): refuse, or pass "
-                           "relevance through them unchanged", ("raise", "pass")))),
+                    Option("nonlinear", str, "raise", "non-rectifying activations (SiLU, GELU): refuse, pass "
+                           "relevance through unchanged, or multiply it by their gradient",
+                           ("raise", "pass", "gradient")))),
     # --- perturbation family -----------------------------------------------------------------
     Method("occlusion", A.occlusion, "perturbation", "score drop when a sliding window is replaced by a "
            "baseline (Zeiler & Fergus 2014)", map_rule="as_is",

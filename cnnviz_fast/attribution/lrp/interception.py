@@ -10,7 +10,8 @@ The backward pass of the replaced calls propagates relevance instead of gradient
 - every rectifier spelling that guided backprop intercepts (``_backprop.classify_activation``:
   ReLU, ReLU6, Hardtanh(0, t), clamp(min=0[, max=t]), threshold(0, 0), module / functional
   / Tensor method / in place): relevance passes unchanged (Zennit's ``Pass``). Other
-  activations (SiLU, GELU, ELU, LeakyReLU, ...) are refused unless ``nonlinear="pass"``.
+  activations (SiLU, GELU, ELU, LeakyReLU, ...) are refused unless ``nonlinear="pass"``
+  (passed unchanged too) or ``"gradient"`` (their plain gradient).
 - batch norm, sums of two activations, average pools: see :mod:`.canonizers`.
 - calls no rule covers and whose plain gradient would not be relevance (``matmul``,
   ``einsum``, transposed convolutions, layer / group / instance norm) are refused.
@@ -34,7 +35,7 @@ from .canonizers import NormPool, NormSum, NormSumInPlace, PassThrough, batch_no
 from .composites import Composite
 from .layers import LinearCall
 
-NONLINEAR_OPTIONS = ("raise", "pass")
+NONLINEAR_OPTIONS = ("raise", "pass", "gradient")
 
 _LINEAR = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 _ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
@@ -135,7 +136,10 @@ class RelevanceMode(TorchFunctionMode):
                 raise ValueError(
                     f"nonlinear: the model applies {name}, which is not a rectifier; LRP's rules assume "
                     "ReLU-like activations (ReLU, ReLU6, Hardtanh(0, t), clamp(min=0)). Pass nonlinear='pass' to "
-                    "let relevance pass through it unchanged (Zennit's Pass rule for activations)")
+                    "let relevance pass through it unchanged (Zennit's Pass rule for activations), or "
+                    "nonlinear='gradient' to multiply it by the activation's derivative")
+            if self.nonlinear == "gradient":
+                return func(*args, **kwargs)
         x, rest = args[0], args[1:]
         output = PassThrough.apply(x, lambda t: func(t, *rest, **kwargs))
         if activation is not NONLINEAR:

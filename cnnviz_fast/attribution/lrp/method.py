@@ -45,7 +45,7 @@ def lrp(
     proportion to their inputs. Every ReLU spelling is covered (module, functional, Tensor
     method, in place; ReLU6, Hardtanh(0, t), clamp(min=0)). Canonization happens on the calls
     of the forward pass, so the model is never modified (nothing to restore, even when the
-    call raises).
+    call raises). A ``torch.compile``'d model is explained through its eager original.
 
     Args:
         model: the network; run in eval mode for the call, restored afterwards.
@@ -65,8 +65,9 @@ def lrp(
         normalize: a :class:`~cnnviz_fast.core.preprocess.Normalize` whose pixel range gives
             ``low`` / ``high``.
         nonlinear: what a non-rectifying activation (SiLU, GELU, ELU, LeakyReLU...) does:
-            ``"raise"`` (default, a ``ValueError`` naming it) or ``"pass"`` (relevance passes
-            through it unchanged, Zennit's ``Pass`` rule).
+            ``"raise"`` (default, a ``ValueError`` naming it), ``"pass"`` (relevance passes
+            through it unchanged, Zennit's ``Pass`` rule) or ``"gradient"`` (relevance times
+            the activation's derivative, its plain gradient).
         return_output: also return the model's output from the same forward pass.
 
     Returns:
@@ -84,6 +85,9 @@ def lrp(
     """
     check_choice(nonlinear, NONLINEAR_OPTIONS, "nonlinear")
     check_interceptable(model, "LRP")
+    # a torch.compile'd module runs its eager original: the rules replace calls of the forward
+    # pass with autograd Functions that keep state for the backward, which dynamo cannot trace
+    model = model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, model=model)
         bounds = _bounds(low, high, normalize, x) if needs_bounds(composite) else (None, None)
