@@ -441,6 +441,8 @@ class MatmulHead(nn.Module):
     (dict(composite="epsilon_gamma_box", low=1.0, high=0.0), "low, high"),
     (dict(composite="epsilon_gamma_box", low=torch.zeros(5, 1, 1)), "low must be broadcastable"),
     (dict(rules={"conv1": "flat"}), "rules: lrp has no argument"),
+    (dict(composite=Composite(conv=ZBox(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)))),  # on 6-channel conv2
+     "composite: the zbox rule's bounds"),
 ])
 def test_bad_arguments_refused_naming_them(kwargs, match):
     model = small_cnn(dtype=torch.float32)

@@ -278,10 +278,18 @@ class ZBox(Rule):
 
     def relevance(self, layer, x, relevance, kept):
         weight, bias = layer.weight, layer.bias
-        shape = x.shape[1:]
-        low = self.low.to(x).expand(self.low.shape[0], *shape)
-        high = self.high.to(x).expand(self.high.shape[0], *shape)
+        low, high = self._bound(self.low, x), self._bound(self.high, x)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
         z = kept - (layer.forward(low, wp, _positive(bias)) + layer.forward(high, wn, _negative(bias)))
         s = _relevance_over(relevance, z, self.stabilizer)
-        return layer.transpose(s, x, weight).mul_(x) - (low * layer.transpose(s, x, wp) + high * layer.transpose(s, x, wn))
+        bounded = low * layer.transpose(s, x, wp) + high * layer.transpose(s, x, wn)
+        return layer.transpose(s, x, weight).mul_(x) - bounded
+
+    @staticmethod
+    def _bound(bound: Tensor, x: Tensor) -> Tensor:
+        """``bound`` over the layer's input (batch kept: 1 or N), the layer run once per row."""
+        try:
+            return bound.to(x).expand(bound.shape[0], *x.shape[1:])
+        except RuntimeError:
+            raise ValueError(f"composite: the zbox rule's bounds {tuple(bound.shape)} do not fit its layer's input "
+                             f"{tuple(x.shape)}; z^B is the rule of the input layer (bounds of the inputs)") from None
