@@ -15,10 +15,9 @@ from typing import Optional
 
 import torch
 
-from . import attribution, features, synthesis, zoo
+from . import attribution, features, registry, synthesis, zoo
 from .core import Neuron
 from .pictures import colorize, heatmap_overlay, image_grid
-from .pipeline import to_map
 from .report import Report, Section, model_sections
 
 # Recognisable ImageNet classes for the class visualizations of the demo
@@ -89,25 +88,22 @@ class Demo:
     # --- which pixels matter ---------------------------------------------------------
     def attributions(self, s: Section) -> None:
         x, y = self.normalize(self.sample_pixels), self.sample_labels
-        s.summary = ("Eight attribution methods on one digit per class (target = true class), one row per method; "
-                     "SmoothGrad 50 samples, IG 64 steps, Grad-CAM at conv4, occlusion 6×6 stride 2.")
-        methods = {
-            "saliency": lambda: attribution.saliency(self.model, x, y),
-            "smoothgrad": lambda: attribution.smoothgrad(self.model, x, y, samples=self.steps(50, 10)),
-            "integrated gradients": lambda: attribution.integrated_gradients(self.model, x, y, steps=self.steps(64, 16)),
-            "guided backprop": lambda: attribution.guided_backprop(self.model, x, y),
-            "deconvnet": lambda: attribution.deconvnet(self.model, x, y),
-            "grad-cam (conv4)": lambda: attribution.grad_cam(self.model, x, "features.conv4", y),
-            "guided grad-cam": lambda: attribution.guided_grad_cam(self.model, x, "features.conv4", y),
-            "occlusion 6×6/2": lambda: attribution.occlusion(self.model, x, y, window=(6, 6), stride=(2, 2)),
-        }
+        s.summary = ("Every registered attribution method on one digit per class (target = true class), one row "
+                     "per method, with the registry's report settings; occlusion 6×6 stride 2.")
         rows = [self.sample_pixels.expand(-1, 3, -1, -1)]
-        for name, method in methods.items():
+        for name in registry.attribution_methods():
+            method = registry.get_method(name)
+            if not method.report:
+                continue
+            options = dict(method.report_options, **({"window": 6, "stride": 2} if name == "occlusion" else {}))
+            if self.quick:
+                options.update({k: min(v, 10) for k, v in options.items() if k in ("samples", "steps")})
+            layer, _ = registry.resolve_layer(method, self.model, x)
             start = time.perf_counter()
-            maps = method()
-            maps = to_map(maps)
-            rows.append(torch.stack([colorize(m) for m in maps]))
-            s.notes.append(f"row {len(rows)}: {name} ({time.perf_counter() - start:.2f} s for 10 digits)")
+            maps, _ = method.maps(self.model, x, y, layer, **options)
+            rows.append(torch.stack([colorize(m) for m in maps.float()]))
+            s.notes.append(f"row {len(rows)}: {name}{f' at {layer}' if layer else ''} "
+                           f"({time.perf_counter() - start:.2f} s for 10 digits)")
         self.save(s, "attribution.png", image_grid(torch.cat(rows), nrow=10, scale=False), upscale=3)
         s.notes.insert(0, "row 1: one test digit per class; each further row one method, target = true class")
 

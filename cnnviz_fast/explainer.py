@@ -16,14 +16,11 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import attribution
+from . import registry
 from .core import Neuron, get_layer
 from .core.targets import PREDICTED, check_target, is_predicted
 
 __all__ = ["Explainer", "Explanation"]
-
-METHODS = ("saliency", "smoothgrad", "integrated_gradients", "guided_backprop", "deconvnet", "grad_cam",
-           "guided_grad_cam", "occlusion")
 
 # One lock per model instance, shared by every Explainer of that model (see Explainer).
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
@@ -51,11 +48,12 @@ class Explainer:
 
     Args:
         model: the network (any ``nn.Module`` the method accepts).
-        method: the name of an attribution method (``"saliency"``, ``"smoothgrad"``,
-            ``"integrated_gradients"``, ``"guided_backprop"``, ``"deconvnet"``,
-            ``"grad_cam"``, ``"guided_grad_cam"``, ``"occlusion"``) or a function with the
-            same calling convention ``method(model, inputs, ..., target=..., return_output=True)
-            -> (maps, output)``.
+        method: the name of a declared attribution method
+            (``cnnviz_fast.registry.attribution_methods()``: ``"saliency"``, ``"grad_cam"``,
+            ``"occlusion"``, ...) or a function with the same calling convention
+            ``method(model, inputs, ..., target=..., return_output=True) -> (maps, output)``.
+            A declared method that needs a layer and gets none uses the registry's default
+            layer for the first request's input shape (``explainer.layer_note`` says which).
         target: what to explain (default ``"predicted"``: each input's top class, from the
             same forward pass); overridable per call.
         normalize: optional map from pixels to model inputs (e.g.
@@ -81,28 +79,36 @@ class Explainer:
                  target=PREDICTED, normalize: Optional[Callable[[Tensor], Tensor]] = None, **arguments):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        declared = None
         if isinstance(method, str):
-            if method not in METHODS:
-                raise ValueError(f"method must be one of {METHODS} or a function, got {method!r}")
-            function = getattr(attribution, method)
+            if method not in registry.attribution_methods():
+                raise ValueError(f"method must be one of {', '.join(registry.attribution_methods())} or a "
+                                 f"function, got {method!r}")
+            declared = registry.get_method(method)
+            function = declared.function
         elif callable(method):
             function = method
         else:
-            raise ValueError(f"method must be one of {METHODS} or a function, got {type(method).__name__}")
+            raise ValueError(f"method must be a method name or a function, got {type(method).__name__}")
         if normalize is not None and not callable(normalize):
             raise ValueError(f"normalize must be a callable (pixels -> model inputs) or None, "
                              f"got {type(normalize).__name__}")
         for name in ("return_output", "return_deltas", "inputs", "model"):
             if name in arguments:
                 raise ValueError(f"{name} is set by the Explainer; do not pass it")
+        if "layer" in arguments:
+            arguments["layer"] = registry.resolve_layer(declared, model, None, arguments["layer"])[0] \
+                if declared is not None else arguments["layer"]
+        self._needs_default_layer = declared is not None and declared.needs_layer and "layer" not in arguments
+        self.layer_note: Optional[str] = None
+        bound = dict(arguments, layer=None) if self._needs_default_layer else arguments
         try:
-            inspect.signature(function).bind(model, None, target=target, return_output=True, **arguments)
+            inspect.signature(function).bind(model, None, target=target, return_output=True, **bound)
         except TypeError as error:
             raise ValueError(f"arguments do not fit {getattr(function, '__name__', method)}: {error}") from None
         self._check_target(model, target)
-        if "layer" in arguments:
-            get_layer(model, arguments["layer"])
         self.model, self.method, self.target, self.normalize = model, function, target, normalize
+        self.declared = declared
         self.arguments = arguments
         self._lock = _model_lock(model)
 
@@ -130,7 +136,11 @@ class Explainer:
             with torch.no_grad():
                 inputs = self.normalize(inputs)
         with self._lock:
-            maps, output = self.method(self.model, inputs, target=target, return_output=True, **self.arguments)
+            arguments = self.arguments
+            if self._needs_default_layer:
+                layer, self.layer_note = registry.resolve_layer(self.declared, self.model, inputs)
+                arguments = dict(arguments, layer=layer)
+            maps, output = self.method(self.model, inputs, target=target, return_output=True, **arguments)
         return Explanation(output, maps)
 
     def __repr__(self) -> str:

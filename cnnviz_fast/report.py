@@ -18,11 +18,16 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import attribution, features, ops, synthesis
-from .core import Normalize
+from . import attribution, features, ops, registry, synthesis
+from .core import Normalize, get_layer
+from .loading import class_names
 from .pictures import colorize, heatmap_overlay, image_grid, save_png
+from .registry import candidate_layers
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+# The sections of model_sections, in order (cnnviz report --sections); synthesis and
+# feature methods name theirs in the registry.
+SECTIONS = ("predictions", "attribution", "class_visualization", "adversarial", "inversion", "dream",
+            "texture_style", "filters")
 
 
 @dataclass
@@ -32,6 +37,9 @@ class Section:
     pictures: List[Tuple[str, str]] = field(default_factory=list)  # (file name, caption)
     notes: List[str] = field(default_factory=list)
     table: str = ""  # a Markdown table (as format_table writes it), an HTML table on the page
+    # a picture table: column headers, then (row label, one picture file per column)
+    grid_header: List[str] = field(default_factory=list)
+    grid_rows: List[Tuple[str, List[str]]] = field(default_factory=list)
     seconds: float = 0.0
     error: str = ""
 
@@ -50,6 +58,12 @@ class Report:
     def save(self, section: Section, name: str, image: torch.Tensor, caption: str = "", upscale: int = 1) -> None:
         path = save_png(image, self.out / name, upscale=upscale)
         section.pictures.append((path.name, caption))
+
+    def tick(self, what: str, done: int, total: int, started: float) -> None:
+        """A progress line with an estimate of the time left (on stdout when ``progress``)."""
+        if self.progress and done and total:
+            elapsed = time.perf_counter() - started
+            print(f"  {what}: {done}/{total}, ~{elapsed / done * (total - done):.0f} s left", flush=True)
 
     def run(self, title: str, body: Callable[[Section], None]) -> Section:
         section = Section(title)
@@ -80,7 +94,9 @@ class Report:
                 "img{max-width:100%;border:1px solid #ccc;image-rendering:pixelated}"
                 "figcaption{font-size:.85em;color:#444;max-width:1100px}.summary{font-style:italic}"
                 "pre{color:#a00;white-space:pre-wrap}table{border-collapse:collapse}"
-                "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>",
+                "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+                ".strip td,.strip th{padding:2px;text-align:center;font-size:.8em}.strip img{width:96px}"
+                "</style></head><body>",
                 f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><ul>"]
         page += [f"<li><a href='#s{i}'>{html.escape(s.title)}</a>{' (FAILED)' if s.error else ''}</li>"
                  for i, s in enumerate(self.sections)]
@@ -97,6 +113,16 @@ class Report:
             if s.table:
                 md.append(f"\n{s.table}\n")
                 page.append(_html_table(s.table))
+            if s.grid_header:
+                md.append("\n| " + " | ".join(s.grid_header) + " |\n|" + "---|" * len(s.grid_header))
+                md += ["| " + label + " | " + " | ".join(f"![]({p})" if p else "" for p in files) + " |"
+                       for label, files in s.grid_rows]
+                page.append("<table class='strip'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.grid_header)
+                            + "</tr>" + "".join(
+                                f"<tr><th>{html.escape(label)}</th>" + "".join(
+                                    f"<td><img src='{html.escape(p)}' alt='{html.escape(h)}'></td>" if p else "<td></td>"
+                                    for p, h in zip(files, s.grid_header[1:])) + "</tr>"
+                                for label, files in s.grid_rows) + "</table>")
             for picture, caption in s.pictures:
                 md.append(f"\n![{caption or picture}]({picture})")
                 page.append(f"<figure><img src='{html.escape(picture)}' alt='{html.escape(caption or picture)}'>"
@@ -121,36 +147,6 @@ def _html_table(markdown: str) -> str:
             + "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in body) + "</table>")
 
 
-def candidate_layers(model: nn.Module, inputs: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
-    """``(name, output shape)`` of the layers with image-shaped outputs, in execution order:
-    the activation modules when the model has at least three, else its convolutions, else
-    every module with a 4-D output. Empty for models that take no hooks (TorchScript)."""
-    shapes, kinds, handles = {}, {}, []
-
-    def hook(name, module):
-        def record(_, args, output):
-            if name not in shapes and isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes[name] = tuple(output.shape)
-                kinds[name] = ("act" if isinstance(module, ACTIVATIONS) else
-                               "conv" if isinstance(module, nn.Conv2d) else "other")
-        return record
-
-    try:
-        for name, module in model.named_modules():
-            if name and not isinstance(module, torch.jit.ScriptModule):
-                handles.append(module.register_forward_hook(hook(name, module)))
-        with torch.no_grad():
-            model(inputs[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    for kind in ("act", "conv", "other"):
-        chosen = [(n, s) for n, s in shapes.items() if kinds[n] == kind]
-        if len(chosen) >= 3 or kind == "other":
-            return chosen
-    return []
-
-
 def _pick(layers: Sequence[str], fractions: Sequence[float]) -> List[str]:
     picked = [layers[min(len(layers) - 1, round(f * (len(layers) - 1)))] for f in fractions]
     return list(dict.fromkeys(picked))
@@ -160,36 +156,31 @@ def _label(names: Sequence[str], index: int, prob: Optional[float] = None) -> st
     return f"{names[index]} ({index})" + (f" {prob:.0%}" if prob is not None else "")
 
 
-def _gradient_picture(maps: torch.Tensor) -> torch.Tensor:
-    return torch.stack([colorize(m) for m in maps.abs().amax(1)])
-
-
-def _signed_picture(maps: torch.Tensor) -> torch.Tensor:
-    """Signed gradients as images around grey, ±(99th percentile of |g|) → black/white per
-    image (min-max scaling lets a few outliers wash the picture out)."""
-    maps = maps.detach().float().cpu()
-    scale = maps.abs().flatten(1).quantile(0.99, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    return (0.5 + 0.5 * maps / scale).clamp(0, 1)
-
-
 def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixels: torch.Tensor,
                    names: Sequence[str], classes: Optional[Sequence[str]] = None, title: str = "model",
                    layers: Optional[Sequence[str]] = None, visualize_classes: Optional[Sequence[int]] = None,
-                   seed: int = 0, max_images: int = 4, prefix: str = "") -> None:
-    """Every method of the package for an image classifier: attribution side by side,
-    class visualization, adversarial examples, feature inversion from several depths,
-    DeepDream, texture synthesis and style transfer, first-layer filters.
+                   seed: int = 0, max_images: Optional[int] = None, prefix: str = "",
+                   sections: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None) -> None:
+    """Every method of the package for an image classifier: the registry's attribution
+    methods side by side, class visualization, adversarial examples, feature inversion from
+    several depths, DeepDream, texture synthesis and style transfer, first-layer filters.
 
-    ``pixels``: ``[M, C, H, W]`` in [0, 1] (the first ``max_images`` are explained);
-    ``classes``: class names (default from the output size); ``layers``: the layers for
+    ``pixels``: ``[M, C, H, W]`` in [0, 1] (the first ``max_images`` are explained; default:
+    all); ``classes``: class names (default from the output size); ``layers``: the layers for
     inversion/dream/texture/style (default: picked along the depth); ``visualize_classes``:
-    classes to visualize (default: the images' predictions). Picture files start with
-    ``prefix``."""
-    from .cli import class_names
-    from .core import get_layer
-
+    classes to visualize (default: the images' predictions); ``sections``: which of
+    :data:`SECTIONS` (default: all); ``methods``: the attribution methods shown (default:
+    every registered one with ``report=True``). Picture files start with ``prefix``."""
+    sections = list(SECTIONS) if sections is None else list(sections)
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"sections must be some of {', '.join(SECTIONS)}, got {', '.join(unknown)}")
+    shown_methods = [m for m in registry.attribution_methods() if registry.get_method(m).report] \
+        if methods is None else [registry.get_method(m, "methods").name for m in methods]
     for layer in layers or ():
         get_layer(model, layer, "layers")  # a ValueError naming the closest layers, before any work
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"max_images must be a positive int or None, got {max_images!r}")
     model = model.eval()
     device = next((p.device for p in model.parameters()), pixels.device)
     pixels = pixels[:max_images].to(device)
@@ -204,7 +195,6 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
     all_layers = [n for n, _ in found]
     spatial = [n for n, s in found if s[-1] > 1]
     chosen = list(layers) if layers else _pick(spatial, (0.15, 0.4, 0.65)) if spatial else []
-    cam_layer = spatial[-1] if spatial else None
     size = pixels.shape[-1]
     small = min(size, 64 if report.quick else 128)  # synthesis resolution: CPU time grows with pixels
     channels = pixels.shape[1]
@@ -219,49 +209,58 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         s.notes += [f"{name}: {_label(labels, int(p), float(c))}" for name, p, c in zip(names, predicted, confidence)]
         if all_layers:
             s.notes.append(f"{len(all_layers)} layers with image-shaped outputs, e.g. {', '.join(all_layers[:3])} … "
-                           f"{all_layers[-1]}; Grad-CAM uses {cam_layer}; inversion/dream/texture use {chosen}")
+                           f"{all_layers[-1]}; inversion/dream/texture use {chosen}")
 
     def attributions(s):
         y = predicted
-        samples, steps = report.steps(16, 4), report.steps(24, 4)
-        window = max(2, size // report.steps(7, 4))
-        stride = max(1, window // report.steps(2, 1))
-        s.summary = (f"Which pixels matter for the predicted class, one row per image: photo | saliency | "
-                     f"SmoothGrad ({samples} samples, noise 0.15) | integrated gradients ({steps} steps, baseline "
-                     f"the mean colour) | guided backprop | Grad-CAM ({cam_layer}) | guided Grad-CAM | occlusion "
-                     f"({window}×{window} mean-colour window, stride {stride}) | GrabCut mask seeded from Grad-CAM.")
-        maps = {
-            "saliency": _gradient_picture(attribution.saliency(model, inputs, y)),
-            "smoothgrad": _gradient_picture(attribution.smoothgrad(model, inputs, y, samples=samples, seed=seed)),
-            "ig": _gradient_picture(attribution.integrated_gradients(model, inputs, y, steps=steps)),
-        }
-        nonlinear = "raise"
-        try:
-            gbp = attribution.guided_backprop(model, inputs, y, nonlinear=nonlinear)
-        except ValueError as error:  # activations that do not rectify (SiLU, GELU, ...)
-            nonlinear = "gradient"
-            gbp = attribution.guided_backprop(model, inputs, y, nonlinear=nonlinear)
-            s.notes.append(f"guided backprop: {str(error).splitlines()[0]} — shown with their plain gradient "
-                           "(nonlinear='gradient')")
-        maps["gbp"] = _signed_picture(gbp)
-        cam = attribution.grad_cam(model, inputs, layer=cam_layer, target=y) if cam_layer else None
-        if cam is not None:
-            maps["cam"] = torch.stack([heatmap_overlay(p, c) for p, c in zip(shown, cam.cpu())])
-            ggc = attribution.guided_grad_cam(model, inputs, layer=cam_layer, target=y, nonlinear=nonlinear)
-            maps["ggc"] = _signed_picture(ggc)
-        occ = attribution.occlusion(model, inputs, y, window=(window, window), stride=(stride, stride))
-        maps["occ"] = torch.stack([heatmap_overlay(p, o) for p, o in zip(shown, occ.cpu())])
-        if cam is not None:
+        s.summary = ("Which pixels matter for the predicted class: one row per image, one column per registered "
+                     "attribution method (options below). Each map is drawn with the colour scale shown, low → high "
+                     "per picture: maps of one sign (CAMs, magnitudes) from their minimum to their maximum, signed "
+                     "maps by |value|.")
+        s.grid_header = ["image"] + shown_methods
+        report.save(s, f"{prefix}colour-scale.png", _colour_scale(), "colour scale: low (left) → high (right)")
+        columns = {}
+        started = time.perf_counter()
+        for done, name in enumerate(shown_methods):
+            method = registry.get_method(name)
+            options = _report_options(method, size, report)
+            layer, note = registry.resolve_layer(method, model, inputs)
             try:
-                mask = attribution.saliency_to_mask(shown.expand(-1, 3, -1, -1), cam.cpu()).cpu()
-                maps["grabcut"] = shown.expand(-1, 3, -1, -1) * (0.25 + 0.75 * mask[:, None].float())
+                maps, _ = method.maps(model, inputs, y, layer, **options)
+            except ValueError as error:  # e.g. guided backprop on SiLU networks: say why, go on
+                s.notes.append(f"{name}: not shown ({str(error).splitlines()[0]})")
+                columns[name] = None
+                continue
+            described = ", ".join(f"{k}={v}" for k, v in options.items())
+            s.notes.append(f"{name}: {method.summary}" + (f" [{described}]" if described else "")
+                           + (f"; layer {layer}" if layer else ""))
+            columns[name] = maps.detach().float().cpu()
+            report.tick("attribution methods", done + 1, len(shown_methods), started)
+        grabcut = None
+        if columns.get("grad_cam") is not None:
+            try:  # saliency → segmentation: GrabCut seeded from the Grad-CAM map
+                grabcut = attribution.saliency_to_mask(shown.expand(-1, 3, -1, -1), columns["grad_cam"]).cpu()
+                s.grid_header.append("GrabCut from grad_cam")
             except ImportError as error:
                 s.notes.append(f"GrabCut skipped: {error}")
-        for index, name in enumerate(names):
-            row = [shown[index].expand(3, -1, -1)] + [m[index].cpu().expand(3, -1, -1) for m in maps.values()]
-            report.save(s, f"{prefix}attribution-{index}-{name}.png", image_grid(row, nrow=len(row), scale=False),
-                        f"{name}: {_label(labels, int(y[index]), float(confidence[index]))}",
-                        upscale=max(1, 96 // size))
+        upscale = max(1, 96 // size)
+        for index, image_name in enumerate(names):
+            files = [f"{prefix}attribution-{index}-image.png"]
+            save_png(shown[index].expand(3, -1, -1), report.out / files[0], upscale=upscale)
+            for name in shown_methods:
+                if columns[name] is None:
+                    files.append("")
+                    continue
+                file = f"{prefix}attribution-{index}-{name}.png"
+                save_png(heatmap_overlay(shown[index], _unit_map(columns[name][index])), report.out / file,
+                         upscale=upscale)
+                files.append(file)
+            if grabcut is not None:
+                file = f"{prefix}attribution-{index}-grabcut.png"
+                save_png(shown[index].expand(3, -1, -1) * (0.25 + 0.75 * grabcut[index][None].float()),
+                         report.out / file, upscale=upscale)
+                files.append(file)
+            s.grid_rows.append((f"{image_name}: {_label(labels, int(y[index]), float(confidence[index]))}", files))
 
     def class_visualization(s):
         targets = list(visualize_classes) if visualize_classes else list(dict.fromkeys(predicted.tolist()))[:4]
@@ -351,12 +350,40 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
                      f"{weight.shape[2]}×{weight.shape[3]}), each min-max scaled.")
         report.save(s, f"{prefix}filters.png", features.filter_grid(model, first), first, upscale=8)
 
-    report.run(f"{title}: predictions", predictions)
-    report.run(f"{title}: which pixels matter (attribution side by side)", attributions)
-    report.run(f"{title}: class visualization", class_visualization)
-    report.run(f"{title}: adversarial examples", adversarial)
-    if chosen:
-        report.run(f"{title}: feature inversion from several depths", inversion)
-        report.run(f"{title}: DeepDream", dream)
-        report.run(f"{title}: texture synthesis and style transfer", texture_and_style)
-    report.run(f"{title}: first-layer filters", filters)
+    bodies = {"predictions": ("predictions", predictions),
+              "attribution": ("which pixels matter (attribution side by side)", attributions),
+              "class_visualization": ("class visualization", class_visualization),
+              "adversarial": ("adversarial examples", adversarial),
+              "inversion": ("feature inversion from several depths", inversion),
+              "dream": ("DeepDream", dream),
+              "texture_style": ("texture synthesis and style transfer", texture_and_style),
+              "filters": ("first-layer filters", filters)}
+    for key in sections:
+        if key in ("inversion", "dream", "texture_style") and not chosen:
+            continue  # no layer with a spatial output to work on
+        heading, body = bodies[key]
+        report.run(f"{title}: {heading}", body)
+
+
+def _report_options(method, size: int, report: Report) -> dict:
+    """The method's report settings; occlusion's window follows the image size."""
+    options = dict(method.report_options)
+    if method.name == "occlusion":
+        window = max(2, size // report.steps(7, 4))
+        options.update(window=window, stride=max(1, window // report.steps(2, 1)))
+    if report.quick:
+        for name, quick in (("samples", 4), ("steps", 4), ("masks", 200)):
+            if name in method.defaults() or name in options:
+                options[name] = min(options.get(name, quick), quick)
+    return options
+
+
+def _unit_map(heatmap: torch.Tensor) -> torch.Tensor:
+    """A map for drawing: magnitudes of signed maps, then scaled to [0, 1] per picture."""
+    heatmap = heatmap.abs() if float(heatmap.min()) < 0 else heatmap
+    low, high = float(heatmap.min()), float(heatmap.max())
+    return (heatmap - low) / (high - low) if high > low else torch.zeros_like(heatmap)
+
+
+def _colour_scale() -> torch.Tensor:
+    return colorize(torch.linspace(0, 1, 256).expand(12, -1))

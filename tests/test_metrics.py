@@ -351,20 +351,14 @@ def test_evaluate_summary():
 
 
 def test_evaluate_cli(tmp_path, capsys):
-    import argparse
+    from cnnviz_fast.cli import main
 
-    from cnnviz_fast.metrics.cli import add_parser
-
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "table.md"
-    args = parser.parse_args(["evaluate", "--limit", "3", "--steps", "2", "--methods", "saliency,random",
-                              "--out", str(out)])
-    assert args.run(args) == 0
+    assert main(["evaluate", "--model", "zoo:digits", "--data", "digits", "--limit", "3", "--steps", "2",
+                 "--methods", "saliency,random", "--out", str(out), "--quiet"]) == 0
     assert "| random |" in out.read_text() and "| saliency |" in capsys.readouterr().out
-    args = parser.parse_args(["evaluate", "--methods", "lime"])
-    with pytest.raises(ValueError, match="--methods must name"):  # cnnviz's main makes it one line, exit 2
-        args.run(args)
+    assert main(["evaluate", "--methods", "lime_nope"]) == 2  # one line, exit 2, before any model loads
+    assert "--methods must name" in capsys.readouterr().err
 
 
 class WritesIntoItsInput(nn.Module):

@@ -81,7 +81,7 @@ def _cli(*args, **env):
 def test_killed_run_resumed_gives_the_uninterrupted_table(tmp_path, model, folder):
     """SIGKILL after 2 of saliency's 4 shards; the same command resumes (grad_cam then runs
     whole) and the table and every per-image value equal a run that was never killed."""
-    command = ["--data", str(folder), "--methods", "saliency,grad_cam", "--steps", str(STEPS), "--shard-size", "4",
+    command = ["--model", "zoo:digits", "--data", str(folder), "--methods", "saliency,grad_cam", "--steps", str(STEPS), "--shard-size", "4",
                "--images-per-batch", "3", "--quiet"]
     killed = _cli(*command, "--stream", str(tmp_path / "killed"), **{KILL_AFTER_SHARDS: "2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -110,11 +110,13 @@ def test_killed_run_resumed_gives_the_uninterrupted_table(tmp_path, model, folde
 
 def test_cli_writes_table_and_report_with_valid_pngs(tmp_path, folder, capsys):
     out = tmp_path / "run"
-    assert main(["evaluate", "--data", str(folder), "--stream", str(out), "--methods", "saliency,grad_cam",
+    assert main(["evaluate", "--model", "zoo:digits", "--data", str(folder), "--stream", str(out), "--methods", "saliency,grad_cam",
                  "--steps", "4", "--shard-size", "8", "--sanity", "2", "--quiet", "--out", str(tmp_path / "t.md")]) == 0
     table = (out / "summary.md").read_text()
     assert table == (tmp_path / "t.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["saliency", "grad_cam"]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "AUC" not in line]
+    assert [line.split("|")[1].strip() for line in rows] == ["saliency", "grad_cam"]
+    assert "lower is better" in table and "model: zoo:digits" in table
     assert "| saliency |" in capsys.readouterr().out
     page = (out / "report.html").read_text()
     assert "FAILED" not in page and "<table>" in page and "<td>grad_cam</td>" in page
@@ -147,7 +149,7 @@ def test_bad_arguments_name_the_argument(tmp_path, model, pixels, kwargs, messag
     (["--limit", "3"], "--limit applies to digits"),
 ])
 def test_cli_bad_arguments_exit_2(tmp_path, folder, capsys, args, message):
-    assert main(["evaluate", "--data", str(folder), "--stream", str(tmp_path / "run"), *args]) == 2
+    assert main(["evaluate", "--model", "zoo:digits", "--data", str(folder), "--stream", str(tmp_path / "run"), *args]) == 2
     assert message in capsys.readouterr().err
 
 

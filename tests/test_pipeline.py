@@ -262,7 +262,7 @@ def test_cli_kill_and_resume_matches_python_api(tmp_path, model, folder):
     """SIGKILL after 2 of 4 shards; the same command resumes, and the result equals a
     fresh run of the Python API."""
     out = tmp_path / "cli"
-    command = ["-m", "cnnviz_fast", "saliency", "--data", str(folder), "--out", str(out), "--shard-size", "6",
+    command = ["-m", "cnnviz_fast", "saliency", "--model", "zoo:digits", "--data", str(folder), "--out", str(out), "--shard-size", "6",
                "--batch-size", "4", "--map-dtype", "float32", "--num-workers", "1", "--quiet"]
     killed = _python(*command, **{KILL_AFTER_SHARDS: "2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -280,7 +280,7 @@ def test_cli_kill_and_resume_matches_python_api(tmp_path, model, folder):
     torch.testing.assert_close(torch.from_numpy(cli.maps()), torch.from_numpy(api.maps()), **CLOSE)
     assert cli.errors() == api.errors()
     assert not [p for p in out.rglob("*.partial")]
-    bad = _python("-m", "cnnviz_fast", "saliency", "--data", str(folder), "--out", str(out), "--method",
+    bad = _python("-m", "cnnviz_fast", "saliency", "--model", "zoo:digits", "--data", str(folder), "--out", str(out), "--method",
                   "guided_backprop", "--quiet")
     assert bad.returncode == 2 and "cnnviz saliency: error:" in bad.stderr and "other settings" in bad.stderr
 
@@ -293,7 +293,7 @@ def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tmp_path, model
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               "-m", "cnnviz_fast", "saliency", "--data", "digits", "--out", str(out), "--shard-size", "64",
+               "-m", "cnnviz_fast", "saliency", "--model", "zoo:digits", "--data", "digits", "--out", str(out), "--shard-size", "64",
                "--batch-size", "32", "--map-dtype", "float32", "--quiet"]
     killed = _python(*command, **{KILL_AFTER_SHARDS: "1", KILL_RANK: "1"})
     assert killed.returncode != 0 and not (out / "index.csv").exists()
@@ -431,7 +431,7 @@ def test_cli_data_factory_gives_model_inputs(tmp_path, model, inputs, monkeypatc
         f"def data():\n    return TensorDataset(torch.load({str(tmp_path / 'x.pt')!r}))\n")
     torch.save(inputs[:6].clone(), tmp_path / "x.pt")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["saliency", "--data", "my_factory:data", "--out", str(tmp_path / "out"),
+    assert main(["saliency", "--model", "zoo:digits", "--data", "my_factory:data", "--out", str(tmp_path / "out"),
                  "--map-dtype", "float32", "--quiet"]) == 0
     assert "6 images, 0 skipped" in capsys.readouterr().out
     torch.testing.assert_close(torch.from_numpy(open_results(tmp_path / "out").maps()),

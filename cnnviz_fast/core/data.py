@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from .validation import check_finite, check_model_inputs
 
 
-def _images_of(item):
+def images_of(item):
     """Inputs of a dataset item or batch: ``x`` or the first element of ``(x, y, ...)``."""
     if isinstance(item, (tuple, list)):
         item = item[0]
@@ -78,7 +78,7 @@ def iter_batches(data, batch_size: int = 64, indices: Optional[Sequence[int]] = 
         subset = data if indices is None else torch.utils.data.Subset(data, list(indices))
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         for batch in loader:
-            yield _images_of(batch)
+            yield images_of(batch)
         return
     if indices is not None:
         raise ValueError("indices can only restrict a Tensor or a map-style Dataset; "
@@ -87,4 +87,4 @@ def iter_batches(data, batch_size: int = 64, indices: Optional[Sequence[int]] = 
         raise ValueError(f"data must be a Tensor, Dataset, DataLoader or iterable of batches, "
                          f"got {type(data).__name__}")
     for batch in data:
-        yield _images_of(batch)
+        yield images_of(batch)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ..core import Neuron, forward_to_layers, get_layer, model_guard
-from ..core.data import _images_of, checked_batch, iter_batches
+from ..core.data import images_of, checked_batch, iter_batches
 from ..core.validation import check_positive_int, model_device_dtype
 from ..pictures import image_grid
 from .receptive import ReceptiveField, receptive_field
@@ -97,7 +97,7 @@ def _check_channels(channels, count: int) -> torch.Tensor:
 def _indexable_image(data, index: int) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data[index]
-    return _images_of(data[index])
+    return images_of(data[index])
 
 
 def max_activating_patches(

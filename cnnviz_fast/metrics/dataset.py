@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..core.validation import check_choice, check_positive_int
 from ..pictures import render_figure
+from ..report import Report
 from ..pipeline import ExtraColumns, open_results, saliency_maps
 from ..pipeline.run import METHODS
 from ._common import interval95
@@ -199,7 +200,6 @@ def write_report(out: Union[str, Path], methods: Optional[Sequence[str]] = None,
     """``out/report.html`` (and report.md) of a finished run: the summary table, the mean
     deletion / insertion curves per method and, when given, ``sanity``: method ->
     :class:`~cnnviz_fast.metrics.Randomization` (cascading), plotted as Spearman per layer."""
-    from ..report import Report
 
     out = Path(out)
     runs = _runs(out, methods)  # read once: index.csv holds every curve point of every image

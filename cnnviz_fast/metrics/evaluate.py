@@ -3,18 +3,24 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Sequence, Union
 
+import sys
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from ..core.model_state import check_model
 from ..core.validation import check_positive_int
 from ._common import interval95
 from .curves import deletion_curve, insertion_curve
 
-__all__ = ["METRICS", "evaluate", "format_table"]
+__all__ = ["BETTER", "METRICS", "evaluate", "format_table"]
 
 METRICS = ("deletion", "insertion")
+# which way is better: a faithful map's most important pixels, removed first, drop the score
+# fast (low deletion AUC); inserted first, raise it fast (high insertion AUC)
+BETTER = {"deletion": "lower", "insertion": "higher"}
 
 
 def _batches(data, images_per_batch: int):
@@ -48,6 +54,7 @@ def evaluate(
     batch_size: int = 64,
     images_per_batch: int = 16,
     device=None,
+    progress: bool = False,
 ) -> Dict[str, Dict[str, dict]]:
     """Deletion / insertion AUCs of every method over a dataset, summarised per method.
 
@@ -65,10 +72,12 @@ def evaluate(
             images per forward pass); ``baseline``: a number or a
             callable ``images -> baseline tensor`` (e.g. a blur).
         device: where the batches are moved (default: the model's device).
+        progress: a progress bar over the images (stderr).
 
     Returns:
         ``{method: {metric: {"mean", "low", "high", "n"}}}``: the mean AUC per image and its
-        95% interval (normal approximation, ``mean +- 1.96 sd / sqrt(n)``).
+        95% percentile-bootstrap interval (inside [0, 1]; see :data:`BETTER` for which way
+        is better).
     """
     check_model(model)
     if not isinstance(methods, dict) or not methods or not all(callable(m) for m in methods.values()):
@@ -82,6 +91,8 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     curve_fns = {"deletion": deletion_curve, "insertion": insertion_curve}
     aucs = {name: {m: [] for m in metrics} for name in methods}
+    bar = tqdm(total=len(data) if isinstance(data, (Tensor, Dataset)) and not isinstance(data, IterableDataset)
+               else None, unit="img", desc="evaluate", disable=not progress, file=sys.stderr)
     for images, labels in _batches(data, images_per_batch):
         images = images.to(device)
         if target == "label":
@@ -97,6 +108,10 @@ def evaluate(
                 curve = curve_fns[metric](model, images, tgt, maps, steps=steps, baseline=base, patch=patch,
                                           batch_size=batch_size)
                 aucs[name][metric].append(curve.auc.cpu())
+        bar.update(len(images))
+    bar.close()
+    if not any(values for per_metric in aucs.values() for values in per_metric.values()):
+        raise ValueError("data holds no images")
     summary = {}
     for name, per_metric in aucs.items():
         summary[name] = {}
@@ -107,9 +122,12 @@ def evaluate(
 
 
 def format_table(summary: Dict[str, Dict[str, dict]]) -> str:
-    """The summary of :func:`evaluate` as a Markdown table (mean [95% interval] per cell)."""
+    """The summary of :func:`evaluate` as a Markdown table (mean [95% bootstrap interval] per
+    cell; the header says which way is better)."""
+    if not isinstance(summary, dict) or not all(isinstance(v, dict) for v in summary.values()):
+        raise ValueError(f"summary must be the dict evaluate returns, got {type(summary).__name__}")
     metrics = list(next(iter(summary.values())).keys()) if summary else []
-    lines = ["| method | " + " | ".join(f"{m} AUC" for m in metrics) + " |",
+    lines = ["| method | " + " | ".join(f"{m} AUC ({BETTER.get(m, '?')} is better)" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for name, per_metric in summary.items():
         cells = [f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}] (n={v['n']})" for v in per_metric.values()]

@@ -11,7 +11,7 @@ the torchrun glue, ``cli`` the ``cnnviz saliency`` and ``cnnviz merge`` commands
 """
 from .distributed import init_distributed
 from .results import Results, merge, open_results
-from .run import METHODS, ExtraColumns, RunSummary, saliency_maps, to_map
+from .run import METHODS, ExtraColumns, RunSummary, saliency_maps, to_map  # to_map: cnnviz_fast.registry's
 from .sources import IMAGE_SUFFIXES, decode_image
 
 __all__ = ["ExtraColumns", "IMAGE_SUFFIXES", "METHODS", "Results", "RunSummary", "decode_image", "init_distributed",

@@ -11,13 +11,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import attribution
+from .. import registry
+from ..registry import to_map
 from ..core.preprocess import Normalize
 from ..core.targets import is_predicted, resolve_target
 from ..core.validation import check_choice, check_positive_int
@@ -26,17 +27,8 @@ from .results import check_settings, write_index
 from .sources import FileSource, StreamSource, PositionBatches, make_source
 from .writer import BackgroundWriter, finished_shards, write_atomic
 
-# name -> attribution function; each takes (model, inputs, target, ..., return_output=True).
-METHODS: Dict[str, Callable] = {
-    "saliency": attribution.saliency,
-    "smoothgrad": attribution.smoothgrad,
-    "integrated_gradients": attribution.integrated_gradients,
-    "guided_backprop": attribution.guided_backprop,
-    "deconvnet": attribution.deconvnet,
-    "grad_cam": attribution.grad_cam,
-    "guided_grad_cam": attribution.guided_grad_cam,
-    "occlusion": attribution.occlusion,
-}
+# name -> declared attribution Method (cnnviz_fast.registry): the pipeline runs every one of them
+METHODS = {name: registry.get_method(name) for name in registry.attribution_methods()}
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAP_DTYPES = ("float16", "float32")
 
@@ -79,14 +71,6 @@ class RunSummary:
                 + ("" if self.complete else "; index not written (shards missing here: see above)"))
 
 
-def to_map(attributions: torch.Tensor) -> torch.Tensor:
-    """One map per image: ``[N, H, W]`` as is; ``[N, C, H, W]`` by max |·| over channels
-    (Simonyan et al.'s saliency map)."""
-    if attributions.dim() != 4:
-        return attributions
-    return attributions[:, 0].abs() if attributions.shape[1] == 1 else attributions.abs().amax(1)
-
-
 def _pixels_to_inputs(normalize: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 pixels → model inputs. A :class:`Normalize` becomes one fused multiply-add
     (``x·1/(255σ) − μ/σ``): fewer passes over the batch than ``/255``, ``−μ``, ``/σ``."""
@@ -96,6 +80,27 @@ def _pixels_to_inputs(normalize: nn.Module, device: torch.device) -> Callable[[t
     scale = (1 / (255 * normalize.std)).to(device)
     shift = (-normalize.mean / normalize.std).to(device)
     return lambda pixels: torch.addcmul(shift, pixels.float(), scale)
+
+
+def _layer(method, model: nn.Module, data, source, size, channels, layer, device, say: bool) -> str:
+    """The layer ``method`` runs at: the given one (a name or module), else the registry's
+    default for inputs shaped like ``data``'s (said on stderr when ``say``)."""
+    if layer is not None:
+        return registry.resolve_layer(method, model, None, layer)[0]
+    if isinstance(data, torch.Tensor):
+        probe = data[:1]
+    elif isinstance(source, FileSource):
+        probe = torch.zeros(1, channels, size, size)
+    else:
+        raise ValueError(f"layer: {method.name} needs one with Dataset or stream data (the default rule "
+                         f"needs an input shape)")
+    with torch.no_grad():
+        first = next((p for p in model.parameters()), None)
+        probe = probe.to(device if first is None else first.device, first.dtype if first is not None else probe.dtype)
+    name, note = registry.resolve_layer(method, model, probe)
+    if say:
+        print(note, file=sys.stderr)
+    return name
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -117,7 +122,7 @@ def saliency_maps(
     batch_size: int = 64, num_workers: Optional[int] = None, device: Union[str, torch.device, None] = None,
     dtype: Optional[str] = None, channels_last: bool = False, map_dtype: str = "float16",
     shard_size: int = 1024, overlays: int = 0, decode: str = "pil", progress: bool = True,
-    extra: Optional[ExtraColumns] = None, **method_kwargs,
+    extra: Optional[ExtraColumns] = None, resize: str = "crop", **method_kwargs,
 ) -> RunSummary:
     """Attribution maps for every input of ``data`` with one method, streamed to the folder ``out``.
 
@@ -130,7 +135,12 @@ def saliency_maps(
         out: output folder (see :mod:`cnnviz_fast.pipeline.results`); read it with
             :func:`~cnnviz_fast.pipeline.open_results`. Rerunning into it resumes; other
             settings against it raise ``ValueError``.
-        method: one of :data:`METHODS`; ``method_kwargs`` go to it (``layer=``, ``window=``, …).
+        method: a declared attribution method (:data:`METHODS`, from :mod:`cnnviz_fast.registry`);
+            ``method_kwargs`` go to it (``layer=``, ``window=``, …). A method that needs a layer
+            and gets none uses the registry's default layer (said on stderr, recorded in
+            run.json). Each attribution becomes one map per image by the method's
+            ``map_rule`` (gradient magnitudes: max |·| over channels; signed additive
+            attributions: sum over channels; CAMs and occlusion: as returned).
         target: ``"predicted"`` (each input's top class, from the same forward pass) or a class.
         batch_size: inputs per forward + backward; ``shard_size``: items per output shard.
         num_workers: decoding processes (default for files: up to 8 next to a GPU, 1 on a
@@ -140,6 +150,8 @@ def saliency_maps(
         map_dtype: ``"float16"`` (default) or ``"float32"`` on disk.
         overlays: also write PNG overlays of the first ``overlays`` items.
         decode: ``"pil"`` (Pillow in the workers) or ``"gpu"`` (nvJPEG on the device).
+        resize: how files become ``size``² pixels: ``"crop"`` (default: shorter side, centre
+            crop), ``"squash"`` or ``"pad"`` (:mod:`cnnviz_fast.core.images`).
         progress: a progress bar and a summary line on rank 0.
         extra: per-image numbers computed from each batch and stored with it (see
             :class:`ExtraColumns`; :func:`cnnviz_fast.metrics.evaluate_dataset` uses it).
@@ -159,9 +171,13 @@ def saliency_maps(
         raise ValueError(f"decode='gpu' needs a CUDA device, got device={str(device)!r}"
                          + ("" if torch.cuda.is_available() else " (no GPU is present)"))
     channels = normalize.channels if normalize is not None else None
-    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size)
+    source = make_source(data, size=size, channels=channels, decode=decode, batch_size=batch_size, resize=resize)
     if source.pixels and normalize is None:
         raise ValueError("normalize is required to turn decoded pixels into model inputs")
+    declared = METHODS[method]
+    if declared.needs_layer:
+        method_kwargs["layer"] = _layer(declared, model, data, source, size, channels, method_kwargs.get("layer"),
+                                        device, rank == 0)
     if num_workers is None:  # on a CPU, decoding processes take cores from the compute
         num_workers = 0 if not isinstance(source, FileSource) else (
             min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
@@ -178,7 +194,6 @@ def saliency_maps(
     done = set(finished_shards(out))
     writer = BackgroundWriter(out, shard_size, np.dtype(map_dtype), rank=rank, overlays=overlays,
                               extra_columns=extra.names if extra is not None else ())
-    function = METHODS[method]
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, AUTOCAST[dtype])) if dtype else contextlib.nullcontext
     to_inputs = _pixels_to_inputs(normalize, device) if source.pixels else None
@@ -226,11 +241,11 @@ def saliency_maps(
                 x = to_inputs(x)
             x = x.contiguous(memory_format=layout)
             with autocast():
-                attributions, output = function(model, x, target=target, return_output=True, **method_kwargs)
+                attributions, output = declared(model, x, target=target, return_output=True, **method_kwargs)
             output = output.float()
             classes = resolve_target(target, output) if is_predicted(target) else torch.full(
                 (output.shape[0],), target, dtype=torch.long, device=output.device)
-            maps = to_map(attributions).detach()
+            maps = to_map(attributions.detach(), declared.map_rule)
             columns = [maps.to(getattr(torch, map_dtype)), output.argmax(1), classes,
                        output.gather(1, classes[:, None])[:, 0]]
             if extra is not None:

@@ -18,9 +18,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from ..core.images import check_resize, fit_pixels
 from ..core.validation import check_choice
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+from ..loading import IMAGE_SUFFIXES, decode_file
 DECODERS = ("pil", "gpu")
 
 
@@ -42,44 +42,14 @@ class Batch:
 
 # ---------------------------------------------------------------------------- decoding
 
-def _to_8bit(image):
-    """16-bit and float grayscale (modes I;16*, I, F) to 8-bit L; other modes unchanged."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16") or image.mode == "I":
-        array = np.asarray(image, dtype=np.float32) / 257.0
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        array = array * 255.0 if array.size and array.max() <= 1.0 else array
-    else:
-        return image
-    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L")
-
-
-def decode_image(data, size: int, channels: int) -> np.ndarray:
-    """A file (path or bytes) decoded with Pillow as ``uint8[size, size, channels]``.
-
-    CMYK, palette, grayscale, RGBA (alpha dropped) and 16-bit images are converted; JPEGs are
-    decoded at the smallest DCT scale still ≥ ``size`` (Pillow's draft mode). Raises on an
-    unreadable, truncated or empty file.
-    """
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as image:
-        if image.format == "JPEG":
-            image.draft(None, (size, size))
-        image = _to_8bit(image)
-        image = image.convert("RGB" if channels == 3 else "L")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        array = np.array(image, dtype=np.uint8)  # a writable copy, as torch wants
-    return array if array.ndim == 3 else array[:, :, None]
+def decode_image(data, size: int, channels: int, resize: str = "crop") -> np.ndarray:
+    """A file (path or bytes) decoded with Pillow as ``uint8[size, size, channels]``, fitted by
+    the package's one ``resize`` policy (:func:`cnnviz_fast.loading.decode_file`)."""
+    return decode_file(data, size, channels, resize)
 
 
 def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
-                     device: torch.device) -> Tuple[List[int], torch.Tensor, List[Tuple[int, str]]]:
+                     device: torch.device, resize: str = "crop") -> Tuple[List[int], torch.Tensor, List[Tuple[int, str]]]:
     """Decode file bytes with ``torchvision.io`` on ``device`` (nvJPEG on a GPU), resize there.
 
     Returns ``(kept, pixels uint8[K, C, size, size], failed [(index, reason)])``. A batch whose
@@ -95,7 +65,7 @@ def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
 
     def with_pillow(i: int) -> None:
         try:
-            array = decode_image(raw[i].numpy().tobytes(), size, channels)
+            array = decode_image(raw[i].numpy().tobytes(), size, channels, resize)
             decoded[i] = torch.from_numpy(array).permute(2, 0, 1).to(device)
         except Exception as error:  # noqa: BLE001 - a bad file is a skip, whatever it raised
             failed.append((i, f"decode: {error}".splitlines()[0]))
@@ -118,8 +88,7 @@ def decode_on_device(raw: Sequence[torch.Tensor], size: int, channels: int,
         except RuntimeError:
             with_pillow(i)
     kept = [i for i, image in enumerate(decoded) if image is not None]
-    pixels = [torch.nn.functional.interpolate(decoded[i][None].float(), size=(size, size), mode="bilinear",
-                                              antialias=True, align_corners=False)[0] for i in kept]
+    pixels = [fit_pixels(decoded[i][None].float(), size, resize)[0] for i in kept]
     stacked = (torch.stack(pixels).round_().clamp_(0, 255).to(torch.uint8) if pixels
                else torch.empty(0, channels, size, size, dtype=torch.uint8, device=device))
     return kept, stacked, sorted(failed)
@@ -202,7 +171,9 @@ class FileSource(IndexedSource):
 
     pixels = True
 
-    def __init__(self, spec, size: int, channels: int, decode: str = "pil"):
+    def __init__(self, spec, size: int, channels: int, decode: str = "pil", resize: str = "crop"):
+        check_resize(resize)
+        self.resize = resize
         root = Path(spec)
         if root.is_dir():
             names = sorted(
@@ -228,7 +199,7 @@ class FileSource(IndexedSource):
         self.fingerprint = digest.hexdigest()
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "length": self.length, "files_sha1": self.fingerprint}
+        return {"kind": self.kind, "length": self.length, "files_sha1": self.fingerprint, "resize": self.resize}
 
     def ident(self, position: int) -> str:
         return self.names[position].decode("utf-8", "surrogateescape")
@@ -241,7 +212,7 @@ class FileSource(IndexedSource):
             if not data:
                 raise ValueError("empty file")
             return np.frombuffer(data, dtype=np.uint8).copy()
-        return decode_image(path, self.size, self.channels)
+        return decode_image(path, self.size, self.channels, self.resize)
 
     def batches(self, sampler, num_workers, pin_memory):
         if self.decode != "gpu":
@@ -253,7 +224,7 @@ class FileSource(IndexedSource):
 
     def decode_batch(self, batch: Batch, device: torch.device) -> Batch:
         """GPU decode: the raw bytes of ``batch`` decoded and resized on ``device``."""
-        kept, pixels, failed = decode_on_device(batch.inputs, self.size, self.channels, device)
+        kept, pixels, failed = decode_on_device(batch.inputs, self.size, self.channels, device, self.resize)
         skipped = batch.skipped + [(int(batch.positions[i]), batch.ids[i], reason) for i, reason in failed]
         return Batch(batch.positions[kept], [batch.ids[i] for i in kept], pixels, sorted(skipped))
 
@@ -333,14 +304,14 @@ class StreamSource(Source):
 
 
 def make_source(data, size: Optional[int] = None, channels: Optional[int] = None, decode: str = "pil",
-                batch_size: int = 64) -> Source:
+                batch_size: int = 64, resize: str = "crop") -> Source:
     """The :class:`Source` for ``data``: a folder or text file of paths (needs ``size`` and
     ``channels``), a Tensor, a map-style Dataset, an IterableDataset or a DataLoader."""
     check_choice(decode, DECODERS, "decode")
     if isinstance(data, (str, os.PathLike)):
         if size is None or channels is None:
             raise ValueError("size and channels are required to decode image files")
-        return FileSource(data, size, channels, decode)
+        return FileSource(data, size, channels, decode, resize)
     if decode != "pil":
         raise ValueError("decode='gpu' applies to image files only")
     if isinstance(data, torch.Tensor):

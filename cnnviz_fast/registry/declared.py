@@ -10,8 +10,9 @@ from __future__ import annotations
 from .. import attribution as A
 from .. import features as F
 from .. import synthesis as S
-from ..attribution import baselines
+from ..attribution import perturbation as P
 from ..attribution.lrp import composites as lrp_composites
+from ..attribution.perturbation.segments import parse_baseline
 from .spec import Method, Option, int_pair
 
 _BATCH = Option("batch_size", int, None, "inputs per forward/backward pass (default: the method's)")
@@ -20,6 +21,16 @@ _NONLINEAR = Option("nonlinear", str, "raise", "non-rectifying activations (SiLU
 _INTERPOLATE = Option("interpolate", str, "bilinear", "upsampling of the layer map to the input size",
                       ("bilinear", "nearest"))
 _SEED = Option("seed", int, None, "random seed (default: the global generator)")
+_NOISE_OPTIONS = (Option("samples", int, 50, "noisy copies per image"),
+                  Option("noise", float, 0.15, "noise std as a fraction of each image's value range"),
+                  _BATCH, _SEED)
+_MAX_POOL = Option("max_pool", str, "gradient", "DeepLIFT rule at max pooling: plain gradient (as Captum where "
+                   "the pool follows a ReLU module) or Captum's rescale rule", ("gradient", "rescale"))
+# segment-based perturbation methods
+_SEGMENTS = Option("segments", str, "slic:100", "the features: 'slic:K' superpixels or a 'grid:K' of K x K cells")
+_SEGMENT_BASELINE = Option("baseline", parse_baseline, 0.0, "value of a removed segment: a number, or 'blur' / "
+                           "'blur:SIGMA' (a Gaussian-blurred copy)")
+_COALITIONS = Option("samples", int, 200, "sampled coalitions of segments per image")
 
 METHODS = (
     # --- gradient family -----------------------------------------------------------------
@@ -40,6 +51,23 @@ METHODS = (
            options=(_NONLINEAR,)),
     Method("deconvnet", A.deconvnet, "gradient", "gradient through ReLUs applied to the gradient (Zeiler & "
            "Fergus 2014)", options=(_NONLINEAR,)),
+    Method("smoothgrad_sq", A.smoothgrad_sq, "gradient", "mean squared gradient over noisy copies (SmoothGrad², "
+           "Captum NoiseTunnel smoothgrad_sq)", options=_NOISE_OPTIONS, report_options={"samples": 16}),
+    Method("vargrad", A.vargrad, "gradient", "variance of |gradient| over noisy copies (VarGrad, Adebayo et al. "
+           "2018)", options=_NOISE_OPTIONS, report_options={"samples": 16}),
+    Method("gradient_shap", A.gradient_shap, "gradient", "expected gradients × (input - baseline) at random points "
+           "between input and baseline (GradientSHAP, Lundberg & Lee 2017)", map_rule="sum",
+           options=(Option("samples", int, 5, "random points per image"),
+                    Option("noise", float, 0.0, "input noise std as a fraction of each image's value range"),
+                    Option("baseline", parse_baseline, 0.0, "baseline value (model input space)"), _BATCH, _SEED),
+           report_options={"samples": 16}),
+    Method("deeplift", A.deeplift, "gradient", "DeepLIFT rescale rule: differences to a baseline run "
+           "(Shrikumar et al. 2017)", map_rule="sum",
+           options=(Option("baseline", parse_baseline, 0.0, "baseline value (model input space)"), _MAX_POOL, _NONLINEAR)),
+    Method("deeplift_shap", A.deeplift_shap, "gradient", "DeepLIFT averaged over a batch of baselines "
+           "(DeepLiftShap)", map_rule="sum", report=False,
+           options=(Option("baseline", parse_baseline, 0.0, "baseline value (one baseline; a batch from Python)"), _BATCH,
+                    _MAX_POOL, _NONLINEAR)),
     # --- CAM family --------------------------------------------------------------------------
     Method("grad_cam", A.grad_cam, "cam", "channel-weighted layer activations, weights = mean gradient "
            "(Selvaraju et al. 2017)", needs_layer=True, map_rule="as_is", options=(_INTERPOLATE,)),
@@ -52,20 +80,34 @@ METHODS = (
                            lrp_composites.COMPOSITES),
                     Option("epsilon", float, 1e-6, "epsilon of the epsilon rule (fully connected layers)"),
                     Option("gamma", float, 0.25, "gamma of the gamma rule (epsilon_gamma_box's convolutions)"),
-                    Option("nonlinear", str, "raise", "non-rectifying activations (SiLU, GELU): refuse, pass "
-                           "relevance through unchanged, or multiply it by their gradient",
-                           ("raise", "pass", "gradient")))),
+                    _NONLINEAR)),  # lrp also takes nonlinear="pass" (Zennit's Pass rule) from Python
     # --- perturbation family -----------------------------------------------------------------
     Method("occlusion", A.occlusion, "perturbation", "score drop when a sliding window is replaced by a "
            "baseline (Zeiler & Fergus 2014)", map_rule="as_is",
            options=(Option("window", int_pair, 16, "window size: N or H,W pixels"),
                     Option("stride", int_pair, 8, "stride: N or H,W pixels"),
-                    Option("baseline", float, 0.0, "value written inside the window (model input space)"),
+                    Option("baseline", parse_baseline, 0.0, "value written inside the window (model input space)"),
                     Option("mode", str, "exact", "exact (incremental), full recomputation, or approximate",
                            ("exact", "full", "approximate")),
                     _BATCH)),
+    Method("feature_ablation", P.feature_ablation, "perturbation", "score drop when one segment is replaced "
+           "by a baseline (Captum FeatureAblation over segments)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _BATCH), report_options={"segments": "grid:4"}),
+    Method("shapley_sampling", P.shapley_sampling, "perturbation", "Shapley values of the segments from random "
+           "permutations (Castro et al. 2009; Captum ShapleyValueSampling)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, Option("samples", int, 25, "random permutations of the segments"),
+                    _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 2}),
+    Method("kernel_shap", P.kernel_shap, "perturbation", "linear fit on coalitions of segments drawn from the "
+           "Shapley kernel (Lundberg & Lee 2017; Captum KernelShap)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 32}),
+    Method("lime", P.lime, "perturbation", "sparse linear fit on random coalitions of segments, weighted by "
+           "similarity (Ribeiro et al. 2016; Captum Lime)", map_rule="sum",
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
+           report_options={"segments": "grid:4", "samples": 32}),
     # --- controls ------------------------------------------------------------------------------
-    Method("random", baselines.random_attribution, "control", "uniform random maps: the floor every method "
+    Method("random", A.random_attribution, "control", "uniform random maps: the floor every method "
            "should beat in the faithfulness metrics", map_rule="as_is", report=False, options=(_SEED,)),
     # --- synthesis and features (run by their own subcommands) ---------------------------------
     Method("visualize_class", S.visualize_class, "synthesis", "an image that maximises a class score",

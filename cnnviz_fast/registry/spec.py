@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 FAMILIES = ("gradient", "cam", "perturbation", "relevance", "control", "synthesis", "feature")

@@ -9,6 +9,7 @@ import torch
 
 import torch.nn.functional as F
 
+from ..core.images import fit_pixels
 from ..core.preprocess import Normalize
 from ..core.validation import check_choice, check_int
 
@@ -67,14 +68,8 @@ def sample_images(size: int | None = None) -> Dict[str, torch.Tensor]:
 
 
 def _center_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side of ``Tensor[1, C, H, W]`` to ``size`` and crop the centre square."""
-    h, w = image.shape[-2:]
-    scale = size / min(h, w)
-    image = F.interpolate(image, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                          mode="bilinear", align_corners=False, antialias=True)
-    h, w = image.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[..., top:top + size, left:left + size].clamp(0, 1).contiguous()
+    """``Tensor[1, C, H, W]`` fitted to ``size`` by the package's default policy (crop)."""
+    return fit_pixels(image, size, "crop").clamp(0, 1)
 
 
 # scikit-image photos that ship inside its wheel (no download), by the name used here

@@ -1,50 +1,19 @@
-"""The tool subcommands of ``cnnviz`` (one method each): visualize, adversarial, invert,
-dream, texture, style, filters, features, neighbors, embed, patches, layers. Each writes
-PNGs (and ``.npy`` where numbers are the product) into ``--out`` through
-:func:`cnnviz_fast.cli.staged_output`."""
+"""The synthesis and feature subcommands of ``cnnviz`` (the ``command`` of their registry
+declarations): visualize, adversarial, invert, dream, texture, style, filters, features,
+neighbors, embed, patches, and layers. Each writes PNGs (and ``.npy`` where numbers are the
+product) into ``--out`` through :func:`~cnnviz_fast.cli.common.staged_output`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import torch
 
-from . import features, synthesis
-from .cli import (CLIError, add_model_options, add_parser, add_run_options, class_names, load_images,
-                  load_model_info, staged_output)
-from .core import Neuron, get_layer
-from .pictures import colorize, image_grid, save_png
-
-
-class Context:
-    """The model, its preprocessing and class names, on ``--device``."""
-
-    def __init__(self, args):
-        self.args = args
-        self.model, self.normalize, self.size, classes = load_model_info(args.model, args.weights, args.mean,
-                                                                         args.std, args.size)
-        self.device = torch.device(args.device)
-        self.model.to(self.device)
-        self.normalize.to(self.device)
-        self.channels = self.normalize.channels
-        self.progress = not args.quiet
-        self._classes = classes
-
-    def images(self, spec, size=None):
-        pixels, names = load_images(spec, size or self.size, self.channels)
-        return pixels.to(self.device), names
-
-    def layer(self, name: str) -> str:
-        get_layer(self.model, name, "--layer")  # one ValueError line naming the closest layers
-        return name
-
-    def labels(self, logits: torch.Tensor) -> List[str]:
-        return class_names(self._classes, logits.shape[-1])
-
-    def say(self, message: str) -> None:
-        if self.progress:
-            print(message)
+from .. import features, synthesis
+from ..core import Neuron
+from ..pictures import colorize, image_grid, save_png
+from ..registry import candidate_layers
+from .common import CLIError, Context, add_model_options, add_parser, add_run_options, load_context_model, staged_output
 
 
 def _upscale(size: int) -> int:
@@ -378,9 +347,8 @@ def add_patches_parser(commands) -> None:
 
 
 def _cmd_layers(args) -> int:
-    from .report import candidate_layers
-
-    model, normalize, size, _ = load_model_info(args.model, args.weights, args.mean, args.std, args.size)
+    loaded = load_context_model(args)
+    model, normalize, size = loaded.model.to(args.device), loaded.normalize.to(args.device), loaded.size
     shapes = {}
 
     def record(name):
@@ -392,12 +360,12 @@ def _cmd_layers(args) -> int:
              if n and not isinstance(m, torch.jit.ScriptModule)]
     try:
         with torch.no_grad():
-            model(normalize(torch.full((1, normalize.channels, size, size), 0.5)))
+            model(normalize(torch.full((1, normalize.channels, size, size), 0.5, device=args.device)))
     finally:
         for hook in hooks:
             hook.remove()
-    suggested = {name for name, _ in candidate_layers(model, normalize(torch.full((1, normalize.channels, size, size),
-                                                                                   0.5)))}
+    probe = normalize(torch.full((1, normalize.channels, size, size), 0.5, device=args.device))
+    suggested = {name for name, _ in candidate_layers(model, probe)}
     for name, module in model.named_modules():
         if name:
             mark = "*" if name in suggested else " "
@@ -406,10 +374,11 @@ def _cmd_layers(args) -> int:
 
 
 def add_layers_parser(commands) -> None:
-    p = add_parser(commands, "layers", "the model's layer names and output shapes (* = used by the report)",
+    p = add_parser(commands, "layers", "the model's layer names and output shapes (* = image-shaped outputs, "
+                   "from which the default CAM layer is the last)",
                    "  cnnviz layers --model zoo:efficientnet-lite0")
     add_model_options(p)
-    p.add_argument("--debug", action="store_true")
+    add_run_options(p, None)
     p.set_defaults(run=_cmd_layers)
 
 

@@ -1,0 +1,173 @@
+"""Segment-based perturbation methods and the ROAD / IROF metrics vs their anchors, same run.
+
+    python benchmarks/bench_perturbation_segments.py [--quick] [--no-write] [--only fa,shapley,...]
+
+(``--only segments`` of benchmarks/bench_perturbation.py once the lead merges the two files.)
+Random-weight ResNet-18, 1 image of 224 x 224 (scikit-image's astronaut), CPU. Each
+contender makes one timed call (seconds-long calls on a shared machine; the load is written
+with the results), and the values of those calls are checked equal.
+
+- feature ablation over ~100 SLIC superpixels vs Captum ``FeatureAblation`` at
+  ``perturbations_per_eval`` 1 (default) and its best of 8, 32;
+- Shapley value sampling (reduced: a 4 x 4 grid, 2 permutations) vs Captum
+  ``ShapleyValueSampling`` on the same permutations, at 1 (default) and 15;
+- KernelSHAP and LIME (~100 SLIC superpixels, 64 coalitions) vs Captum ``KernelShap`` /
+  ``Lime`` on the same coalitions, at 1 (default) and the best of 16, 64;
+- ROAD (MoRF + LeRF at percentiles 20, 50, 80; reduced from 9) vs pytorch-grad-cam's
+  ``ROADCombined``, same noise; IROF vs Quantus' ``IROF`` (its SLIC, ~100 steps).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import argument_parser, row, write_results  # noqa: E402
+
+TIMING = "one time.perf_counter measurement per contender (seconds-long calls), no warm-up call of the method"
+
+SECTIONS = ("fa", "shapley", "surrogate", "road", "irof")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def close(ours, anchor, what, tolerance=1e-3):
+    ours, anchor = torch.as_tensor(ours).double(), torch.as_tensor(anchor).double()
+    error = float((ours - anchor).norm() / anchor.norm().clamp_min(1e-30))
+    assert error < tolerance, f"{what}: relative difference {error:.2e}"
+
+
+def photo(size: int) -> torch.Tensor:
+    from skimage import data
+    from skimage.transform import resize
+    image = resize(data.astronaut(), (size, size), anti_aliasing=True)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return pixels, (pixels - mean) / std
+
+
+def main(argv=None):
+    args = argument_parser(__doc__, SECTIONS).parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import torchvision
+    from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValueSampling
+    from cnnviz_fast.attribution.perturbation import (
+        draw_permutations, feature_ablation, grid_segments, kernel_shap, lime, shapley_sampling, slic_segments,
+    )
+    from cnnviz_fast.metrics import irof, road
+
+    torch.manual_seed(0)
+    size = 112 if args.quick else 224
+    model = torchvision.models.resnet18().eval()
+    pixels, x = photo(size)
+    with torch.no_grad():  # warm the CPU kernels (first calls of a batch shape pay for setup)
+        target = int(model(x).argmax())
+        for batch in (1, 8, 32):
+            model(x.expand(batch, -1, -1, -1))
+    seg = slic_segments(pixels, 100)
+    K = int(seg.max()) + 1
+    mask = seg[:, None]
+    rows = []
+    where = f"ResNet-18 cpu, 1 image {size}x{size}"
+
+    if "fa" in args.only:
+        t_ours, ours = timed(lambda: feature_ablation(model, x, target, segments=seg))
+        best = None
+        for ppe in (1, 8, 32):
+            t, ref = timed(lambda: FeatureAblation(model).attribute(x, target=target, feature_mask=mask,
+                                                                    perturbations_per_eval=ppe))
+            close(ours, ref, "feature ablation")
+            if ppe == 1:
+                rows.append(row(f"{where}: feature ablation, {K} SLIC segments vs Captum ppe=1 (default)", t_ours,
+                                t, ">= 2x", unit="s"))
+            elif best is None or t < best[0]:
+                best = (t, ppe)
+        rows.append(row(f"{where}: feature ablation, {K} SLIC segments vs Captum best ppe={best[1]}", t_ours,
+                        best[0], ">= 2x", unit="s"))
+
+    if "shapley" in args.only:
+        grid = grid_segments(size, size, 4)[None]
+        perms = draw_permutations(16, 2, seed=0)
+        t_ours, ours = timed(lambda: shapley_sampling(model, x, target, segments=grid, permutations=perms))
+        for ppe in (1, 15):
+            torch.manual_seed(0)  # Captum draws the same permutations as draw_permutations(seed=0)
+            t, ref = timed(lambda: ShapleyValueSampling(model).attribute(
+                x, target=target, feature_mask=grid[:, None], n_samples=2, perturbations_per_eval=ppe))
+            close(ours, ref, "shapley")
+            rows.append(row(f"{where}: Shapley sampling, 16 grid segments, 2 permutations vs Captum ppe={ppe}"
+                            + (" (default)" if ppe == 1 else ""), t_ours, t, ">= 3x", unit="s"))
+
+    if "surrogate" in args.only:
+        samples = 64
+        for name, ours_fn, anchor in (("KernelSHAP", kernel_shap, KernelShap), ("LIME", lime, Lime)):
+            t_ours, ours = timed(lambda: ours_fn(model, x, target, segments=seg, samples=samples, seed=0))
+            best = None
+            for ppe in (1, 16, 64):
+                torch.manual_seed(0)
+                t, ref = timed(lambda: anchor(model).attribute(x, target=target, feature_mask=mask,
+                                                               n_samples=samples, perturbations_per_eval=ppe))
+                close(ours, ref, name, 1e-2)
+                if ppe == 1:
+                    rows.append(row(f"{where}: {name}, {K} SLIC segments, {samples} coalitions vs Captum ppe=1 "
+                                    "(default)", t_ours, t, ">= 2x", unit="s"))
+                elif best is None or t < best[0]:
+                    best = (t, ppe)
+            rows.append(row(f"{where}: {name}, {K} SLIC segments, {samples} coalitions vs Captum best ppe={best[1]}",
+                            t_ours, best[0], ">= 1.3x", unit="s"))
+
+    cam = torch.rand(1, size // 16, size // 16)
+    cam = torch.nn.functional.interpolate(cam[None], size=(size, size), mode="bilinear")[0]
+    if "road" in args.only:
+        from pytorch_grad_cam.metrics.road import ROADCombined
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+        percentiles = [20, 50, 80]
+        t_ours, ours = timed(lambda: road(model, x, target, cam, percentiles, seed=0).combined)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            t, ref = timed(lambda: ROADCombined(percentiles)(x, cam.numpy(), [ClassifierOutputSoftmaxTarget(target)],
+                                                             model))
+        close(ours, ref, "ROAD", 1e-3)
+        rows.append(row(f"{where}: ROAD combined, percentiles {percentiles} vs pytorch-grad-cam ROADCombined",
+                        t_ours, t, ">= 5x", unit="s"))
+
+    if "irof" in args.only:
+        import quantus
+        from quantus.functions.perturb_func import baseline_replacement_by_mask
+        if not hasattr(np, "trapz"):
+            np.trapz = np.trapezoid  # Quantus calls np.trapz, removed in NumPy 2
+
+        def perturb(arr, mask, **kwargs):  # Quantus' IROF passes a [B, 1, H, W] mask for [B, C, H, W] images
+            return baseline_replacement_by_mask(arr, np.broadcast_to(mask, arr.shape), **kwargs)
+
+        metric = quantus.IROF(return_aggregate=False, disable_warnings=True, perturb_func=perturb)
+        t_ours, ours = timed(lambda: irof(model, x, target, cam).aoc)
+        t, ref = timed(lambda: metric(model=model, x_batch=x.numpy(), y_batch=np.array([target]),
+                                      a_batch=cam[None].numpy(), device="cpu", batch_size=1))
+        close(ours, ref, "IROF", 1e-3)
+        rows.append(row(f"{where}: IROF (Quantus SLIC, {int(slic_segments(x).max()) + 1} steps) vs Quantus IROF",
+                        t_ours, t, ">= 5x", unit="s"))
+
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    notes = ("Same run, equal values checked first (norm-wise relative difference < 1e-3; 1e-2 for the "
+             f"linear fits). One timed call per contender. Load at the end: `{load}`.")
+    missed = [r["name"] for r in rows if r.get("result") == "MISS"]
+    print("all targets met" if not missed else f"targets missed: {missed}", flush=True)
+    if not args.no_write:  # common.finish would describe Timer's interleaved rounds, not this timing
+        print("wrote", write_results("perturbation-segments" + ("-quick" if args.quick else ""), rows, notes,
+                                     "Segment perturbation methods, ROAD, IROF vs anchors",
+                                     directory=args.results_dir, timing=TIMING))
+
+
+if __name__ == "__main__":
+    main()

