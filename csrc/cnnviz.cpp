@@ -48,4 +48,14 @@ TORCH_LIBRARY(cnnviz, m) {
   m.def(
       "progressive_mask(Tensor images, Tensor ranks, Tensor baseline, int[] counts, "
       "int[2] patch, bool insertion) -> Tensor");
+
+  // RISE (Petsiuk et al. 2018): masks generated from a seed inside the kernels (see
+  // ops/common/rise_math.h), never stored. images [N, C, H, W] -> [N, count, C, H, W]:
+  // out[n, k] = images[n] * mask(first + k), masks of a grid_h x grid_w grid of cells on
+  // with probability p, upsampled bilinearly at a random shift.
+  m.def("rise_mask(Tensor images, int seed, int[2] grid, float p, int first, int count) -> Tensor");
+  // scores [N, count] -> [N, H, W] = sum_k scores[n, k] * mask(first + k) (opmath accumulation).
+  m.def(
+      "rise_accumulate(Tensor scores, int H, int W, int seed, int[2] grid, float p, int first) -> "
+      "Tensor");
 }

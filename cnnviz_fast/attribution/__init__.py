@@ -9,11 +9,16 @@ from .gradients import (
 from .guided import deconvnet, guided_backprop
 from .lrp import lrp
 from .occlusion import occlusion
+from .perturbation import (
+    ablation_cam, feature_ablation, grid_segments, kernel_shap, lime, rise, score_cam, shapley_sampling, slic_segments,
+)
 from .segmentation import saliency_to_mask
 
 __all__ = [
+    "ablation_cam", "rise", "score_cam",
     "deconvnet", "grad_cam", "gradient_x_input", "guided_backprop", "guided_grad_cam", "integrated_gradients",
     "occlusion", "random_attribution", "saliency", "saliency_to_mask", "smoothgrad",
     "deeplift", "deeplift_shap", "gradient_shap", "smoothgrad_sq", "vargrad",
+    "feature_ablation", "grid_segments", "kernel_shap", "lime", "shapley_sampling", "slic_segments",
     "lrp",
 ]

@@ -40,6 +40,9 @@ __all__ = [
     "progressive_grid",
     "ranks_from_order",
     "progressive_mask",
+    "rise_mask",
+    "rise_accumulate",
+    "rise_masks",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -268,3 +271,56 @@ def progressive_mask(
     if not _USE_EXT:
         return reference.progressive_mask_ranks(images, ranks, counts, base, patch, insertion)
     return torch.ops.cnnviz.progressive_mask(images, ranks, _kernel_baseline(base, images), counts, list(patch), insertion)
+
+
+# --------------------------------------------------------------------------- #
+# RISE: random masks generated from a seed inside the kernels
+# --------------------------------------------------------------------------- #
+def rise_mask(images: Tensor, seed: int, grid: IntPair = 7, p: float = 0.5, first: int = 0, count: int = 1) -> Tensor:
+    """Copies of every image multiplied by RISE masks ``first .. first+count-1``.
+
+    Args:
+        images: ``Tensor[N, C, H, W]``.
+        seed: any 64-bit int; mask ``m`` depends only on ``(seed, m)``, so chunks of masks
+            can be built in any order, on any device, with the same values.
+        grid: ``(grid_h, grid_w)`` cells (or an int), at most the image size.
+        p: probability in (0, 1) of a cell being on.
+        first, count: the masks to build.
+
+    Returns:
+        ``Tensor[N, count, C, H, W]``: ``out[n, k] = images[n] * mask(first + k)``. Mask ``m``
+        is the paper's: a ``grid_h x grid_w`` binary grid resized bilinearly to ``(grid + 1) *
+        cell`` pixels (``cell = ceil(size / grid)``) and cropped at a random shift in ``[0,
+        cell)`` (see :func:`rise_masks`). The masks are never stored: each is computed inside
+        the kernel from counter-based hashes of ``(seed, m, cell)``. Differentiable w.r.t. ``images``.
+    """
+    seed, grid, p, first, count = _checks.rise_mask_args(images, seed, grid, p, first, count)
+    if not _USE_EXT:
+        return reference.rise_mask(images, seed, grid, p, first, count)
+    return torch.ops.cnnviz.rise_mask(images, seed, list(grid), p, first, count)
+
+
+def rise_accumulate(scores: Tensor, H: int, W: int, seed: int, grid: IntPair = 7, p: float = 0.5,
+                    first: int = 0) -> Tensor:
+    """Score-weighted sum of RISE masks: ``out[n] = sum_k scores[n, k] * mask(first + k)``.
+
+    Args:
+        scores: ``Tensor[N, count]``, e.g. the target scores of :func:`rise_mask`'s batch.
+        H, W: image size; seed, grid, p: as in :func:`rise_mask`.
+
+    Returns:
+        ``Tensor[N, H, W]`` in the scores' dtype (accumulated in float32, float64 for
+        float64), masks regenerated from the seed in chunks. Differentiable w.r.t. ``scores``.
+    """
+    H, W, seed, grid, p, first = _checks.rise_accumulate_args(scores, H, W, seed, grid, p, first)
+    if not _USE_EXT:
+        return reference.rise_accumulate(scores, H, W, seed, grid, p, first)
+    return torch.ops.cnnviz.rise_accumulate(scores, H, W, seed, list(grid), p, first)
+
+
+def rise_masks(H: int, W: int, seed: int, grid: IntPair = 7, p: float = 0.5, first: int = 0, count: int = 1,
+               dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """The RISE masks ``first .. first+count-1`` themselves, ``Tensor[count, H, W]`` (for
+    display and tests; the methods never materialise them): :func:`rise_mask` of an image of ones."""
+    ones = torch.ones(1, 1, H, W, dtype=dtype, device=device)
+    return rise_mask(ones, seed, grid, p, first, count)[0, :, 0]

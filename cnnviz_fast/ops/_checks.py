@@ -289,3 +289,58 @@ def progressive_args(x: Tensor, order, steps, value, mask_mode, patch):
     if order_ranks.device != x.device:
         raise ValueError(f"order must be on the images' device {x.device}, got {order_ranks.device}")
     return order_ranks, counts(steps, rows * cols), baseline(value, x), mask_mode, patch
+
+
+# --------------------------------------------------------------------------- #
+# RISE masks
+# --------------------------------------------------------------------------- #
+MAX_RISE_MASKS = 2**31
+
+
+def seed(value) -> int:
+    value = index(value, "seed")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"seed must fit in 64 bits (signed), got {value!r}")
+    return value
+
+
+def probability(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"p must be a number in (0, 1) (the probability of a cell being on), got {value!r}")
+    return float(value)
+
+
+def rise_geometry(H: int, W: int, grid, p, first, count) -> Tuple[Tuple[int, int], float, int, int]:
+    """-> (grid pair, p, first, count); the grid must not exceed the image."""
+    grid = pair(grid, "grid")
+    if H <= 0 or W <= 0:
+        raise ValueError(f"image size (H, W) must be positive, got ({H}, {W})")
+    if grid[0] > H or grid[1] > W:
+        raise ValueError(f"grid {grid} must not exceed the image ({H}, {W})")
+    p = probability(p)
+    first, count = index(first, "first"), index(count, "count")
+    if first < 0:
+        raise ValueError(f"first must be a non-negative int, got {first!r}")
+    if count < 0:
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    if first + count > MAX_RISE_MASKS:
+        raise ValueError(f"first + count must be <= 2^31 (mask indices), got {first + count}")
+    return grid, p, first, count
+
+
+def rise_mask_args(x: Tensor, seed_value, grid, p, first, count):
+    """-> (seed, grid, p, first, count)."""
+    H, W = images(x)
+    return (seed(seed_value),) + rise_geometry(H, W, grid, p, first, count)
+
+
+def rise_accumulate_args(scores: Tensor, H, W, seed_value, grid, p, first):
+    """-> (H, W, seed, grid, p, first)."""
+    floating(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be a 2-D tensor [N, count], got {scores.dim()}-D")
+    for name, v in (("H", H), ("W", W)):
+        if index(v, name) <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    grid, p, first, _ = rise_geometry(int(H), int(W), grid, p, first, scores.shape[1])
+    return int(H), int(W), seed(seed_value), grid, p, first

@@ -200,3 +200,49 @@ def _progressive_mask_backward(ctx, grad):
 torch.library.register_autograd(
     "cnnviz::progressive_mask", _progressive_mask_backward, setup_context=_progressive_mask_setup
 )
+
+
+# ---- rise_mask / rise_accumulate (linear in images / scores; masks re-derived from the seed) ----
+@torch.library.register_fake("cnnviz::rise_mask")
+def _rise_mask_fake(images, seed, grid, p, first, count):
+    N, C, H, W = images.shape
+    return images.new_empty((N, count, C, H, W))
+
+
+def _rise_mask_setup(ctx, inputs, output):
+    images, seed, grid, p, first, count = inputs
+    ctx.args = (seed, tuple(grid), p, images.shape[2], images.shape[3], first, count)
+
+
+def _rise_mask_backward(ctx, grad):
+    # grad_images[n, c] = sum_k grad[n, k, c] * mask_k: the masks of this chunk (count x H x W,
+    # smaller than the output) materialised once
+    seed, grid, p, H, W, first, count = ctx.args
+    masks = reference.rise_masks(seed, grid, p, H, W, first, count, grad.dtype, grad.device)
+    return (grad * masks[None, :, None]).sum(1), None, None, None, None, None
+
+
+torch.library.register_autograd("cnnviz::rise_mask", _rise_mask_backward, setup_context=_rise_mask_setup)
+
+
+@torch.library.register_fake("cnnviz::rise_accumulate")
+def _rise_accumulate_fake(scores, H, W, seed, grid, p, first):
+    return scores.new_empty((scores.shape[0], H, W))
+
+
+def _rise_accumulate_setup(ctx, inputs, output):
+    scores, H, W, seed, grid, p, first = inputs
+    ctx.args = (seed, tuple(grid), p, H, W, first, scores.shape[1])
+
+
+def _rise_accumulate_backward(ctx, grad):
+    seed, grid, p, H, W, first, count = ctx.args
+    acc = opmath_dtype(grad.dtype)
+    masks = reference.rise_masks(seed, grid, p, H, W, first, count, acc, grad.device)
+    grad_scores = grad.to(acc).flatten(1) @ masks.flatten(1).T
+    return grad_scores.to(grad.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "cnnviz::rise_accumulate", _rise_accumulate_backward, setup_context=_rise_accumulate_setup
+)

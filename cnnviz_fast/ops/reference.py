@@ -241,3 +241,112 @@ def progressive_mask_ranks(images: Tensor, ranks: Tensor, counts, baseline, patc
     at_base = progressive_baseline_mask(ranks, counts, H, W, patch, insertion)
     base = _as_tensor(baseline, images).expand(N, C, H, W)
     return torch.where(at_base[:, :, None], base[:, None], images[:, None]).contiguous()
+
+
+# --------------------------------------------------------------------------- #
+# RISE masks (Petsiuk et al. 2018) from a seed
+# --------------------------------------------------------------------------- #
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # x * c mod 2^32 for x in [0, 2^32) held in int64, without signed overflow
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _U32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """Chris Wellons' lowbias32 on int64 tensors holding 32-bit words (as in csrc/ops/common/rise_math.h)."""
+    x = x & _U32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rise_geometry(H: int, W: int, grid, p: float):
+    """``(gh, gw, cell_h, cell_w, up_h, up_w, threshold)`` of the masks (see :func:`rise_masks`)."""
+    gh, gw = _as_pair(grid)
+    cell_h, cell_w = -(-H // gh), -(-W // gw)
+    return gh, gw, cell_h, cell_w, (gh + 1) * cell_h, (gw + 1) * cell_w, math.ceil(p * 16777216.0)
+
+
+def _mask_keys(seed: int, first: int, count: int, device) -> Tensor:
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    k0 = hash32(torch.tensor((s & _U32) ^ int(hash32(torch.tensor((s >> 32) ^ 0x9E3779B9))), dtype=torch.long))
+    m = torch.arange(first, first + count, device=device, dtype=torch.long)
+    return hash32(k0.to(device) ^ hash32(m + 0x85EBCA6B))
+
+
+def _words(keys: Tensor, j: Tensor) -> Tensor:
+    return hash32(keys[:, None] + _mul32(j[None, :] & _U32, 0x9E3779B9))
+
+
+def rise_grids_and_shifts(seed: int, grid, p: float, H: int, W: int, first: int, count: int, device=None):
+    """The random draws of masks ``first .. first+count-1``: ``(cells Tensor[count, gh, gw]
+    (bool, on with probability p), dy Tensor[count] in [0, cell_h), dx Tensor[count] in
+    [0, cell_w))``, each a counter-based hash of (seed, mask index, cell)."""
+    gh, gw, cell_h, cell_w, _, _, threshold = rise_geometry(H, W, grid, p)
+    keys = _mask_keys(seed, first, count, device)
+    words = _words(keys, torch.arange(gh * gw + 2, device=device, dtype=torch.long))
+    cells = (words[:, :gh * gw] >> 8) < threshold
+    return cells.view(count, gh, gw), words[:, gh * gw] % cell_h, words[:, gh * gw + 1] % cell_w
+
+
+def _taps(i: Tensor, n: int, up: int):
+    num = (2 * i + 1) * n - up
+    den = 2 * up
+    q = torch.div(num, den, rounding_mode="floor")
+    w1 = num - q * den
+
+    def mirror(j):
+        if n == 1:
+            return torch.zeros_like(j)
+        return torch.where(j < 0, -j, torch.where(j >= n, 2 * (n - 1) - j, j))
+    return mirror(q), mirror(q + 1), den - w1, w1
+
+
+def rise_masks(seed: int, grid, p: float, H: int, W: int, first: int = 0, count: int = 1,
+               dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """RISE masks ``first .. first+count-1`` as ``Tensor[count, H, W]`` (materialised: the
+    oracle of the kernels, which never store them).
+
+    Mask m: the ``gh x gw`` grid of :func:`rise_grids_and_shifts` resized bilinearly to
+    ``((gh + 1) * cell_h, (gw + 1) * cell_w)`` with ``cell = ceil(size / grid)`` (half-pixel
+    centres, mirrored border: scikit-image's ``resize(order=1, mode="reflect")`` of the
+    paper's code) and cropped at ``(dy, dx)``. Values are exact integer ratios rounded once
+    (through float32 for float32 / float16 / bfloat16)."""
+    gh, gw, cell_h, cell_w, up_h, up_w, _ = rise_geometry(H, W, grid, p)
+    cells, dy, dx = rise_grids_and_shifts(seed, grid, p, H, W, first, count, device)
+    y0, y1, wy0, wy1 = _taps(torch.arange(H, device=device)[None, :] + dy[:, None], gh, up_h)  # [count, H]
+    x0, x1, wx0, wx1 = _taps(torch.arange(W, device=device)[None, :] + dx[:, None], gw, up_w)  # [count, W]
+    m = torch.arange(count, device=device)[:, None, None]
+    num = torch.zeros(count, H, W, dtype=torch.long, device=device)
+    for ys, wy in ((y0, wy0), (y1, wy1)):
+        for xs, wx in ((x0, wx0), (x1, wx1)):
+            on = cells[m, ys[:, :, None], xs[:, None, :]]
+            num = num + on * (wy[:, :, None] * wx[:, None, :])
+    value = num.double() / float(4 * up_h * up_w)
+    return value.to(opmath_dtype(dtype)).to(dtype)
+
+
+def rise_mask(images: Tensor, seed: int, grid, p: float, first: int = 0, count: int = 1) -> Tensor:
+    """Reference for :func:`cnnviz_fast.ops.rise_mask`: ``images[:, None] * masks[None, :, None]``."""
+    N, C, H, W = images.shape
+    masks = rise_masks(seed, grid, p, H, W, first, count, images.dtype, images.device)
+    return (images[:, None] * masks[None, :, None]).contiguous()
+
+
+def rise_accumulate(scores: Tensor, H: int, W: int, seed: int, grid, p: float, first: int = 0,
+                    chunk: int = 64) -> Tensor:
+    """Reference for :func:`cnnviz_fast.ops.rise_accumulate`: ``scores @ masks`` in chunks of masks."""
+    N, count = scores.shape
+    acc = opmath_dtype(scores.dtype)
+    out = torch.zeros(N, H * W, dtype=acc, device=scores.device)
+    s = scores.to(acc)
+    for k0 in range(0, count, chunk):
+        k1 = min(count, k0 + chunk)
+        masks = rise_masks(seed, grid, p, H, W, first + k0, k1 - k0, acc, scores.device)
+        out = out + s[:, k0:k1] @ masks.view(k1 - k0, H * W)
+    return out.view(N, H, W).to(scores.dtype)

@@ -106,6 +106,19 @@ METHODS = (
            "similarity (Ribeiro et al. 2016; Captum Lime)", map_rule="sum",
            options=(_SEGMENTS, _SEGMENT_BASELINE, _COALITIONS, _SEED, _BATCH),
            report_options={"segments": "grid:4", "samples": 32}),
+    Method("score_cam", A.score_cam, "perturbation", "layer channels weighted by the softmax of the scores of "
+           "the input masked by each channel (Wang et al. 2020)", needs_layer=True, map_rule="as_is",
+           options=(_BATCH,)),
+    Method("ablation_cam", A.ablation_cam, "perturbation", "layer channels weighted by the score drop when each "
+           "is set to zero; the prefix runs once (Desai & Ramaswamy 2020)", needs_layer=True, map_rule="as_is",
+           options=(_BATCH,)),
+    Method("rise", A.rise, "perturbation", "mean score of randomly masked inputs, weighted by each mask "
+           "(Petsiuk et al. 2018)", map_rule="as_is",
+           options=(Option("masks", int, 4000, "number of random masks"),
+                    Option("grid", int_pair, 7, "mask grid cells: N or H,W"),
+                    Option("p", float, 0.5, "probability of a cell being on"),
+                    _SEED, _BATCH),
+           report_options={"masks": 500}),
     # --- controls ------------------------------------------------------------------------------
     Method("random", A.random_attribution, "control", "uniform random maps: the floor every method "
            "should beat in the faithfulness metrics", map_rule="as_is", report=False, options=(_SEED,)),

@@ -1,0 +1,132 @@
+"""Perturbation-family benchmarks: ours timed beside the anchors in the same run.
+
+    python benchmarks/bench_perturbation.py [--only cams,segments] [--quick] [--size S] [--masks M] [--no-write]
+
+cams (CPU, ResNet-18 with random weights, one 224x224 image; --quick: 64x64):
+  ablation_cam (layer4) vs pytorch-grad-cam AblationCAM (batch_size 32, its default)   target: >= 20x
+  score_cam (layer4) vs pytorch-grad-cam ScoreCAM at its default batch size (16)       target: >= 2x
+  score_cam (layer4) vs pytorch-grad-cam ScoreCAM at batch size 64                     target: >= 1.3x
+  rise (--masks masks, default 4000) vs a plain implementation: the same masks
+  materialised beforehand (not timed), masked batches of 100 (the paper code's), scores
+  @ masks                                                                              target: >= 1.3x
+segments: feature ablation / Shapley sampling / LIME (written by another section).
+The maps are checked equal first (pytorch-grad-cam's after its min-max scaling).
+Each contender runs once per round (a call takes seconds to minutes), in turn.
+Results: benchmarks/results/perturbation-<machine>.{md,json}.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+from common import argument_parser, finish, machine_description, row
+
+from pytorch_grad_cam import AblationCAM, ScoreCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+import cnnviz_fast as cv
+from cnnviz_fast import zoo
+from cnnviz_fast.ops import reference
+
+warnings.filterwarnings("ignore")
+SECTIONS = ("cams", "segments")
+
+
+def once(contenders: Dict[str, Callable[[], object]], rounds: int = 1) -> Dict[str, float]:
+    """Seconds of one call of each contender, in turn; the minimum over ``rounds``."""
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
+    return {name: min(t) for name, t in times.items()}
+
+
+def normalised(cam: torch.Tensor) -> np.ndarray:
+    cam = cam.double().numpy()
+    cam = cam - cam.min(axis=(1, 2), keepdims=True)
+    return cam / (1e-7 + cam.max(axis=(1, 2), keepdims=True))
+
+
+def check_cam(ours: torch.Tensor, theirs: np.ndarray, what: str) -> float:
+    r = float(np.corrcoef(normalised(ours).ravel(), theirs.ravel())[0, 1])
+    assert r >= 0.9999, f"{what}: correlation {r}"
+    return r
+
+
+def grad_cam_anchor(cls, model, x, layer, target, batch_size=None):
+    def run():
+        with cls(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+            if batch_size is not None:
+                cam.batch_size = batch_size
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
+    return run
+
+
+def plain_rise(model, x, target, masks: torch.Tensor, p: float, batch: int = 100):
+    """The paper's algorithm on materialised masks [M, H, W]: scores @ masks / (M p)."""
+    def run():
+        with torch.no_grad():
+            scores = torch.cat([model(x * masks[i:i + batch, None])[:, target] for i in range(0, len(masks), batch)])
+            return (scores @ masks.flatten(1)).view(1, *x.shape[2:]) / len(masks) / p
+    return run
+
+
+def bench_cams(size: int, masks: int) -> List[dict]:
+    model = zoo.resnet18()
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    target, layer = 3, "layer4"
+    label = f"cpu ResNet-18 1x3x{size}x{size} {layer}"
+    rows = []
+
+    ours = lambda: cv.ablation_cam(model, x, layer, target)  # noqa: E731
+    theirs = grad_cam_anchor(AblationCAM, model, x, layer, target)
+    r = check_cam(ours(), theirs(), "ablation_cam")
+    t = once({"ours": ours, "anchor": theirs})
+    rows.append(row(f"{label} ablation_cam vs AblationCAM (batch 32)", t["ours"], t["anchor"], ">= 20x", unit="s",
+                    correlation=round(r, 7)))
+
+    ours = lambda: cv.score_cam(model, x, layer, target)  # noqa: E731
+    default, best = (grad_cam_anchor(ScoreCAM, model, x, layer, target, b) for b in (None, 64))
+    r = check_cam(ours(), default(), "score_cam")
+    t = once({"ours": ours, "default": default, "best": best})
+    rows.append(row(f"{label} score_cam vs ScoreCAM (batch 16, default)", t["ours"], t["default"], ">= 2x",
+                    unit="s", correlation=round(r, 7)))
+    rows.append(row(f"{label} score_cam vs ScoreCAM (batch 64)", t["ours"], t["best"], ">= 1.3x", unit="s"))
+
+    p, seed = 0.5, 0
+    m = reference.rise_masks(seed, 7, p, size, size, 0, masks)
+    ours = lambda: cv.rise(model, x, target, masks=masks, p=p, seed=seed)  # noqa: E731
+    plain = plain_rise(model, x, target, m, p)
+    a, b = ours(), plain()
+    error = float((a - b).norm() / b.norm())
+    assert error < 1e-4, f"rise: relative difference {error}"
+    t = once({"ours": ours, "plain": plain})
+    rows.append(row(f"cpu ResNet-18 1x3x{size}x{size} rise ({masks} masks) vs plain (materialised masks, batch 100)",
+                    t["ours"], t["plain"], ">= 1.3x", unit="s", rel_error=f"{error:.1e}"))
+    return rows
+
+
+def main():
+    parser = argument_parser(__doc__, SECTIONS)
+    parser.add_argument("--masks", type=int, default=None, help="RISE masks (default 4000; --quick 100)")
+    parser.add_argument("--size", type=int, default=None, help="image size (default 224; --quick 64)")
+    args = parser.parse_args()
+    print(machine_description(), flush=True)
+    masks = args.masks or (100 if args.quick else 4000)
+    rows = []
+    if "cams" in args.only:
+        rows += bench_cams(args.size or (64 if args.quick else 224), masks)
+    finish(args, "perturbation", rows, title="Perturbation-family benchmarks",
+           notes="ratio = anchor / ours. Random-weight ResNet-18, one image, each contender timed once "
+                 "per round (calls of seconds to minutes). The machine was shared with other jobs (noisy).")
+
+
+if __name__ == "__main__":
+    main()
