@@ -71,16 +71,18 @@ def lrp(
         return_output: also return the model's output from the same forward pass.
 
     Returns:
-        ``Tensor[N, C, H, W]`` relevance (signed; its sum over an image approximates the
-        target score when the rules conserve relevance) on the inputs' device; with
-        ``return_output``, ``(relevance, output)``. Equals Zennit's ``Gradient`` attributor
-        with the same composite (and its ``ResNetCanonizer`` / ``SequentialMergeBatchNorm``
-        canonizers) on ReLU networks.
+        ``Tensor[N, C, H, W]`` relevance (signed; an image's relevance sums to about 1, the
+        target's output relevance, less what biases and stabilizers absorb) on the inputs'
+        device; with ``return_output``, ``(relevance, output)``. Equals Zennit's
+        ``Gradient`` attributor with the same composite and its ``ResNetCanonizer`` /
+        ``SequentialMergeBatchNorm`` canonizers on ReLU networks (to ~1e-5 where batch
+        norms are merged: Zennit's merged batch norm keeps computing ``x / sqrt(1 + eps)``,
+        ours keeps the model's own forward values).
 
     Raises:
         ValueError: an unknown composite or rule; a network the composite cannot canonize
             (a batch norm not right after a convolution / linear layer, layer / group
-            norm); an activation that is not a rectifier (unless ``nonlinear="pass"``); a
+            norm); an activation that is not a rectifier (unless ``nonlinear`` allows it); a
             layer LRP has no rule for (``matmul`` on activations, transposed convolution).
     """
     check_choice(nonlinear, NONLINEAR_OPTIONS, "nonlinear")
