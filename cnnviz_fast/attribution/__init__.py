@@ -10,6 +10,7 @@ from .gradients import (
     gradient_shap, gradient_x_input, integrated_gradients, saliency, smoothgrad, smoothgrad_sq, vargrad,
 )
 from .guided import deconvnet, guided_backprop
+from .lrp import lrp
 from .occlusion import occlusion
 from .perturbation import (
     ablation_cam, feature_ablation, grid_segments, kernel_shap, lime, rise, score_cam, shapley_sampling, slic_segments,
@@ -25,4 +26,5 @@ __all__ = [
     # CAM family
     "CAM_METHODS", "cams", "eigen_cam", "eigen_grad_cam", "full_grad", "grad_cam_elementwise", "grad_cam_plus_plus",
     "hires_cam", "layer_cam", "xgrad_cam",
+    "lrp",
 ]

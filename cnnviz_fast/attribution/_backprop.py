@@ -179,6 +179,22 @@ def _refuse_nonlinear(func, args, kwargs, mode: str) -> None:
 
 
 
+def classify_activation(func, args, kwargs):
+    """How the rectifier interception reads one call, for other modes built on its tables
+    (LRP's): ``(upper, in_place)`` for a rectifier on a floating tensor (``upper`` None for
+    ReLU), :data:`NONLINEAR` for a non-rectifying activation on one, None for any other call."""
+    parse = _RECTIFIERS.get(func)
+    rule = parse(args, kwargs) if parse is not None else None
+    if not (args and isinstance(args[0], Tensor) and args[0].is_floating_point()):
+        return None
+    if rule == _NONLINEAR or (parse is None and func in _NON_RECTIFIERS):
+        return NONLINEAR
+    return rule
+
+
+NONLINEAR = _NONLINEAR
+
+
 class _GuidedReLUInPlace(torch.autograd.Function):
     """In-place ``ops.guided_relu``: ``x.relu_()`` / ``x.clamp_(0, upper)`` with the
     modified backward.

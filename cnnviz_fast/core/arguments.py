@@ -17,7 +17,7 @@ FOREIGN_NAMES: Dict[str, str] = {
     "target_layers": "layer", "target_layer": "layer", "layer_name": "layer",
     "perturbations_per_eval": "batch_size", "internal_batch_size": "batch_size",
     "nt_samples_batch_size": "batch_size", "targets": "target", "class_idx": "target",
-    "input_tensor": "inputs", "input": "inputs", "feature_mask": "segments", "nt_type": "method",
+    "input_tensor": "inputs", "attr_output": "target", "input": "inputs", "feature_mask": "segments", "nt_type": "method",
     "reshape_transform": "reshape",
 }
 

@@ -11,6 +11,7 @@ from .. import attribution as A
 from .. import features as F
 from .. import synthesis as S
 from ..attribution import perturbation as P
+from ..attribution.lrp import composites as lrp_composites
 from ..attribution.perturbation.segments import parse_baseline
 from .spec import Method, Option, int_pair
 
@@ -106,6 +107,14 @@ METHODS = (
     Method("full_grad", A.full_grad, "cam", "input-gradient and bias-gradient maps of every layer, summed "
            "(Srinivas & Fleuret 2019); uses all layers, takes none", map_rule="as_is",
            options=(_INTERPOLATE, _AUG_SMOOTH)),
+    # --- relevance family --------------------------------------------------------------------
+    Method("lrp", A.lrp, "relevance", "layer-wise relevance propagation with Zennit's composites (Bach et al. "
+           "2015, Montavon et al. 2019)", map_rule="sum",
+           options=(Option("composite", str, "epsilon_plus_flat", "which rule each layer gets (Zennit's composites)",
+                           lrp_composites.COMPOSITES),
+                    Option("epsilon", float, 1e-6, "epsilon of the epsilon rule (fully connected layers)"),
+                    Option("gamma", float, 0.25, "gamma of the gamma rule (epsilon_gamma_box's convolutions)"),
+                    _NONLINEAR)),  # lrp also takes nonlinear="pass" (Zennit's Pass rule) from Python
     # --- perturbation family -----------------------------------------------------------------
     Method("occlusion", A.occlusion, "perturbation", "score drop when a sliding window is replaced by a "
            "baseline (Zeiler & Fergus 2014)", map_rule="as_is",
