@@ -305,3 +305,13 @@ def test_a_model_writing_into_its_input_gives_the_same_result(method):
     plain, in_place = IN_PLACE[method](Halving(False)), IN_PLACE[method](Halving(True))
     torch.testing.assert_close(in_place, plain, rtol=0, atol=1e-6)
     assert torch.equal(X, before[0]) and torch.equal(PIXELS, before[1])
+
+
+@pytest.mark.parametrize("kwargs, argument", [({"seed": "x"}, "seed"), ({"seed": -1}, "seed"),
+                                              ({"generator": "cpu"}, "generator")])
+def test_smoothgrad_seed_and_generator_are_checked(kwargs, argument):
+    import cnnviz_fast as cv
+    from cnnviz_fast import zoo
+
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        cv.smoothgrad(zoo.digits_cnn(), torch.rand(1, 1, 32, 32), 1, samples=2, **kwargs)

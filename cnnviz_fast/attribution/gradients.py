@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..core.arguments import friendly_arguments
 from ..core import model_guard
-from ..core.validation import check_baseline, check_number, check_positive_int
+from ..core.validation import check_int, check_baseline, check_number, check_positive_int
 from ..core import autograd_on
 from ..core.deferred import deferred_checks
 from ._backprop import accumulate_gradients, clean_output, input_gradients, prepare_inputs, with_output
@@ -150,7 +150,9 @@ def _generator(seed: Optional[int], generator: Optional[torch.Generator], like: 
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
     if seed is not None:
-        return torch.Generator(device=like.device).manual_seed(seed)
+        return torch.Generator(device=like.device).manual_seed(check_int(seed, "seed", minimum=0))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != like.device.type:
         raise ValueError(f"generator must be on the inputs' device {like.device}, got {generator.device}")
     return generator
