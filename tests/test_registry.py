@@ -181,3 +181,20 @@ def test_options_of_one_name_parse_alike():
             first = seen.setdefault(option.name, (method.name, option))
             assert (option.type, option.choices) == (first[1].type, first[1].choices), (method.name, first[0],
                                                                                         option.name)
+
+
+def test_default_layer_of_a_cnn_and_of_a_vision_transformer():
+    import torchvision
+    from timm.models.vision_transformer import VisionTransformer
+
+    grad_cam = registry.get_method("grad_cam")
+    resnet = torchvision.models.resnet18().eval()
+    assert registry.resolve_layer(grad_cam, resnet, torch.rand(1, 3, 64, 48))[0] == "layer4.1.relu"
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    layer, note = registry.resolve_layer(grad_cam, vit, x)
+    # the final norm feeds only the class token to the head: the last block's input norm is the one
+    assert layer == "blocks.1.norm1" and "layer norm" in note
+    maps, _ = grad_cam.maps(vit, x, "predicted", layer)
+    assert maps.shape == (2, 32, 32) and maps.abs().sum() > 0

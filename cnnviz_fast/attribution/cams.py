@@ -25,10 +25,10 @@ from ..core import autograd_on, model_guard
 from ..core.arguments import friendly_arguments
 from ..core.deferred import deferred_checks
 from ._backprop import prepare_inputs, with_output
-from ._cam_engine import Reshape, check_flag, check_interpolate, check_methods, layer_names_of, run_cams
+from ._cam_engine import Reshape, check_flag, check_interpolate, check_methods, layer_names_of, run_cams, token_grid
 from .cam_rules import CAM_RULES
 
-__all__ = ["CAM_METHODS", "cams", "eigen_cam", "eigen_grad_cam", "grad_cam_elementwise", "grad_cam_plus_plus",
+__all__ = ["CAM_METHODS", "cams", "token_grid", "eigen_cam", "eigen_grad_cam", "grad_cam_elementwise", "grad_cam_plus_plus",
            "hires_cam", "layer_cam", "xgrad_cam"]
 
 CAM_METHODS = tuple(CAM_RULES)  # the names cams() takes
