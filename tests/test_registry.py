@@ -198,3 +198,53 @@ def test_default_layer_of_a_cnn_and_of_a_vision_transformer():
     assert layer == "blocks.1.norm1" and "layer norm" in note
     maps, _ = grad_cam.maps(vit, x, "predicted", layer)
     assert maps.shape == (2, 32, 32) and maps.abs().sum() > 0
+
+
+class WritesIntoItsInput(torch.nn.Module):
+    """The digits CNN in train mode with a model that scribbles on its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = zoo.digits_cnn()
+
+    def forward(self, x):
+        x.mul_(1.0)  # an in-place write the caller must never see
+        x.add_(0.0)
+        return self.net(x)
+
+
+def _state(model):
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()],
+            {k: v.clone() for k, v in model.state_dict().items()}, [p.grad for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", ATTRIBUTION)
+def test_every_method_keeps_the_readme_promises(name, digits):
+    """Inputs unmodified (also by a model that writes into them), the model left as found,
+    the same maps under no_grad / inference_mode and for channels-last / non-contiguous inputs."""
+    _, pixels, labels = digits
+    model = WritesIntoItsInput().train()
+    method = registry.get_method(name)
+    x = NORM(pixels)
+    layer = registry.resolve_layer(method, model, x)[0]
+    options = _cheap(method)
+    before, kept = _state(model), x.clone()
+    torch.manual_seed(0)
+    reference = method(model, x, labels, layer, **options)
+    assert torch.equal(x, kept), "inputs modified"
+    after = _state(model)
+    assert after[:3] == before[:3] and after[4] == before[4]
+    assert all(torch.equal(after[3][k], v) for k, v in before[3].items()), "model state changed"
+    assert not x.transpose(2, 3).contiguous().transpose(2, 3).is_contiguous()
+    variants = {
+        "no_grad": (torch.no_grad, x),
+        "inference_mode": (torch.inference_mode, x),
+        "channels_last": (torch.enable_grad, x.contiguous(memory_format=torch.channels_last)),
+        "non_contiguous": (torch.enable_grad, x.transpose(2, 3).contiguous().transpose(2, 3)),
+    }
+    for variant, (mode, inputs) in variants.items():
+        torch.manual_seed(0)
+        with mode():
+            got = method(model, inputs, labels, layer, **options)
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5, msg=lambda m: f"{variant}: {m}")
