@@ -384,10 +384,13 @@ class IncrementalOcclusion:
         return select_scores(output, self.target)
 
     # ------------------------------------------------------------------ occluded passes
-    def scores(self, r0: Tensor, r1: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
+    def scores(self, r0: Tensor, r1: Tensor, c0: Tensor, c1: Tensor, labels: Optional[Tensor] = None,
+               ids: Optional[Tensor] = None) -> Tensor:
         """Target scores ``Tensor[B]`` of the clean image occluded at windows ``[r0, r1) x
         [c0, c1)`` (int64 tensors ``[B]``; the windows of :func:`occlusion_window_bounds`,
-        best on the host)."""
+        best on the host). With ``labels`` (a label map ``LongTensor[H, W]``) and ``ids``
+        (``LongTensor[B]``), only the pixels of segment ``ids[b]`` take the baseline, the
+        window being that segment's bounding box."""
         B = r0.numel()
         r0, r1, c0, c1 = (t.cpu() for t in (r0, r1, c0, c1))
         _, C, H, W = self.image.shape
@@ -396,9 +399,12 @@ class IncrementalOcclusion:
         left, tw = _fit(c0, c0 + kw, W, None)
         rows = top[:, None] + torch.arange(th)
         cols = left[:, None] + torch.arange(tw)
-        inside = (((rows >= r0[:, None]) & (rows < r1[:, None]))[:, :, None]
-                  & ((cols >= c0[:, None]) & (cols < c1[:, None]))[:, None, :])
         window = Patch(None, top, left)
+        if labels is None:
+            inside = (((rows >= r0[:, None]) & (rows < r1[:, None]))[:, :, None]
+                      & ((cols >= c0[:, None]) & (cols < c1[:, None]))[:, None, :])
+        else:  # the segment's own pixels within its box
+            inside = labels[rows[:, :, None], cols[:, None, :]] == ids.cpu()[:, None, None]
         occluded = torch.where(_to_device(inside[:, None], self.image.device),
                                self._gather(self.baseline, None, window, th, tw, 0.0),
                                self._gather(self.image, None, window, th, tw, 0.0))

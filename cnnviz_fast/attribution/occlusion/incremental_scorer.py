@@ -15,7 +15,9 @@ from .batching import time_batch_sizes
 from .full import Scorer, baseline_rows
 from .incremental import IncrementalOcclusion
 
-__all__ = ["INCREMENTAL_BATCH", "INCREMENTAL_BATCH_SIZES", "Fallback", "Unprofitable", "incremental_scorer"]
+__all__ = [
+    "INCREMENTAL_BATCH", "INCREMENTAL_BATCH_SIZES", "Fallback", "Unprofitable", "image_target", "incremental_scorer",
+]
 
 # Window positions per pass of the incremental engine: without batch_size, on the CPU the
 # fastest of INCREMENTAL_BATCH_SIZES timed on the first passes (at most a quarter of an
@@ -57,7 +59,7 @@ def incremental_scorer(engine: IncrementalOcclusion, inputs: Tensor, base: Tenso
 
     def score(n: int, positions: Tensor) -> Tensor:
         if state["image"] != n:
-            clean = engine.clean(inputs[n:n + 1], baseline_rows(base, n, n + 1), _image_target(target, n))
+            clean = engine.clean(inputs[n:n + 1], baseline_rows(base, n, n + 1), image_target(target, n))
             clean = clean.to(scores.dtype)  # under autocast: a 16-bit score
             if clean.shape != (1,) or not torch.allclose(clean, scores[n:n + 1], rtol=1e-3, atol=1e-5):
                 raise Fallback
@@ -92,7 +94,7 @@ def _choose_engine_layout(engine: IncrementalOcclusion, run_chunk: Callable[[Ten
     return first + 2 * size
 
 
-def _image_target(target, n: int):
+def image_target(target, n: int):
     """Image ``n``'s target for passes over copies of that image only."""
     if isinstance(target, (list, tuple, Tensor)):
         return int(torch.as_tensor(target)[n])

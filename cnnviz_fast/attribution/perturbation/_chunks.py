@@ -18,8 +18,9 @@ from ...core.targets import Neuron, Target, target_for_rows
 from ...core.validation import check_positive_int
 from ..occlusion import batching as occlusion_batching
 from ..occlusion.batching import MAX_MEASURED_BUDGET, choose_batch_size, time_batch_sizes
+from ..occlusion.folding import checked_folded_model
 
-__all__ = ["Batching", "CleanPass", "clean_pass", "batch_rows", "perturbed_scores"]
+__all__ = ["Batching", "CleanPass", "UNBOUNDED", "clean_pass", "batch_rows", "perturbed_scores", "scoring_model"]
 
 
 class CleanPass:
@@ -52,6 +53,16 @@ def clean_pass(model: nn.Module, x: Tensor, target: Target, keep_output: bool, l
     # the model may later write into its own buffers (in-place ops): keep a private copy
     return CleanPass(scores, output, activation.detach().clone(), per_image)
 
+
+def scoring_model(model: nn.Module, x: Tensor, target: Target, scores: Tensor) -> nn.Module:
+    """The model the perturbed passes run: ``model`` with batch norm folded into its
+    convolutions when that reproduces the clean ``scores`` of ``x`` for the resolved
+    ``target`` (:func:`~cnnviz_fast.attribution.occlusion.folding.checked_folded_model`)."""
+    return checked_folded_model(model, x, target, scores)
+
+
+# batch_rows' ``total`` when the number of rows is not known in advance
+UNBOUNDED = 2**62
 
 # Without batch_size or memory_budget, passes of these sizes (within MAX_MEASURED_BUDGET
 # bytes) are timed on the first image's first passes and the fastest per row is kept

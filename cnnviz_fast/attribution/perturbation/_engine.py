@@ -16,13 +16,11 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ...core.targets import Target, is_predicted, resolve_target, target_for_rows, target_scores
-from ...core.validation import check_positive_int
-from .._backprop import detach_output
 from ...core.layout import run_in_fast_layout
-from ..occlusion.batching import MAX_MEASURED_BUDGET, choose_batch_size, clean_pass
-
-CPU_ROWS = 32  # rows per pass on a CPU when neither batch_size nor memory_budget is given
+from ...core.targets import Target, is_predicted, resolve_target, target_for_rows, target_scores
+from .._backprop import detach_output
+from ..occlusion.batching import time_batch_sizes
+from ._chunks import UNBOUNDED, batch_rows, clean_pass, scoring_model
 
 # A row maker: (image n, first row, end row) -> the images Tensor[rows, C, H, W]
 RowMaker = Callable[[int, int, int], Tensor]
@@ -34,31 +32,26 @@ class SegmentScorer:
     ``base``: the baseline, broadcastable to the inputs; ``segments``: ``LongTensor[N, H, W]``.
     Call inside ``model_guard`` and ``torch.no_grad``. After construction: ``clean``
     (``Tensor[N]``, the target scores of the inputs), ``output`` (the clean output when
-    ``keep_output``, else None), ``target`` (resolved), ``batch_size``."""
+    ``keep_output``, else None), ``target`` (resolved), ``runner`` (the model the masked
+    passes run: :func:`scoring_model`) and ``batching`` (rows per pass, see
+    :func:`._chunks.batch_rows`: measured on the first passes when neither ``batch_size``
+    nor ``memory_budget`` is given)."""
 
     def __init__(self, model: nn.Module, inputs: Tensor, target: Target, base: Tensor, segments: Tensor,
                  batch_size: Optional[int] = None, memory_budget: Optional[int] = None,
                  keep_output: bool = False):
-        if batch_size is not None:
-            check_positive_int(batch_size, "batch_size")
-        if memory_budget is not None:
-            check_positive_int(memory_budget, "memory_budget")
         self.model = model
         self.inputs = inputs
         self.segments = segments
         N = inputs.shape[0]
         self.base = base.expand_as(inputs) if base.shape[0] == N else base.expand(1, *inputs.shape[1:])
-        keep = keep_output or is_predicted(target)
         # a copy: a model that writes into its input must not change the images we mask
-        scores, output, per_image = clean_pass(model, inputs.clone(), target, keep, measure=batch_size is None)
-        self.target = resolve_target(target, output)
-        self.clean = scores.detach()
-        self.output = detach_output(output) if keep_output else None
-        if batch_size is None and memory_budget is None and inputs.device.type == "cpu":
-            # CPU passes of 6 ResNet-18 224-px rows (the 64 MiB occlusion default) lost to Captum's
-            # 16-64 per pass: up to 32 rows, within occlusion's 1 GiB measuring budget
-            batch_size = min(CPU_ROWS, choose_batch_size(per_image, inputs.device, MAX_MEASURED_BUDGET))
-        self.batch_size = batch_size or choose_batch_size(per_image, inputs.device, memory_budget)
+        clean = clean_pass(model, inputs.clone(), target, keep_output or is_predicted(target))
+        self.target = resolve_target(target, clean.output)
+        self.clean = clean.scores.detach()
+        self.output = detach_output(clean.output) if keep_output else None
+        self.runner = scoring_model(model, inputs, self.target, self.clean)
+        self.batching = batch_rows(batch_size, memory_budget, clean.bytes_per_image, inputs.device, UNBOUNDED)
 
     def base_of(self, n: int) -> Tensor:
         return self.base[n if self.base.shape[0] > 1 else 0]
@@ -79,39 +72,39 @@ class SegmentScorer:
 
     def run(self, counts: List[int], make: RowMaker) -> List[Tensor]:
         """Target scores ``[Tensor[counts[n]]]`` of the rows ``make`` builds, packed into passes
-        of at most ``batch_size`` rows (rows of several images share a pass)."""
+        of ``batching.rows`` rows (rows of several images share a pass)."""
         device = self.inputs.device
         results = [torch.empty(c, dtype=self.clean.dtype, device=device) for c in counts]
-        pending: List[tuple] = []  # (n, r0, r1) pieces of the next pass
-        size = 0
+        queue = [(n, c) for n, c in enumerate(counts) if c]  # images with rows left, and where they end
+        taken = [0] * len(counts)
 
-        def flush():
-            nonlocal pending, size
-            if not pending:
-                return
-            batch = torch.cat([make(n, r0, r1) for n, r0, r1 in pending]) if len(pending) > 1 else \
-                make(*pending[0])
-            rows = torch.cat([torch.full((r1 - r0,), n, dtype=torch.long, device=device)
-                              for n, r0, r1 in pending])
+        def one_pass(_first: int, size: int) -> None:
+            pieces = []  # (n, r0, r1)
+            while size and queue:
+                n, end = queue[0]
+                r1 = min(end, taken[n] + size)
+                pieces.append((n, taken[n], r1))
+                size -= r1 - taken[n]
+                taken[n] = r1
+                if r1 == end:
+                    queue.pop(0)
+            batch = torch.cat([make(*piece) for piece in pieces]) if len(pieces) > 1 else make(*pieces[0])
+            rows = torch.cat([torch.full((r1 - r0,), n, dtype=torch.long, device=device) for n, r0, r1 in pieces])
             row_target = target_for_rows(self.target, rows)
             # large CPU batches run channels-last (oneDNN), as occlusion's full passes do
-            scores = run_in_fast_layout(self.model, batch, lambda b: target_scores(self.model, b, row_target))
+            scores = run_in_fast_layout(self.runner, batch, lambda b: target_scores(self.runner, b, row_target))
             start = 0
-            for n, r0, r1 in pending:
+            for n, r0, r1 in pieces:
                 results[n][r0:r1] = scores[start:start + r1 - r0]
                 start += r1 - r0
-            pending, size = [], 0
 
-        for n, count in enumerate(counts):
-            r = 0
-            while r < count:
-                take = min(count - r, self.batch_size - size)
-                pending.append((n, r, r + take))
-                size += take
-                r += take
-                if size == self.batch_size:
-                    flush()
-        flush()
+        total = sum(counts)
+        if self.batching.rows is None:  # time the candidate sizes on the first passes
+            seconds, _ = time_batch_sizes(one_pass, self.batching.candidates, total // 2, device,
+                                          stop_when_slower=True)
+            self.batching.rows = min(seconds, key=seconds.get) if seconds else self.batching.candidates[0]
+        while queue:
+            one_pass(0, self.batching.rows)
         return results
 
 

@@ -12,6 +12,7 @@ from ...core.targets import Target, check_target
 from ...core.validation import check_images, check_model_inputs
 from .._backprop import with_output
 from ._engine import SegmentScorer, paint
+from .local_segments import ablated_scores
 from .segments import Segments, resolve_baseline, resolve_segments
 
 __all__ = ["feature_ablation"]
@@ -26,6 +27,7 @@ def feature_ablation(
     baseline: Union[float, Tensor, str] = 0.0,
     batch_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    incremental: bool = True,
     return_output: bool = False,
 ):
     """Attribution of each segment: ``f(x) - f(x with the segment replaced by baseline)``.
@@ -46,6 +48,9 @@ def feature_ablation(
             pass); default: as many as fit in ``memory_budget`` (64 MiB on a CPU, half the
             free memory on CUDA), estimated from the clean pass.
         memory_budget: bytes per pass when ``batch_size`` is None.
+        incremental: score small segments with occlusion's incremental engine (only
+            what the segment changes is recomputed; see :mod:`.local_segments`), the
+            rest by full passes; False: full passes only.
         return_output: also return the clean inputs' model output.
 
     Returns:
@@ -61,9 +66,7 @@ def feature_ablation(
         scorer = SegmentScorer(model, inputs.detach(), target, base, segments, batch_size, memory_budget,
                                keep_output=return_output)
         K = [int(s.max()) + 1 for s in segments]
-        # row k of image n: every segment kept but k
-        tables = [~torch.eye(k, dtype=torch.bool, device=inputs.device) for k in K]
-        scores = scorer.scores(tables)
+        scores = ablated_scores(scorer, segments, K, incremental)
         drops = [scorer.clean[n] - s for n, s in enumerate(scores)]
         attributions = paint(segments, drops, inputs.shape[1], scorer.clean.dtype)
         return with_output(attributions, scorer.output, return_output)

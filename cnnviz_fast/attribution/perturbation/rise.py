@@ -19,7 +19,7 @@ from ...core.arguments import friendly_arguments
 from ...core.targets import Target, is_predicted, resolve_target
 from ...core.validation import check_int, check_pair, check_positive_int
 from .._backprop import detach_output, prepare_inputs, with_output
-from ._chunks import batch_rows, clean_pass, perturbed_scores
+from ._chunks import batch_rows, clean_pass, perturbed_scores, scoring_model
 
 __all__ = ["rise"]
 
@@ -76,7 +76,8 @@ def rise(model: nn.Module, inputs: Tensor, target: Target, masks: int = 4000,
         def masked(n: int):
             return lambda first, count: ops.rise_mask(x[n:n + 1], seed, grid, p, first, count)[0]
 
-        scores = torch.stack([perturbed_scores(model, target, n, masks, rows, masked(n)) for n in range(N)])
+        runner = scoring_model(model, x, target, clean.scores)
+        scores = torch.stack([perturbed_scores(runner, target, n, masks, rows, masked(n)) for n in range(N)])
         saliency = ops.rise_accumulate(scores, H, W, seed, grid, p) / (masks * p)
         output = detach_output(clean.output) if return_output else None
     return with_output(saliency, output, return_output)

@@ -18,7 +18,7 @@ from ...core import autograd_on, layer_name, model_guard
 from ...core.arguments import friendly_arguments
 from ...core.targets import Target, is_predicted, resolve_target
 from .._backprop import detach_output, prepare_inputs, with_output
-from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores
+from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores, scoring_model
 
 __all__ = ["score_cam"]
 
@@ -65,7 +65,8 @@ def score_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_siz
         N, C, H, W = x.shape
         K = A.shape[1]
         rows = batch_rows(batch_size, memory_budget, clean.bytes_per_image + H * W * x.element_size(), x.device, K)
-        weights = torch.stack([_channel_weights(model, x, A, n, target, rows) for n in range(N)])
+        runner = scoring_model(model, x, target, clean.scores)
+        weights = torch.stack([_channel_weights(runner, x, A, n, target, rows) for n in range(N)])
         cam = F.relu((weights[:, :, None, None].to(A.dtype) * A).sum(1, keepdim=True))
         cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         output = detach_output(clean.output) if return_output else None
