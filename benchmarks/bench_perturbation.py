@@ -9,6 +9,13 @@ cams (CPU, ResNet-18 with random weights, one 224x224 image; --quick: 64x64):
   rise (--masks masks, default 4000) vs a plain implementation: the same masks
   materialised beforehand (not timed), masked batches of 100 (the paper code's), scores
   @ masks                                                                              target: >= 1.3x
+memory (CPU, ResNet-50 with random weights, one 224x224 image, layer4's 2,048 channels):
+  peak resident memory a Score-CAM call adds above the model and its clean forward pass,
+  ours (64-row passes, the largest the default picks) vs pytorch-grad-cam ScoreCAM at
+  its default batch size; each in a child process stopped after --memory-seconds (every
+  pass of the call holds the same tensors, so its peak is reached in the first passes;
+  pytorch-grad-cam builds its 2048 x 3 x 224 x 224 masked inputs before the first pass).
+  target: ours < 1 GiB
 segments: feature ablation / Shapley sampling / LIME (written by another section).
 The maps are checked equal first (pytorch-grad-cam's after its min-max scaling).
 Each contender runs once per round (a call takes seconds to minutes), in turn.
@@ -33,7 +40,7 @@ from cnnviz_fast import zoo
 from cnnviz_fast.ops import reference
 
 warnings.filterwarnings("ignore")
-SECTIONS = ("cams", "segments")
+SECTIONS = ("cams", "memory", "segments")
 
 
 def once(contenders: Dict[str, Callable[[], object]], rounds: int = 1) -> Dict[str, float]:
@@ -113,16 +120,64 @@ def bench_cams(size: int, masks: int) -> List[dict]:
     return rows
 
 
+MEMORY_CHILD = r"""
+import resource, sys, threading, os, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+from cnnviz_fast import zoo
+import cnnviz_fast as cv
+which, seconds = sys.argv[1], float(sys.argv[2])
+model = zoo.resnet50() if hasattr(zoo, "resnet50") else __import__("torchvision").models.resnet50().eval()
+x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    model(x)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def report():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"PEAK {(peak - base) * 1024}", flush=True)
+    os._exit(0)
+threading.Timer(seconds, report).start()
+if which == "ours":
+    cv.score_cam(model, x, "layer4", 3, batch_size=64)
+else:
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    with ScoreCAM(model=model, target_layers=[model.layer4]) as cam:
+        cam(input_tensor=x, targets=[ClassifierOutputTarget(3)])
+report()
+"""
+
+
+def peak_extra_bytes(which: str, seconds: float) -> int:
+    """Peak resident memory (bytes) a Score-CAM call adds in a child process (see the docstring)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, which, str(seconds)], capture_output=True, text=True,
+                         check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout
+    return int(next(line for line in out.splitlines() if line.startswith("PEAK")).split()[1])
+
+
+def bench_memory(seconds: float) -> List[dict]:
+    ours, theirs = peak_extra_bytes("ours", seconds), peak_extra_bytes("anchor", seconds)
+    gib = 2**30
+    return [row("cpu ResNet-50 1x3x224x224 layer4 (2,048 channels) score_cam peak extra memory vs ScoreCAM (batch 16)",
+                ours / gib, theirs / gib, "", unit="GiB", goal="ours < 1 GiB",
+                result="PASS" if ours < gib else "MISS")]
+
+
 def main():
     parser = argument_parser(__doc__, SECTIONS)
     parser.add_argument("--masks", type=int, default=None, help="RISE masks (default 4000; --quick 100)")
     parser.add_argument("--size", type=int, default=None, help="image size (default 224; --quick 64)")
+    parser.add_argument("--memory-seconds", type=float, default=40.0, help="how long each memory child runs")
     args = parser.parse_args()
     print(machine_description(), flush=True)
     masks = args.masks or (100 if args.quick else 4000)
     rows = []
     if "cams" in args.only:
         rows += bench_cams(args.size or (64 if args.quick else 224), masks)
+    if "memory" in args.only:
+        rows += bench_memory(args.memory_seconds)
     finish(args, "perturbation", rows, title="Perturbation-family benchmarks",
            notes="ratio = anchor / ours. Random-weight ResNet-18, one image, each contender timed once "
                  "per round (calls of seconds to minutes). The machine was shared with other jobs (noisy).")
