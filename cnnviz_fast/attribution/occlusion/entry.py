@@ -21,6 +21,7 @@ from .._backprop import detach_output
 from .approximate import COARSE_STEP, check_mode, drill_down as drill_down_deltas
 from .batching import choose_batch_size, clean_pass
 from .full import Scorer, full_deltas, full_scorer
+from .folding import checked_folded_model
 from .incremental import IncrementalOcclusion
 from .incremental_scorer import Fallback, Unprofitable, incremental_scorer
 
@@ -156,11 +157,13 @@ def occlusion(
                                                    measure=batch_size is None)
             scores = scores.to(inputs.dtype)  # under autocast: drops taken in the inputs' dtype
             target = resolve_target(target, output)
+            # occluded passes run with batch norm folded into the convolutions (same function)
+            runner = checked_folded_model(model, inputs, target, scores)
             deltas = None
             plan = (tuple(inputs.shape[1:]), window, stride, inputs.device.type, field_cap,
                     getattr(target, "layer", None), dtype)
             if mode != "full" and plan not in _UNPROFITABLE_PLANS.get(model, ()):
-                engine = IncrementalOcclusion.build(model, target, field_cap=field_cap)
+                engine = IncrementalOcclusion.build(runner, target, field_cap=field_cap)
                 if engine is not None:
                     fraction = PROFITABLE_FRACTION.get(inputs.device.type, PROFITABLE_FRACTION["cuda"])
                     score = incremental_scorer(engine, inputs, base, scores, target, window, stride, batch_size,
@@ -170,11 +173,11 @@ def occlusion(
                     except Unprofitable:
                         _UNPROFITABLE_PLANS.setdefault(model, set()).add(plan)
             if deltas is None and drill_down is not None:
-                score = full_scorer(model, inputs, base, scores, target, window, stride,
+                score = full_scorer(runner, inputs, base, scores, target, window, stride,
                                     batch_size or choose_batch_size(per_image, inputs.device, memory_budget))
                 deltas = _deltas(score, N, rows, cols, drill_down, coarse_step)
             if deltas is None:
-                deltas = full_deltas(model, inputs, base, scores, target, window, stride, batch_size,
+                deltas = full_deltas(runner, inputs, base, scores, target, window, stride, batch_size,
                                      memory_budget, per_image)
 
         # outside inference mode so that the results are ordinary tensors
