@@ -10,17 +10,22 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core import capture_layers, target_scores
 from ...core.layout import run_in_fast_layout
-from ...core.targets import Neuron, Target, target_for_rows
+from ...core.targets import Neuron, Target, is_predicted, resolve_target, target_for_rows
 from ...core.validation import check_positive_int
+from .._backprop import prepare_inputs
 from ..occlusion import batching as occlusion_batching
 from ..occlusion.batching import MAX_MEASURED_BUDGET, choose_batch_size, time_batch_sizes
 from ..occlusion.folding import checked_folded_model
 
-__all__ = ["Batching", "CleanPass", "UNBOUNDED", "clean_pass", "batch_rows", "perturbed_scores", "scoring_model"]
+__all__ = [
+    "Batching", "CleanPass", "UNBOUNDED", "clean_pass", "batch_rows", "layer_clean_pass", "perturbed_scores",
+    "scoring_model", "weighted_cam",
+]
 
 
 class CleanPass:
@@ -52,6 +57,21 @@ def clean_pass(model: nn.Module, x: Tensor, target: Target, keep_output: bool, l
                          f"got shape {tuple(activation.shape)}")
     # the model may later write into its own buffers (in-place ops): keep a private copy
     return CleanPass(scores, output, activation.detach().clone(), per_image)
+
+
+def layer_clean_pass(model: nn.Module, inputs: Tensor, target: Target, layer: str, return_output: bool,
+                     method: str) -> Tuple[Tensor, CleanPass, Target]:
+    """The channel-masking CAMs' start: ``(x, clean, target)``: a checked copy ``x`` of the
+    inputs, its clean pass with ``layer``'s activation, and the target resolved on it."""
+    x = prepare_inputs(inputs, target, copy=True, model=model)
+    clean = clean_pass(model, x.clone(), target, return_output or is_predicted(target), layer, method)
+    return x, clean, resolve_target(target, clean.output)
+
+
+def weighted_cam(weights: Tensor, activation: Tensor, size: Tuple[int, int]) -> Tensor:
+    """``relu(sum_k weights[n, k] A[n, k])`` upsampled bilinearly to ``size``: ``Tensor[N, H, W]``."""
+    cam = F.relu((weights[:, :, None, None].to(activation.dtype) * activation).sum(1, keepdim=True))
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def scoring_model(model: nn.Module, x: Tensor, target: Target, scores: Tensor) -> nn.Module:

@@ -14,15 +14,14 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ...core import autograd_on, get_layer, layer_name, model_guard, target_scores
 from ...core.arguments import friendly_arguments
-from ...core.targets import Target, is_predicted, resolve_target, target_for_rows
+from ...core.targets import Target, target_for_rows
 from ..occlusion.batching import ACTIVATION_COPIES, choose_batch_size
-from .._backprop import detach_output, prepare_inputs, with_output
-from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores
+from .._backprop import detach_output, with_output
+from ._chunks import Batching, batch_rows, layer_clean_pass, perturbed_scores, weighted_cam
 
 __all__ = ["ablation_cam"]
 
@@ -56,10 +55,7 @@ def ablation_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_
     """
     layer = layer_name(model, layer, "layer", target, "ablation_cam")
     with model_guard(model), autograd_on(), torch.no_grad():
-        x = prepare_inputs(inputs, target, copy=True, model=model)
-        keep = return_output or is_predicted(target)
-        clean = clean_pass(model, x.clone(), target, keep, layer, "ablation_cam")
-        target = resolve_target(target, clean.output)
+        x, clean, target = layer_clean_pass(model, inputs, target, layer, return_output, "ablation_cam")
         A = clean.activation
         N, C, H, W = x.shape
         K = A.shape[1]
@@ -74,8 +70,7 @@ def ablation_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_
             _ablated_scores(model, layer, suffix, x, A, n, target, rows) for n in range(N)])  # [N, K]
         y = clean.scores[:, None].to(dropped.dtype)
         weights = (y - dropped) / y
-        cam = F.relu((weights[:, :, None, None].to(A.dtype) * A).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        cam = weighted_cam(weights, A, (H, W))
         output = detach_output(clean.output) if return_output else None
     return with_output(cam, output, return_output)
 

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from ...core import autograd_on, layer_name, model_guard
 from ...core.arguments import friendly_arguments
-from ...core.targets import Target, is_predicted, resolve_target
-from .._backprop import detach_output, prepare_inputs, with_output
-from ._chunks import Batching, batch_rows, clean_pass, perturbed_scores, scoring_model
+from ...core.targets import Target
+from .._backprop import detach_output, with_output
+from ._chunks import Batching, batch_rows, layer_clean_pass, perturbed_scores, scoring_model, weighted_cam
 
 __all__ = ["score_cam"]
 
@@ -57,18 +57,14 @@ def score_cam(model: nn.Module, inputs: Tensor, layer, target: Target, batch_siz
     """
     layer = layer_name(model, layer, "layer", target, "score_cam")
     with model_guard(model), autograd_on(), torch.no_grad():
-        x = prepare_inputs(inputs, target, copy=True, model=model)
-        keep = return_output or is_predicted(target)
-        clean = clean_pass(model, x.clone(), target, keep, layer, "score_cam")
-        target = resolve_target(target, clean.output)
+        x, clean, target = layer_clean_pass(model, inputs, target, layer, return_output, "score_cam")
         A = clean.activation
         N, C, H, W = x.shape
         K = A.shape[1]
         rows = batch_rows(batch_size, memory_budget, clean.bytes_per_image + H * W * x.element_size(), x.device, K)
         runner = scoring_model(model, x, target, clean.scores)
         weights = torch.stack([_channel_weights(runner, x, A, n, target, rows) for n in range(N)])
-        cam = F.relu((weights[:, :, None, None].to(A.dtype) * A).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        cam = weighted_cam(weights, A, (H, W))
         output = detach_output(clean.output) if return_output else None
     return with_output(cam, output, return_output)
 
