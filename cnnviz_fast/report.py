@@ -27,7 +27,7 @@ from .registry import candidate_layers
 # The sections of model_sections, in order (cnnviz report --sections); synthesis and
 # feature methods name theirs in the registry.
 SECTIONS = ("predictions", "attribution", "class_visualization", "adversarial", "inversion", "dream",
-            "texture_style", "filters")
+            "texture_style", "filters", "activations")
 
 
 @dataclass
