@@ -328,13 +328,28 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         content_layer = style_layers[-1]
         steps = report.steps(60, 3)
         texture, content = small_pixels(pixels[-1:]), small_pixels(pixels[:1])
-        s.summary = (f"Texture synthesis (Gram matrices of {', '.join(style_layers)}, {steps} L-BFGS steps at "
-                     f"{small}×{small} px) from the last image, and style transfer of the first image in its "
-                     f"style (content layer {content_layer}).")
         made = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
                                             seed=seed, progress=report.progress)
         styled = synthesis.style_transfer(model, content, texture, content_layer, style_layers, normalize=normalize,
                                           steps=steps, style_weight=10.0, seed=seed, progress=report.progress)
+        # the traditional approach beside the neural one: no network, pixels copied from the source
+        # (Efros-Leung at half the side: its time grows with output pixels x source windows)
+        patch = max(3, min(48, small // 4))
+        quilted = synthesis.texture_quilt(texture, small, patch=patch, seed=seed)
+        half = max(8, small // 2)
+        window = min(11, half if half % 2 else half - 1)
+        grown = synthesis.texture_efros_leung(torch.nn.functional.interpolate(texture, size=half, mode="area"),
+                                              half, window=window, seed=seed)
+        grown = torch.nn.functional.interpolate(grown, size=small, mode="nearest")
+        s.summary = (f"Texture synthesis from the last image at {small}×{small} px: Gram matrices of "
+                     f"{', '.join(style_layers)} ({steps} L-BFGS steps), then without a network, image quilting "
+                     f"(Efros & Freeman 2001, patches {patch} px) and non-parametric sampling "
+                     f"(Efros & Leung 1999, window {window}, at {half} px, shown enlarged); and style transfer of the "
+                     f"first image in its style (content layer {content_layer}).")
+        report.save(s, f"{prefix}texture.png",
+                    image_grid(torch.cat([texture.cpu(), made.images.cpu(), quilted.cpu(), grown.cpu()]), nrow=4,
+                               scale=False), "source | Gram synthesis | image quilting | Efros–Leung",
+                    upscale=max(1, 128 // small))
         report.save(s, f"{prefix}texture-and-style.png",
                     image_grid(torch.cat([texture.cpu(), made.images.cpu(), content.cpu(), styled.images.cpu()]), nrow=4,
                                scale=False), "texture | synthesized | content | content in the texture's style",
@@ -350,6 +365,19 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
                      f"{weight.shape[2]}×{weight.shape[3]}), each min-max scaled.")
         report.save(s, f"{prefix}filters.png", features.filter_grid(model, first), first, upscale=8)
 
+    def activations(s):
+        layer = chosen[-1]
+        top_k = 64
+        result = features.activation_grid(model, inputs[:2], layer, top_k=top_k)
+        tiles = result.tiles.shape
+        s.summary = (f"The feature maps of {layer} for the first images ({tiles[2]}×{tiles[3]} each): its {tiles[1]} "
+                     f"channels of largest mean activation, by decreasing mean, each min-max scaled (the "
+                     f"deep-visualization toolbox's view), next to the filters above.")
+        for index in range(len(result.grids)):
+            report.save(s, f"{prefix}activations-{index}.png", result.grids[index],
+                        f"{names[index]}: channels {', '.join(map(str, result.channels[index, :8].tolist()))} …",
+                        upscale=max(1, 256 // result.grids.shape[-1]))
+
     bodies = {"predictions": ("predictions", predictions),
               "attribution": ("which pixels matter (attribution side by side)", attributions),
               "class_visualization": ("class visualization", class_visualization),
@@ -357,9 +385,10 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
               "inversion": ("feature inversion from several depths", inversion),
               "dream": ("DeepDream", dream),
               "texture_style": ("texture synthesis and style transfer", texture_and_style),
-              "filters": ("first-layer filters", filters)}
+              "filters": ("first-layer filters", filters),
+              "activations": ("activations of a layer", activations)}
     for key in sections:
-        if key in ("inversion", "dream", "texture_style") and not chosen:
+        if key in ("inversion", "dream", "texture_style", "activations") and not chosen:
             continue  # no layer with a spatial output to work on
         heading, body = bodies[key]
         report.run(f"{title}: {heading}", body)
