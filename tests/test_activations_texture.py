@@ -166,7 +166,7 @@ def test_a_periodic_stripe_source_is_continued_exactly(method):
     if method == "quilt":
         made = cv.texture_quilt(source, (48, 72), patch=12, overlap=3, seed=1)[0, 0]
     else:
-        made = cv.texture_efros_leung(source, (24, 40), window=9, seed=1)[0, 0]
+        made = cv.texture_efros_leung(source, (24, 40), window=(5, 9), seed=1)[0, 0]
     assert bool((made == made[:1]).all())  # every column constant: vertical stripes
     first = made[0]
     phase = next(p for p in range(8) if torch.equal(columns.roll(-p)[:8], first[:8]))
@@ -187,6 +187,7 @@ def test_a_periodic_stripe_source_is_continued_exactly(method):
     (lambda s: cv.texture_quilt(s.numpy(), 32), "source"),
     (lambda s: cv.texture_efros_leung(s, 16, window=10), "window"),
     (lambda s: cv.texture_efros_leung(s, 16, window=41), "window"),
+    (lambda s: cv.texture_efros_leung(s, 16, window=(5, 4)), "window"),
     (lambda s: cv.texture_efros_leung(s, 16, batch=0), "batch"),
     (lambda s: cv.texture_efros_leung(s, -3), "size"),
     (lambda s: cv.texture_efros_leung(s.clone().fill_(float("nan")), 16), "source"),

@@ -181,7 +181,7 @@ METHODS = (
     Method("texture_efros_leung", S.texture_efros_leung, "synthesis", "a new texture grown pixel by pixel from "
            "the best-matching source neighbourhoods (Efros & Leung 1999)", command="texture",
            section="texture_style",
-           options=(Option("window", int, 11, "odd side of the matched neighbourhood"), _TOLERANCE,
+           options=(Option("window", int_pair, 11, "odd side of the matched neighbourhood: N or H,W"), _TOLERANCE,
                     Option("batch", int, 64, "boundary pixels filled per step"), _TEXTURE_SEED)),
     Method("style_transfer", S.style_transfer, "synthesis", "content painted in a style's Gram statistics "
            "(Gatys et al. 2016)", command="style", section="texture_style"),

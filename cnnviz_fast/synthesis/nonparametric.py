@@ -212,7 +212,7 @@ def texture_quilt(source: Tensor, size: Size, patch: Optional[int] = None, overl
 
 # --- non-parametric sampling (Efros & Leung) ------------------------------------------------
 
-def texture_efros_leung(source: Tensor, size: Size, window: int = 11, seed: Optional[int] = 0,
+def texture_efros_leung(source: Tensor, size: Size, window: Size = 11, seed: Optional[int] = 0,
                         tolerance: float = 0.1, batch: int = 64) -> Tensor:
     """A new texture of ``size`` by non-parametric sampling (Efros & Leung 1999).
 
@@ -220,7 +220,7 @@ def texture_efros_leung(source: Tensor, size: Size, window: int = 11, seed: Opti
     centre. Each step takes up to ``batch`` unfilled pixels on the boundary of the filled
     region, those with the most filled neighbours first (ties in random order), and gives
     each the centre pixel of a source window drawn at random among those whose
-    Gaussian-weighted squared error over the pixel's filled neighbours (σ = window / 6.4)
+    Gaussian-weighted squared error over the pixel's filled neighbours (σ = side / 6.4)
     lies within ``(1 + tolerance)`` of the best. One step matches ``batch`` neighbourhoods
     against every source window in one matrix product; ``batch=1`` is the paper's
     pixel-by-pixel order, larger batches trade a little of it for speed (pixels of one
@@ -229,8 +229,8 @@ def texture_efros_leung(source: Tensor, size: Size, window: int = 11, seed: Opti
     Args:
         source: pixels in [0, 1], ``Tensor[C, h, w]`` or ``[1, C, h, w]`` (CPU or CUDA).
         size: ``H`` or ``(H, W)`` of the new texture.
-        window: odd side of the neighbourhood, at most the source's side (larger than the
-            texture's elements; the paper's 5–21).
+        window: odd side of the neighbourhood, or an ``(h, w)`` pair of them, at most the
+            source's sides (larger than the texture's elements; the paper's 5–21).
         seed: the random draws; None: a fresh seed.
         tolerance: candidates lie within ``(1 + tolerance)`` of the best error (the paper's ε).
         batch: pixels filled per step.
@@ -243,40 +243,43 @@ def texture_efros_leung(source: Tensor, size: Size, window: int = 11, seed: Opti
     pixels = _check_source(source)
     height, width = _check_size(size)
     c, h, w = pixels.shape
-    check_int(window, "window", minimum=1)
-    if window % 2 == 0 or window > min(h, w):
-        raise ValueError(f"window must be odd and at most the source's side {min(h, w)}, got {window}")
+    win = (window, window) if is_int(window) else tuple(window) if isinstance(window, (tuple, list)) else ()
+    if (len(win) != 2 or not all(is_int(v) and v >= 1 and v % 2 for v in win)
+            or win[0] > h or win[1] > w):
+        raise ValueError(f"window must be an odd int or an (h, w) pair of odd ints, at most the source's sides "
+                         f"{h}×{w}, got {window!r}")
     check_number(tolerance, "tolerance")
     check_int(batch, "batch", minimum=1)
     generator = make_generator(seed)
-    device, half, area = pixels.device, window // 2, window * window
+    device, (wh, ww) = pixels.device, win
+    hh, hw, area = wh // 2, ww // 2, wh * ww
 
     # every source window, flattened: [P, C·area], its squares summed over channels [P, area]
-    windows = F.unfold(pixels[None], window)[0].T.contiguous()
+    windows = F.unfold(pixels[None], win)[0].T.contiguous()
     window_squares = windows.square().reshape(-1, c, area).sum(1)
     centres = windows.reshape(-1, c, area)[:, :, area // 2]  # [P, C]
-    offsets = torch.arange(window, device=device) - half
-    gauss = torch.exp(-(offsets.to(pixels.dtype) ** 2) / (2 * (window / 6.4) ** 2))
-    gauss = (gauss[:, None] * gauss[None, :]).reshape(area)
-    dy, dx = (offsets[:, None].expand(window, window).reshape(area),
-              offsets[None, :].expand(window, window).reshape(area))
+    off_y, off_x = torch.arange(wh, device=device) - hh, torch.arange(ww, device=device) - hw
+    gauss_y = torch.exp(-(off_y.to(pixels.dtype) ** 2) / (2 * (wh / 6.4) ** 2))
+    gauss_x = torch.exp(-(off_x.to(pixels.dtype) ** 2) / (2 * (ww / 6.4) ** 2))
+    gauss = (gauss_y[:, None] * gauss_x[None, :]).reshape(area)
+    dy, dx = off_y[:, None].expand(wh, ww).reshape(area), off_x[None, :].expand(wh, ww).reshape(area)
 
-    # the canvas with a margin of `half` unknown pixels, so every window lies inside it
-    canvas = pixels.new_zeros(c, height + 2 * half, width + 2 * half)
-    known = torch.zeros(height + 2 * half, width + 2 * half, dtype=torch.bool, device=device)
+    # the canvas with a margin of unknown pixels, so every window lies inside it
+    canvas = pixels.new_zeros(c, height + 2 * hh, width + 2 * hw)
+    known = torch.zeros(height + 2 * hh, width + 2 * hw, dtype=torch.bool, device=device)
     seed_h, seed_w = min(3, h, height), min(3, w, width)
     sy = int(torch.randint(h - seed_h + 1, (1,), generator=generator))
     sx = int(torch.randint(w - seed_w + 1, (1,), generator=generator))
-    cy, cx = half + (height - seed_h) // 2, half + (width - seed_w) // 2
+    cy, cx = hh + (height - seed_h) // 2, hw + (width - seed_w) // 2
     canvas[:, cy:cy + seed_h, cx:cx + seed_w] = pixels[:, sy:sy + seed_h, sx:sx + seed_w]
     known[cy:cy + seed_h, cx:cx + seed_w] = True
     inside = torch.zeros_like(known)
-    inside[half:half + height, half:half + width] = True
+    inside[hh:hh + height, hw:hw + width] = True
     remaining = height * width - seed_h * seed_w
 
     while remaining > 0:
         filled = known.to(pixels.dtype)[None, None]
-        neighbours = F.avg_pool2d(filled, window, stride=1, padding=half)[0, 0]  # share of known pixels
+        neighbours = F.avg_pool2d(filled, win, stride=1, padding=(hh, hw))[0, 0]  # share of known pixels
         touching = F.max_pool2d(filled, 3, stride=1, padding=1)[0, 0] > 0
         boundary = (inside & ~known & touching).flatten().nonzero()[:, 0]
         # most known neighbours first; ties in random order (a draw per boundary pixel)
@@ -294,7 +297,7 @@ def texture_efros_leung(source: Tensor, size: Size, window: int = 11, seed: Opti
         canvas[:, ys, xs] = centres[chosen].T
         known[ys, xs] = True
         remaining -= len(take)
-    return canvas[None, :, half:half + height, half:half + width].contiguous()
+    return canvas[None, :, hh:hh + height, hw:hw + width].contiguous()
 
 
 # --- measuring a texture ----------------------------------------------------------------------
