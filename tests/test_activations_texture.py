@@ -13,6 +13,8 @@ from cnnviz_fast import cli, registry, zoo
 from cnnviz_fast.report import SECTIONS, Report, model_sections
 from cnnviz_fast.synthesis.nonparametric import nearest_patch_distance, shuffled_tiles
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: far faster on one of 2 shared cores
+
 # acceptance margins (mean nearest-source-patch distance, 5 x 5 patches, brick texture):
 # the synthesized texture's over the baseline's at most ...
 MARGIN_NOISE = 0.05  # ... against uniform noise (measured ~0.004)
