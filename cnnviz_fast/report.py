@@ -323,33 +323,20 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         report.save(s, f"{prefix}deep-dream.png", image_grid(torch.cat([image.cpu(), result.images.cpu()]), nrow=2,
                                                               scale=False), "photo | dream", upscale=max(1, 256 // small))
 
+    gram = [None]  # the Gram synthesis of texture_and_style, shown again beside the traditional methods
+
     def texture_and_style(s):
         style_layers = _pick(spatial, (0.05, 0.2, 0.35, 0.5)) if not layers else list(layers)
         content_layer = style_layers[-1]
         steps = report.steps(60, 3)
         texture, content = small_pixels(pixels[-1:]), small_pixels(pixels[:1])
-        made = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
+        s.summary = (f"Texture synthesis (Gram matrices of {', '.join(style_layers)}, {steps} L-BFGS steps at "
+                     f"{small}×{small} px) from the last image, and style transfer of the first image in its "
+                     f"style (content layer {content_layer}).")
+        made = gram[0] = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
                                             seed=seed, progress=report.progress)
         styled = synthesis.style_transfer(model, content, texture, content_layer, style_layers, normalize=normalize,
                                           steps=steps, style_weight=10.0, seed=seed, progress=report.progress)
-        # the traditional approach beside the neural one: no network, pixels copied from the source
-        # (Efros-Leung at half the side: its time grows with output pixels x source windows)
-        patch = max(3, min(48, small // 4))
-        quilted = synthesis.texture_quilt(texture, small, patch=patch, seed=seed)
-        half = max(8, small // 2)
-        window = min(11, half if half % 2 else half - 1)
-        grown = synthesis.texture_efros_leung(torch.nn.functional.interpolate(texture, size=half, mode="area"),
-                                              half, window=window, seed=seed)
-        grown = torch.nn.functional.interpolate(grown, size=small, mode="nearest")
-        s.summary = (f"Texture synthesis from the last image at {small}×{small} px: Gram matrices of "
-                     f"{', '.join(style_layers)} ({steps} L-BFGS steps), then without a network, image quilting "
-                     f"(Efros & Freeman 2001, patches {patch} px) and non-parametric sampling "
-                     f"(Efros & Leung 1999, window {window}, at {half} px, shown enlarged); and style transfer of the "
-                     f"first image in its style (content layer {content_layer}).")
-        report.save(s, f"{prefix}texture.png",
-                    image_grid(torch.cat([texture.cpu(), made.images.cpu(), quilted.cpu(), grown.cpu()]), nrow=4,
-                               scale=False), "source | Gram synthesis | image quilting | Efros–Leung",
-                    upscale=max(1, 128 // small))
         report.save(s, f"{prefix}texture-and-style.png",
                     image_grid(torch.cat([texture.cpu(), made.images.cpu(), content.cpu(), styled.images.cpu()]), nrow=4,
                                scale=False), "texture | synthesized | content | content in the texture's style",
@@ -365,10 +352,29 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
                      f"{weight.shape[2]}×{weight.shape[3]}), each min-max scaled.")
         report.save(s, f"{prefix}filters.png", features.filter_grid(model, first), first, upscale=8)
 
+    def texture_with_and_without_network(s):
+        """texture_and_style, then the traditional approach beside the Gram synthesis: no network,
+        pixels copied from the source (Efros-Leung at half the side: its time grows with output
+        pixels x source windows)."""
+        texture_and_style(s)
+        texture = small_pixels(pixels[-1:])
+        patch, half = max(3, min(48, small // 4)), max(8, small // 2)
+        window = min(11, half if half % 2 else half - 1)
+        quilted = synthesis.texture_quilt(texture, small, patch=patch, seed=seed)
+        grown = synthesis.texture_efros_leung(torch.nn.functional.interpolate(texture, size=half, mode="area"),
+                                              half, window=window, seed=seed)
+        grown = torch.nn.functional.interpolate(grown, size=small, mode="nearest")
+        s.notes.append(f"Without a network, from the same texture: image quilting (Efros & Freeman 2001, patches "
+                       f"{patch} px, minimum-error cuts) and non-parametric sampling (Efros & Leung 1999, window "
+                       f"{window}, at {half} px, shown enlarged): every pixel copied from the source.")
+        report.save(s, f"{prefix}texture.png",
+                    image_grid(torch.cat([texture.cpu(), gram[0].images.cpu(), quilted.cpu(), grown.cpu()]), nrow=4,
+                               scale=False), "source | Gram synthesis | image quilting | Efros–Leung",
+                    upscale=max(1, 128 // small))
+
     def activations(s):
         layer = chosen[-1]
-        top_k = 64
-        result = features.activation_grid(model, inputs[:2], layer, top_k=top_k)
+        result = features.activation_grid(model, inputs[:2], layer, top_k=64)
         tiles = result.tiles.shape
         s.summary = (f"The feature maps of {layer} for the first images ({tiles[2]}×{tiles[3]} each): its {tiles[1]} "
                      f"channels of largest mean activation, by decreasing mean, each min-max scaled (the "
@@ -384,7 +390,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
               "adversarial": ("adversarial examples", adversarial),
               "inversion": ("feature inversion from several depths", inversion),
               "dream": ("DeepDream", dream),
-              "texture_style": ("texture synthesis and style transfer", texture_and_style),
+              "texture_style": ("texture synthesis and style transfer", texture_with_and_without_network),
               "filters": ("first-layer filters", filters),
               "activations": ("activations of a layer", activations)}
     for key in sections:

@@ -5,8 +5,7 @@ Methods (all take pixels in [0, 1] and a ``normalize`` mapping pixels to model i
 run the model in eval mode and leave it as it was):
 :func:`visualize_class`, :func:`visualize_neuron`, :func:`adversarial`,
 :func:`invert_features`, :func:`deep_dream`, :func:`synthesize_texture`,
-:func:`style_transfer`. Without a network: :func:`texture_quilt`, :func:`texture_efros_leung`
-(:mod:`.nonparametric`).
+:func:`style_transfer`.
 """
 from .adversarial import AdversarialResult, adversarial
 from .dream import deep_dream
@@ -20,9 +19,6 @@ from .regularizers import (  # noqa: F401  (building blocks)
 from .style import style_transfer, synthesize_texture
 from .visualize import Prior, visualize_class, visualize_neuron
 
-# texture synthesis without a network (Efros & Leung 1999, Efros & Freeman 2001)
-from .nonparametric import nearest_patch_distance, shuffled_tiles, texture_efros_leung, texture_quilt  # noqa: E402,F401
-
 # The public API (re-exported by cnnviz_fast). The building blocks (parameterizations,
 # penalties, step operations, transforms) are imported from cnnviz_fast.synthesis.
 __all__ = [
@@ -30,5 +26,9 @@ __all__ = [
     "invert_features", "optimize", "style_transfer", "synthesize_texture", "visualize_class",
     "visualize_neuron",
 ]
-__all__ += ["texture_efros_leung", "texture_quilt"]  # nearest_patch_distance, shuffled_tiles: from .nonparametric
 
+# texture synthesis without a network (Efros & Leung 1999, Efros & Freeman 2001); the measures of a texture,
+# nearest_patch_distance and shuffled_tiles, are imported from .nonparametric
+from .nonparametric import texture_efros_leung, texture_quilt  # noqa: E402
+
+__all__ += ["texture_efros_leung", "texture_quilt"]
