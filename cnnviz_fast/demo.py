@@ -3,7 +3,7 @@
 With the extra ``cnnviz_fast[imagenet]``: EfficientNet-Lite0 (ImageNet) on real photos
 (scikit-learn's and scikit-image's), the sections of :func:`cnnviz_fast.report.model_sections`.
 Always: the digits CNN of the zoo (trained by the project, shipped with the package) on
-scikit-learn's digits, the fast and exact sections (filters, feature space, patches,
+scikit-learn's digits, the fast and exact sections (filters, activations, feature space, patches,
 attribution, class/neuron visualization, adversarial examples, inversion). Writes PNGs and
 ``report.html`` / ``report.md`` into the output folder.
 """
@@ -53,6 +53,20 @@ class Demo:
         self.save(s, "filters-conv2.png", features.filter_grid(self.model, "features.conv2"), upscale=4)
         s.notes.append("conv1: 16 filters 3×3 (grayscale input); conv2: one row per filter, "
                        "one grayscale tile per input channel")
+
+    def activations(self, s: Section) -> None:
+        digit = self.sample_pixels[3:4]
+        x = self.normalize(digit)
+        s.summary = ("The activations of one digit (a 3) as tiles, one per channel, each min-max scaled, after the "
+                     "ReLU (as in the deep-visualization toolbox): relu2 (32×32), then the 16 channels of relu5 "
+                     "(8×8) with the largest mean activation.")
+        self.save(s, "activations-digit.png", digit[0], upscale=4)
+        full = features.activation_grid(self.model, x, "features.relu2", order="index")
+        self.save(s, "activations-relu2.png", full.grids[0], upscale=2)
+        top = features.activation_grid(self.model, x, "features.relu5", top_k=16)
+        self.save(s, "activations-relu5-top16.png", top.grids[0], upscale=6)
+        s.notes.append(f"relu2: all {full.tiles.shape[1]} channels by index; relu5 top 16 by mean activation: "
+                       f"channels {top.channels[0].tolist()}")
 
     def feature_space(self, s: Section) -> None:
         s.summary = ("Distances between the 128-D classifier.fc1 features of the 1797 digits: each query's 5 "
@@ -209,6 +223,7 @@ def demo_report(out: Path, quick: bool = False, progress: bool = True, device: s
                        prefix="imagenet-")
     demo = Demo(report)
     demo.report.run("Digits CNN: first-layer and deeper filters", demo.filters)
+    demo.report.run("Digits CNN: activations of one digit", demo.activations)
     demo.report.run("Digits CNN: feature space (nearest neighbours, PCA, t-SNE)", demo.feature_space)
     demo.report.run("Digits CNN: maximally activating patches", demo.patches)
     demo.report.run("Digits CNN: which pixels matter (attribution methods)", demo.attributions)

@@ -27,7 +27,7 @@ from .registry import candidate_layers
 # The sections of model_sections, in order (cnnviz report --sections); synthesis and
 # feature methods name theirs in the registry.
 SECTIONS = ("predictions", "attribution", "class_visualization", "adversarial", "inversion", "dream",
-            "texture_style", "filters")
+            "texture_style", "filters", "activations")
 
 
 @dataclass
@@ -323,6 +323,8 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         report.save(s, f"{prefix}deep-dream.png", image_grid(torch.cat([image.cpu(), result.images.cpu()]), nrow=2,
                                                               scale=False), "photo | dream", upscale=max(1, 256 // small))
 
+    gram = [None]  # the Gram synthesis of texture_and_style, shown again beside the traditional methods
+
     def texture_and_style(s):
         style_layers = _pick(spatial, (0.05, 0.2, 0.35, 0.5)) if not layers else list(layers)
         content_layer = style_layers[-1]
@@ -331,7 +333,7 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
         s.summary = (f"Texture synthesis (Gram matrices of {', '.join(style_layers)}, {steps} L-BFGS steps at "
                      f"{small}×{small} px) from the last image, and style transfer of the first image in its "
                      f"style (content layer {content_layer}).")
-        made = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
+        made = gram[0] = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
                                             seed=seed, progress=report.progress)
         styled = synthesis.style_transfer(model, content, texture, content_layer, style_layers, normalize=normalize,
                                           steps=steps, style_weight=10.0, seed=seed, progress=report.progress)
@@ -350,16 +352,49 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
                      f"{weight.shape[2]}×{weight.shape[3]}), each min-max scaled.")
         report.save(s, f"{prefix}filters.png", features.filter_grid(model, first), first, upscale=8)
 
+    def texture_with_and_without_network(s):
+        """texture_and_style, then the traditional approach beside the Gram synthesis: no network,
+        pixels copied from the source (Efros-Leung at half the side: its time grows with output
+        pixels x source windows)."""
+        texture_and_style(s)
+        texture = small_pixels(pixels[-1:])
+        patch, half = max(3, min(48, small // 4)), max(8, small // 2)
+        window = min(11, half if half % 2 else half - 1)
+        quilted = synthesis.texture_quilt(texture, small, patch=patch, seed=seed)
+        grown = synthesis.texture_efros_leung(torch.nn.functional.interpolate(texture, size=half, mode="area"),
+                                              half, window=window, seed=seed)
+        grown = torch.nn.functional.interpolate(grown, size=small, mode="nearest")
+        s.notes.append(f"Without a network, from the same texture: image quilting (Efros & Freeman 2001, patches "
+                       f"{patch} px, minimum-error cuts) and non-parametric sampling (Efros & Leung 1999, window "
+                       f"{window}, at {half} px, shown enlarged): every pixel copied from the source.")
+        report.save(s, f"{prefix}texture.png",
+                    image_grid(torch.cat([texture.cpu(), gram[0].images.cpu(), quilted.cpu(), grown.cpu()]), nrow=4,
+                               scale=False), "source | Gram synthesis | image quilting | Efros–Leung",
+                    upscale=max(1, 128 // small))
+
+    def activations(s):
+        layer = chosen[-1]
+        result = features.activation_grid(model, inputs[:2], layer, top_k=64)
+        tiles = result.tiles.shape
+        s.summary = (f"The feature maps of {layer} for the first images ({tiles[2]}×{tiles[3]} each): its {tiles[1]} "
+                     f"channels of largest mean activation, by decreasing mean, each min-max scaled (the "
+                     f"deep-visualization toolbox's view), next to the filters above.")
+        for index in range(len(result.grids)):
+            report.save(s, f"{prefix}activations-{index}.png", result.grids[index],
+                        f"{names[index]}: channels {', '.join(map(str, result.channels[index, :8].tolist()))} …",
+                        upscale=max(1, 256 // result.grids.shape[-1]))
+
     bodies = {"predictions": ("predictions", predictions),
               "attribution": ("which pixels matter (attribution side by side)", attributions),
               "class_visualization": ("class visualization", class_visualization),
               "adversarial": ("adversarial examples", adversarial),
               "inversion": ("feature inversion from several depths", inversion),
               "dream": ("DeepDream", dream),
-              "texture_style": ("texture synthesis and style transfer", texture_and_style),
-              "filters": ("first-layer filters", filters)}
+              "texture_style": ("texture synthesis and style transfer", texture_with_and_without_network),
+              "filters": ("first-layer filters", filters),
+              "activations": ("activations of a layer", activations)}
     for key in sections:
-        if key in ("inversion", "dream", "texture_style") and not chosen:
+        if key in ("inversion", "dream", "texture_style", "activations") and not chosen:
             continue  # no layer with a spatial output to work on
         heading, body = bodies[key]
         report.run(f"{title}: {heading}", body)

@@ -55,6 +55,7 @@ BAD = {  # subcommand -> arguments with one bad value, caught before the model l
     "texture": ["--images", "photos", "--layers", "x", "--size", "0"],
     "style": ["--content", "photos", "--style", "/no/such.png", "--content-layer", "a", "--style-layers", "b"],
     "filters": ["--weights", "/no/such.pt"],
+    "activations": ["--images", "/no/such.png", "--layer", "x"],
     "features": ["--images", "photos", "--layer", "x", "--device", "gpu"],
     "neighbors": ["--images", "photos", "--layer", "x", "-k", "0"],
     "embed": ["--images", "/no/such", "--layer", "x"],

@@ -1,5 +1,5 @@
 """The synthesis and feature subcommands of ``cnnviz`` (the ``command`` of their registry
-declarations): visualize, adversarial, invert, dream, texture, style, filters, features,
+declarations): visualize, adversarial, invert, dream, texture, style, filters, activations, features,
 neighbors, embed, patches, and layers. Each writes PNGs (and ``.npy`` where numbers are the
 product) into ``--out`` through :func:`~cnnviz_fast.cli.common.staged_output`."""
 from __future__ import annotations
@@ -165,25 +165,76 @@ def add_dream_parser(commands) -> None:
     p.set_defaults(run=_cmd_dream)
 
 
+# the texture methods of `cnnviz texture --method`: Gram matrices of a network, or without one
+from ..loading import load_images  # noqa: E402
+from ..registry import get_method  # noqa: E402
+from .common import add_method_options, method_options  # noqa: E402
+
+TEXTURE_METHODS = {"gram": "synthesize_texture", "quilt": "texture_quilt", "efros-leung": "texture_efros_leung"}
+NONPARAMETRIC_SOURCE_SIZE = 128  # px of the source when --size is not given (no model to ask)
+
+
+def _check_texture(args) -> None:
+    if args.method == "gram" and not args.layers:
+        raise CLIError("--layers is required for --method gram (the layers whose Gram matrices are matched)")
+    if args.method != "gram" and args.layers:
+        raise CLIError(f"--layers applies to --method gram only; --method {args.method} uses no network")
+    if args.method == "gram":
+        method_options(args, get_method(TEXTURE_METHODS["gram"]))  # refuses --patch, --window, ...
+
+
 def _cmd_texture(args) -> int:
+    if args.method != "gram":
+        return _cmd_texture_nonparametric(args)
     ctx = Context(args)
     pixels, names = ctx.images(args.images)
     layers = [ctx.layer(layer) for layer in args.layers]
-    result = synthesis.synthesize_texture(ctx.model, pixels, layers, normalize=ctx.normalize, steps=args.steps,
-                                          seed=args.seed, progress=ctx.progress)
+    size = args.texture_size
+    result = synthesis.synthesize_texture(ctx.model, pixels, layers, size=size, normalize=ctx.normalize,
+                                          steps=args.steps, seed=args.seed, progress=ctx.progress)
     return _save_images(args, ctx, names, result.images, "-texture")
 
 
+def _cmd_texture_nonparametric(args) -> int:
+    """Quilting / Efros-Leung: no model is loaded; the sources are read at --size (default 128)."""
+    method = get_method(TEXTURE_METHODS[args.method])
+    options = method_options(args, method)
+    source_size = args.size or NONPARAMETRIC_SOURCE_SIZE
+    pixels, names = load_images(args.images, source_size, 3, args.resize)
+    pixels = pixels.to(args.device)
+    size = args.texture_size or 2 * source_size
+    with staged_output(Path(args.out)) as stage:
+        for name, source in zip(names, pixels):
+            if source.std(0).max() == 0:  # a grayscale picture: one channel does the work
+                source = source[:1]
+            made = method.function(source, size, **options)
+            save_png(made[0], stage / f"{name}-{args.method}.png", upscale=max(1, 128 // size))
+            if not args.quiet:
+                print(f"{name}: {args.method} {size}×{size} px from a {source_size} px source")
+    return 0
+
+
 def add_texture_parser(commands) -> None:
-    p = add_parser(commands, "texture", "texture synthesis: new images with the Gram statistics of the images",
+    p = add_parser(commands, "texture", "texture synthesis: new images with the texture of the images "
+                   "(Gram matrices of a network, image quilting or Efros-Leung sampling)",
                    "  cnnviz texture --model zoo:efficientnet-lite0 --images brick.png --size 128 \\\n"
-                   "      --layers _blocks.0 _blocks.2 _blocks.4 _blocks.7")
+                   "      --layers _blocks.0 _blocks.2 _blocks.4 _blocks.7\n"
+                   "  cnnviz texture --method quilt --images brick.png --size 128 --texture-size 256 --patch 32\n"
+                   "  cnnviz texture --method efros-leung --images brick.png --size 64 --texture-size 96 --window 11")
     add_model_options(p)
     p.add_argument("--images", nargs="+", required=True)
-    p.add_argument("--layers", nargs="+", required=True)
-    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    p.add_argument("--method", choices=tuple(TEXTURE_METHODS), default="gram",
+                   help="gram: match a network's Gram matrices (Gatys et al. 2015; needs --layers); quilt: image "
+                        "quilting (Efros & Freeman 2001); efros-leung: non-parametric sampling (Efros & Leung "
+                        "1999). quilt and efros-leung use no network: the sources are read at --size "
+                        f"(default {NONPARAMETRIC_SOURCE_SIZE})")
+    p.add_argument("--layers", nargs="+", help="layers whose Gram matrices are matched (--method gram)")
+    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations (--method gram)")
+    p.add_argument("--texture-size", type=int, help="side of the new textures in px (default: gram the source's "
+                   "size, quilt / efros-leung twice it)")
     add_run_options(p, "cnnviz-texture")
-    p.set_defaults(run=_cmd_texture)
+    add_method_options(p, [get_method(name) for name in TEXTURE_METHODS.values()])
+    p.set_defaults(run=_cmd_texture, check=_check_texture)
 
 
 def _cmd_style(args) -> int:
@@ -233,6 +284,37 @@ def add_filters_parser(commands) -> None:
     p.add_argument("--upscale", type=int, default=8)
     add_run_options(p, "cnnviz-filters")
     p.set_defaults(run=_cmd_filters)
+
+
+def _cmd_activations(args) -> int:
+    ctx = Context(args)
+    pixels, names = ctx.images(args.images)
+    layer = ctx.layer(args.layer)
+    result = features.activation_grid(ctx.model, ctx.normalize(pixels), layer,
+                                      **method_options(args, get_method("activation_grid")))
+    with staged_output(Path(args.out)) as stage:
+        for index, name in enumerate(names):
+            save_png(result.grids[index], stage / f"activations-{layer}-{name}.png", upscale=args.upscale)
+        # which channel each tile shows (raster order), per image
+        (stage / f"activations-{layer}-channels.txt").write_text(
+            "".join(f"{name}: {' '.join(map(str, result.channels[i].tolist()))}\n" for i, name in enumerate(names)))
+    ctx.say(f"wrote {args.out}/activations-{layer}-*.png ({result.tiles.shape[1]} tiles each) and "
+            f"activations-{layer}-channels.txt")
+    return 0
+
+
+def add_activations_parser(commands) -> None:
+    p = add_parser(commands, "activations", "the feature maps of a layer for each image as a grid of tiles",
+                   "  cnnviz activations --model zoo:digits --images digits --layer features.conv5 --top-k 16\n"
+                   "  cnnviz activations --model zoo:efficientnet-lite0 --images cat.jpg --layer _blocks.10 "
+                   "--scale shared")
+    add_model_options(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--layer", required=True, help="a layer with a feature map [N, K, h, w] (see `cnnviz layers`)")
+    p.add_argument("--upscale", type=int, default=4)
+    add_run_options(p, "cnnviz-activations")
+    add_method_options(p, [get_method("activation_grid")])
+    p.set_defaults(run=_cmd_activations)
 
 
 def _features(ctx, args):
@@ -385,3 +467,4 @@ def add_layers_parser(commands) -> None:
 PARSERS = [add_visualize_parser, add_adversarial_parser, add_invert_parser, add_dream_parser, add_texture_parser,
            add_style_parser, add_filters_parser, add_features_parser, add_neighbors_parser, add_embed_parser,
            add_patches_parser, add_layers_parser]
+PARSERS.insert(PARSERS.index(add_filters_parser) + 1, add_activations_parser)

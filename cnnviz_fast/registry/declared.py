@@ -31,6 +31,9 @@ _SEGMENTS = Option("segments", str, "slic:100", "the features: 'slic:K' superpix
 _SEGMENT_BASELINE = Option("baseline", parse_baseline, 0.0, "value of a removed segment: a number, or 'blur' / "
                            "'blur:SIGMA' (a Gaussian-blurred copy)")
 _COALITIONS = Option("samples", int, 200, "sampled coalitions of segments per image")
+_TOLERANCE = Option("tolerance", float, 0.1, "draw among the source candidates within (1 + tolerance) of the "
+                    "best match")
+_TEXTURE_SEED = Option("seed", int, 0, "random seed: the same seed gives the same texture")
 
 
 def _yes_no(text) -> bool:
@@ -169,10 +172,28 @@ METHODS = (
            section="dream"),
     Method("synthesize_texture", S.synthesize_texture, "synthesis", "a new image with the Gram statistics of a "
            "texture (Gatys et al. 2015)", command="texture", section="texture_style"),
+    # texture synthesis without a network (issue 23): `cnnviz texture --method quilt|efros-leung`
+    Method("texture_quilt", S.texture_quilt, "synthesis", "a new texture of source patches joined along "
+           "minimum-error cuts (image quilting, Efros & Freeman 2001)", command="texture", section="texture_style",
+           options=(Option("patch", int, None, "side of the square patches (default: a quarter of the source)"),
+                    Option("overlap", int, None, "pixels shared by neighbouring patches (default: patch / 6)"),
+                    _TOLERANCE, _TEXTURE_SEED)),
+    Method("texture_efros_leung", S.texture_efros_leung, "synthesis", "a new texture grown pixel by pixel from "
+           "the best-matching source neighbourhoods (Efros & Leung 1999)", command="texture",
+           section="texture_style",
+           options=(Option("window", int_pair, 11, "odd side of the matched neighbourhood: N or H,W"), _TOLERANCE,
+                    Option("batch", int, 64, "boundary pixels filled per step"), _TEXTURE_SEED)),
     Method("style_transfer", S.style_transfer, "synthesis", "content painted in a style's Gram statistics "
            "(Gatys et al. 2016)", command="style", section="texture_style"),
     Method("filter_grid", F.filter_grid, "feature", "the filters of a convolution as tiles", command="filters",
            section="filters"),
+    Method("activation_grid", F.activation_grid, "feature", "a layer's feature maps for an image as tiles, "
+           "optionally its top-k channels by mean activation", command="activations", section="activations",
+           options=(Option("top_k", int, None, "only the k channels of largest mean activation (default: all)"),
+                    Option("order", str, "mean", "tiles by decreasing mean activation, or by channel index",
+                           ("mean", "index")),
+                    Option("scale", str, "channel", "min-max scale per tile, or one scale per image",
+                           ("channel", "shared")))),
     Method("extract_features", F.extract_features, "feature", "a layer's activations for every image",
            command="features"),
     Method("nearest_neighbors", F.nearest_neighbors, "feature", "nearest images in a layer's feature space",

@@ -26,3 +26,9 @@ __all__ = [
     "invert_features", "optimize", "style_transfer", "synthesize_texture", "visualize_class",
     "visualize_neuron",
 ]
+
+# texture synthesis without a network (Efros & Leung 1999, Efros & Freeman 2001); the measures of a texture,
+# nearest_patch_distance and shuffled_tiles, are imported from .nonparametric
+from .nonparametric import texture_efros_leung, texture_quilt  # noqa: E402
+
+__all__ += ["texture_efros_leung", "texture_quilt"]
