@@ -209,7 +209,7 @@ def method_options(args, method, strict: bool = True) -> dict:
             chosen[name] = value
         elif strict:
             raise CLIError(f"--{dest.replace('_', '-')} does not apply to {method.name}; its options: "
-                           f"{', '.join('--' + _option_dest(o, dests).replace('_', '-') for o in sorted(own)) or 'none'}")
+                           f"{', '.join('--' + dests.get(o, o).replace('_', '-') for o in sorted(own)) or 'none'}")
     if "seed" in own and "seed" not in dests and getattr(args, "seed", None) is not None:
         chosen["seed"] = args.seed
     return chosen

@@ -11,9 +11,13 @@ import torch
 
 from .. import features, synthesis
 from ..core import Neuron
+from ..loading import load_images
 from ..pictures import colorize, image_grid, save_png
-from ..registry import candidate_layers
-from .common import CLIError, Context, add_model_options, add_parser, add_run_options, load_context_model, staged_output
+from ..registry import candidate_layers, get_method
+from .common import (
+    CLIError, Context, add_method_options, add_model_options, add_parser, add_run_options, load_context_model,
+    method_options, staged_output,
+)
 
 
 def _upscale(size: int) -> int:
@@ -166,9 +170,6 @@ def add_dream_parser(commands) -> None:
 
 
 # the texture methods of `cnnviz texture --method`: Gram matrices of a network, or without one
-from ..loading import load_images  # noqa: E402
-from ..registry import get_method  # noqa: E402
-from .common import add_method_options, method_options  # noqa: E402
 
 TEXTURE_METHODS = {"gram": "synthesize_texture", "quilt": "texture_quilt", "efros-leung": "texture_efros_leung"}
 NONPARAMETRIC_SOURCE_SIZE = 128  # px of the source when --size is not given (no model to ask)
