@@ -5,10 +5,12 @@ Methods (all take pixels in [0, 1] and a ``normalize`` mapping pixels to model i
 run the model in eval mode and leave it as it was):
 :func:`visualize_class`, :func:`visualize_neuron`, :func:`adversarial`,
 :func:`invert_features`, :func:`deep_dream`, :func:`synthesize_texture`,
-:func:`style_transfer`.
+:func:`style_transfer`; fast feed-forward style transfer: :func:`stylize` (one forward pass
+of a :class:`StyleNetwork` trained by :func:`train_style_network`).
 """
 from .adversarial import AdversarialResult, adversarial
 from .dream import deep_dream
+from .fast_style import StyleNetwork, StyleTraining, stylize, train_style_network
 from .engine import Objective, SynthesisResult, optimize
 from .inversion import InversionResult, invert_features
 from .parameterization import FourierImage, PixelImage  # noqa: F401
@@ -25,6 +27,8 @@ __all__ = [
     "AdversarialResult", "InversionResult", "Objective", "Prior", "SynthesisResult", "adversarial", "deep_dream",
     "invert_features", "optimize", "style_transfer", "synthesize_texture", "visualize_class",
     "visualize_neuron",
+    # fast feed-forward style transfer
+    "StyleNetwork", "StyleTraining", "stylize", "train_style_network",
 ]
 
 # texture synthesis without a network (Efros & Leung 1999, Efros & Freeman 2001); the measures of a texture,

@@ -74,6 +74,18 @@ def _gram_losses(features: Dict[str, Tensor], grams, layers, weights, index, ima
     return torch.stack(losses)
 
 
+def _content_target(model, content: Tensor, normalize, layer: str) -> Tuple[Tensor, Tensor]:
+    """``(features Tensor[N, ...], their mean squares Tensor[N])`` of ``content`` at ``layer``."""
+    target = probe(model, normalize(content), "content", layers=[layer], layer_argument="content_layer")[layer].detach()
+    return target, target.pow(2).flatten(1).mean(1).clamp_min(1e-30)
+
+
+def _content_losses(features: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """Per-image content loss ``mean((F - T)^2) / mean(T^2)`` as ``Tensor[M]`` (features of
+    another dtype, bf16 under autocast, compared in the target's)."""
+    return (features.to(target.dtype) - target).pow(2).flatten(1).mean(1) / scale
+
+
 def synthesize_texture(
     model: nn.Module,
     texture: Tensor,
@@ -195,13 +207,10 @@ def style_transfer(
         style_weight = check_number(style_weight, "style_weight")
         normalize = check_normalize(normalize, content.shape[1])
         grams = _style_grams(model, style, normalize, style_layers, "style")
-        target = probe(model, normalize(content), "content",
-                       layers=[content_layer], layer_argument="content_layer")[content_layer].detach()
-        content_scale = target.pow(2).flatten(1).mean(1).clamp_min(1e-30)
+        target, content_scale = _content_target(model, content, normalize, content_layer)
 
         def loss(features, output, index):
-            content_loss = (features[content_layer].to(target.dtype) - target[index]).pow(2).flatten(1).mean(1) \
-                / content_scale[index]
+            content_loss = _content_losses(features[content_layer], target[index], content_scale[index])
             style_loss = _gram_losses(features, grams, style_layers, weights, index, content.shape[0])
             return content_weight * content_loss + style_weight * style_loss
 
