@@ -335,12 +335,16 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
                      f"style (content layer {content_layer}).")
         made = gram[0] = synthesis.synthesize_texture(model, texture, style_layers, normalize=normalize, steps=steps,
                                             seed=seed, progress=report.progress)
+        started = time.perf_counter()
         styled = synthesis.style_transfer(model, content, texture, content_layer, style_layers, normalize=normalize,
                                           steps=steps, style_weight=10.0, seed=seed, progress=report.progress)
+        optimised = time.perf_counter() - started
         report.save(s, f"{prefix}texture-and-style.png",
                     image_grid(torch.cat([texture.cpu(), made.images.cpu(), content.cpu(), styled.images.cpu()]), nrow=4,
-                               scale=False), "texture | synthesized | content | content in the texture's style",
-                    upscale=max(1, 128 // small))
+                               scale=False), "texture | synthesized | content | content in the texture's style "
+                    f"(style transfer: {optimised:.2g} s)", upscale=max(1, 128 // small))
+        if channels == 3 and size >= 16:  # one forward pass: at the photo's own size
+            _fast_style(report, s, pixels[:1], optimised, steps, prefix, upscale=max(1, 128 // size))
 
     def filters(s):
         first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
@@ -398,6 +402,30 @@ def model_sections(report: Report, model: nn.Module, normalize: Normalize, pixel
             continue  # no layer with a spatial output to work on
         heading, body = bodies[key]
         report.run(f"{title}: {heading}", body)
+
+
+def _fast_style(report: Report, s: Section, content: torch.Tensor, optimised: float, steps: int, prefix: str,
+                upscale: int) -> None:
+    """Feed-forward style transfer beside the optimisation: the content in each style of
+    the shipped network (:func:`cnnviz_fast.zoo.fast_style_network`), one forward pass."""
+    from .zoo import fast_style_network  # the network ships with the zoo, loaded only here
+
+    network = fast_style_network()
+    content = content.cpu()
+    batch, styles = content.expand(len(network.styles), -1, -1, -1), list(range(len(network.styles)))
+    timings = []
+    for _ in range(3):  # the first call of a shape pays for the convolutions' set-up: the best of three
+        started = time.perf_counter()
+        fast = synthesis.stylize(batch, styles, network)
+        timings.append((time.perf_counter() - started) / len(styles))
+    seconds = min(timings)
+    s.notes.append(f"fast style transfer (Johnson et al. 2016, one network for {len(network.styles)} styles by "
+                   f"conditional instance norm): {seconds * 1000:.0f} ms per image at {content.shape[-1]} px on the "
+                   f"CPU, against {optimised:.2g} s for the optimisation above ({steps} L-BFGS steps at a smaller "
+                   "size, in the texture's style)")
+    report.save(s, f"{prefix}fast-style.png", image_grid(torch.cat([content, fast]), nrow=len(fast) + 1, scale=False),
+                f"content | feed-forward in the shipped styles: {', '.join(network.styles)} "
+                f"({seconds * 1000:.0f} ms per image, one forward pass)", upscale=upscale)
 
 
 def _report_options(method, size: int, report: Report) -> dict:

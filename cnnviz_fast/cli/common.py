@@ -74,7 +74,8 @@ def check_arguments(args) -> None:
     weights = getattr(args, "weights", None)
     if weights and not Path(weights).is_file():
         raise CLIError(f"--weights {weights}: no such file")
-    for option in ("images", "content", "style"):
+    # with ``cnnviz style --fast``, --style names a shipped style, not a file
+    for option in ("images", "content") + (() if getattr(args, "fast", False) else ("style",)):
         for item in _as_list(getattr(args, option, None)):
             if item.split(":")[0] not in BUILT_IN_IMAGES and not Path(item).exists():
                 raise CLIError(f"--{option} {item}: no such file or folder")

@@ -4,6 +4,7 @@ neighbors, embed, patches, and layers. Each writes PNGs (and ``.npy`` where numb
 product) into ``--out`` through :func:`~cnnviz_fast.cli.common.staged_output`."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from .. import features, synthesis
 from ..core import Neuron
-from ..loading import load_images
+from ..loading import DEFAULT_MODEL, load_images
 from ..pictures import colorize, image_grid, save_png
 from ..registry import candidate_layers, get_method
 from .common import (
@@ -239,6 +240,8 @@ def add_texture_parser(commands) -> None:
 
 
 def _cmd_style(args) -> int:
+    if args.fast:
+        return _cmd_fast_style(args)
     ctx = Context(args)
     content, names = ctx.images(args.content)
     style, _ = ctx.images(args.style)
@@ -249,19 +252,74 @@ def _cmd_style(args) -> int:
     return _save_images(args, ctx, names, result.images, "-styled")
 
 
+FAST_STYLE_SIZE = 256  # the size the shipped network is evaluated at
+
+
+def _check_style(args) -> None:
+    """Optimisation (default): a style image and the layers. ``--fast``: the shipped
+    network, a style by ``--style NAME`` or ``--style-index``, no model options."""
+    if not args.fast:
+        missing = [flag for flag, value in (("--style", args.style), ("--content-layer", args.content_layer),
+                                            ("--style-layers", args.style_layers)) if not value]
+        if missing:
+            raise CLIError(f"{', '.join(missing)} required (or --fast for the shipped feed-forward network)")
+        if args.style_index is not None:
+            raise CLIError("--style-index applies only with --fast")
+        return
+    given = [flag for flag in ("content_layer", "style_layers", "weights", "mean", "std")
+             if getattr(args, flag) is not None] + (["model"] if args.model != DEFAULT_MODEL else [])
+    if given:
+        raise CLIError(f"--{given[0].replace('_', '-')} does not apply to --fast (the shipped network needs no model)")
+    if args.style is not None and args.style_index is not None:
+        raise CLIError("give --style NAME or --style-index, not both")
+    from ..zoo import fast_style_network
+
+    styles = fast_style_network().styles
+    if args.style is not None and args.style not in styles:
+        raise CLIError(f"--style {args.style!r}: with --fast, one of the shipped styles: {', '.join(styles)}")
+    if args.style_index is not None and not 0 <= args.style_index < len(styles):
+        raise CLIError(f"--style-index must be in [0, {len(styles) - 1}] ({', '.join(styles)}), got {args.style_index}")
+
+
+def _cmd_fast_style(args) -> int:
+    from ..zoo import fast_style_network
+
+    network = fast_style_network().to(args.device)
+    style = args.style if args.style is not None else args.style_index or 0
+    size = args.size or FAST_STYLE_SIZE
+    content, names = load_images(args.content, size, 3, args.resize)
+    started = time.perf_counter()
+    images = synthesis.stylize(content.to(args.device), style, network)
+    seconds = time.perf_counter() - started
+    name = style if isinstance(style, str) else network.styles[style]
+    with staged_output(Path(args.out)) as stage:
+        for image_name, image in zip(names, images):
+            save_png(image, stage / f"{image_name}-{name}.png")
+    if not args.quiet:
+        print(f"stylized {len(names)} images ({size}×{size} px) as {name!r} in {seconds:.2f} s; wrote {args.out}/")
+    return 0
+
+
 def add_style_parser(commands) -> None:
-    p = add_parser(commands, "style", "style transfer: the content images painted in the style image's style",
+    p = add_parser(commands, "style", "style transfer: the content images painted in the style image's style "
+                   "(optimisation), or in a shipped style by one forward pass (--fast)",
                    "  cnnviz style --model zoo:efficientnet-lite0 --content photo.jpg --style painting.jpg \\\n"
-                   "      --content-layer _blocks.7 --style-layers _blocks.0 _blocks.2 _blocks.4 --size 160")
+                   "      --content-layer _blocks.7 --style-layers _blocks.0 _blocks.2 _blocks.4 --size 160\n"
+                   "  cnnviz style --fast --content photo.jpg --style brick      # or --style-index 1 (stain)")
     add_model_options(p)
     p.add_argument("--content", nargs="+", required=True)
-    p.add_argument("--style", required=True)
-    p.add_argument("--content-layer", required=True)
-    p.add_argument("--style-layers", nargs="+", required=True)
+    p.add_argument("--style", help="the style image; with --fast a shipped style's name (brick, stain)")
+    p.add_argument("--content-layer")
+    p.add_argument("--style-layers", nargs="+")
     p.add_argument("--style-weight", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    fast = p.add_argument_group("fast (feed-forward) style transfer")
+    fast.add_argument("--fast", action="store_true", help="one forward pass of the shipped style network "
+                      f"(zoo.fast_style_network) instead of the optimisation; images at --size (default "
+                      f"{FAST_STYLE_SIZE})")
+    fast.add_argument("--style-index", type=int, help="with --fast: the style by index (default 0)")
     add_run_options(p, "cnnviz-style")
-    p.set_defaults(run=_cmd_style)
+    p.set_defaults(run=_cmd_style, check=_check_style)
 
 
 # --- filters and features ------------------------------------------------------------------

@@ -185,6 +185,9 @@ METHODS = (
                     Option("batch", int, 64, "boundary pixels filled per step"), _TEXTURE_SEED)),
     Method("style_transfer", S.style_transfer, "synthesis", "content painted in a style's Gram statistics "
            "(Gatys et al. 2016)", command="style", section="texture_style"),
+    Method("stylize", S.stylize, "synthesis", "content painted in a trained style by one forward pass of a "
+           "feed-forward network (Johnson et al. 2016; several styles by conditional instance norm, Dumoulin "
+           "et al. 2017)", command="style", section="texture_style"),
     Method("filter_grid", F.filter_grid, "feature", "the filters of a convolution as tiles", command="filters",
            section="filters"),
     Method("activation_grid", F.activation_grid, "feature", "a layer's feature maps for an image as tiles, "
