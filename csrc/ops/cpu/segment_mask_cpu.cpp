@@ -17,8 +17,9 @@ namespace {
 
 constexpr int64_t kChunkElements = 1 << 15;
 
-// One task per output image row (r, y): the W keep flags of the row are looked up once
-// (segment id -> keep[r, id]), then every channel is a plain compare-and-blend.
+// One task per output image row (r, y): the keep flags of the row are looked up once
+// (segment id -> keep[r, id]; channels-last: repeated over the C channels of each pixel),
+// then every channel row (or the interleaved row) is a plain, vectorisable blend.
 template <typename scalar_t, bool kChannelsLast, bool kFullBaseline>
 void segment_mask_kernel(
     const scalar_t* images, const int64_t* segments, const bool* keep, const int64_t* rows,
@@ -27,28 +28,30 @@ void segment_mask_kernel(
   const scalar_t b0 = baseline[0];
   const int64_t grain = std::max<int64_t>(1, kChunkElements / (C * W));
   at::parallel_for(0, R * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> flags(W);
+    std::vector<uint8_t> flags(kChannelsLast ? W * C : W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / H, y = task % H;
       const int64_t n = rows[r];
       const int64_t* ids = segments + (n * H + y) * W;
       const bool* keep_row = keep + r * K;
-      for (int64_t x = 0; x < W; ++x) {
-        flags[x] = segment::keeps(keep_row, K, ids[x]);
-      }
       if (kChannelsLast) {
+        for (int64_t x = 0; x < W; ++x) {
+          const uint8_t kept = segment::keeps(keep_row, K, ids[x]);
+          for (int64_t c = 0; c < C; ++c) {
+            flags[x * C + c] = kept;
+          }
+        }
         const int64_t src_off = segment::offset(n, 0, y, 0, C, H, W, true);
         const scalar_t* src = images + src_off;
         const scalar_t* base = kFullBaseline ? baseline + src_off : nullptr;
         scalar_t* dst = out + segment::offset(r, 0, y, 0, C, H, W, true);
-        for (int64_t x = 0; x < W; ++x) {
-          const bool kept = flags[x];
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = x * C + c;
-            dst[i] = segment::select(kept, src[i], kFullBaseline ? base[i] : b0);
-          }
+        for (int64_t i = 0; i < W * C; ++i) {
+          dst[i] = segment::select(flags[i] != 0, src[i], kFullBaseline ? base[i] : b0);
         }
       } else {
+        for (int64_t x = 0; x < W; ++x) {
+          flags[x] = segment::keeps(keep_row, K, ids[x]);
+        }
         for (int64_t c = 0; c < C; ++c) {
           const int64_t src_off = segment::offset(n, c, y, 0, C, H, W, false);
           const scalar_t* src = images + src_off;
