@@ -131,13 +131,16 @@ def _system(keep: np.ndarray, image: np.ndarray):
     return A, b, unknown
 
 
-def _interpolated(image: Tensor, keep: np.ndarray) -> Tensor:
+def _interpolated(image: Tensor, keep: np.ndarray, out: Optional[Tensor] = None) -> Tensor:
     """``image`` ``[C, H, W]`` (float32, CPU) with the pixels where ``keep`` is False replaced
-    by the linear interpolation of their neighbours (no noise): ``Tensor[C, H * W]``."""
+    by the linear interpolation of their neighbours (no noise): ``Tensor[C, H * W]`` (written
+    into ``out`` when given)."""
     from scipy.sparse.linalg import splu, spsolve
 
     C = image.shape[0]
-    out = image.clone().reshape(C, -1)
+    if out is None:
+        out = torch.empty((C, keep.size), dtype=torch.float32)
+    out.copy_(image.reshape(C, -1))
     if keep.all():
         return out
     A, b, unknown = _system(keep, image.numpy())
@@ -147,7 +150,7 @@ def _interpolated(image: Tensor, keep: np.ndarray) -> Tensor:
         solution = splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True)).solve(b)
     except RuntimeError:  # singular (a region with no kept pixel): spsolve's answer, as the anchor's
         solution = spsolve(A, b)
-    out[:, torch.from_numpy(unknown)] = torch.as_tensor(solution, dtype=torch.float).reshape(unknown.size, C).t()
+    out.numpy()[:, unknown] = solution.reshape(unknown.size, C).T  # rounded to float32 there
     return out
 
 
@@ -155,8 +158,9 @@ def _add_noise(out: Tensor, keep: np.ndarray, noise: float, generator: Optional[
     """``noise * randn(C, removed)`` added to the removed pixels of ``out`` ``[C, H * W]``, in
     raster order (pytorch-grad-cam's draw)."""
     if noise and not keep.all():
-        removed = torch.from_numpy(np.flatnonzero(~keep.ravel()))
-        out[:, removed] += noise * torch.randn((out.shape[0], removed.numel()), generator=generator)
+        removed = torch.from_numpy(~keep.ravel()).expand_as(out)  # selects channel by channel
+        draw = torch.randn((out.shape[0], int(removed[0].sum())), generator=generator)
+        out.masked_scatter_(removed, out.masked_select(removed) + noise * draw.flatten())
     return out
 
 
@@ -228,15 +232,21 @@ def road(
             for n in range(N):
                 values = 1 - maps_np[n] if order == "lerf" else maps_np[n]
                 jobs.append((n, _thresholded(values, p).numpy()))
+    # one batch: the clean images, then the imputed ones, written in place
+    batch = torch.empty((N + len(jobs), C, H * W), dtype=torch.float32)
+    batch[:N] = pixels.reshape(N, C, -1)
+    imputed = batch[N:]
     workers = min(len(jobs), max(1, torch.get_num_threads()))
     with ThreadPoolExecutor(workers) as pool:  # the solves, in parallel; the noise, in order
-        solved = list(pool.map(lambda job: _interpolated(pixels[job[0]], job[1]), jobs))
-    images = [_add_noise(out, keep, noise, generator).reshape(C, H, W) for out, (_, keep) in zip(solved, jobs)]
+        list(pool.map(lambda j: _interpolated(pixels[jobs[j][0]], jobs[j][1], imputed[j]), range(len(jobs))))
+    for j, (_, keep) in enumerate(jobs):
+        _add_noise(imputed[j], keep, noise, generator)
     P = len(percentiles)
     with model_guard(model), torch.no_grad():
         target = resolve(model, inputs, target)
-        # the clean images and the 2 * P * N imputed ones share passes
-        batch = torch.cat([inputs, torch.stack(images).to(device=inputs.device, dtype=inputs.dtype)])
+        batch = batch.view(-1, C, H, W).to(device=inputs.device, dtype=inputs.dtype)
+        if inputs.dtype != torch.float32:  # the clean rows as given, not rounded through float32
+            batch[:N] = inputs
         image_of_row = torch.arange(N, device=inputs.device).repeat(2 * P + 1)
         out = torch.empty(batch.shape[0], dtype=torch.float64, device=inputs.device)
         for r0 in range(0, batch.shape[0], batch_size):
