@@ -158,9 +158,9 @@ def _add_noise(out: Tensor, keep: np.ndarray, noise: float, generator: Optional[
     """``noise * randn(C, removed)`` added to the removed pixels of ``out`` ``[C, H * W]``, in
     raster order (pytorch-grad-cam's draw)."""
     if noise and not keep.all():
-        removed = torch.from_numpy(~keep.ravel()).expand_as(out)  # selects channel by channel
-        draw = torch.randn((out.shape[0], int(removed[0].sum())), generator=generator)
-        out.masked_scatter_(removed, out.masked_select(removed) + noise * draw.flatten())
+        removed = np.flatnonzero(~keep.ravel())
+        draw = torch.randn((out.shape[0], removed.size), generator=generator)
+        out.numpy()[:, removed] += (noise * draw).numpy()  # float32 sums, as torch's; numpy indexes faster
     return out
 
 
