@@ -237,8 +237,10 @@ def road(
     batch[:N] = pixels.reshape(N, C, -1)
     imputed = batch[N:]
     workers = min(len(jobs), max(1, torch.get_num_threads()))
-    with ThreadPoolExecutor(workers) as pool:  # the solves, in parallel; the noise, in order
-        list(pool.map(lambda j: _interpolated(pixels[jobs[j][0]], jobs[j][1], imputed[j]), range(len(jobs))))
+    # the solves in parallel, largest first (the threads finish together); the noise in order
+    largest_first = sorted(range(len(jobs)), key=lambda j: -int((~jobs[j][1]).sum()))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda j: _interpolated(pixels[jobs[j][0]], jobs[j][1], imputed[j]), largest_first))
     for j, (_, keep) in enumerate(jobs):
         _add_noise(imputed[j], keep, noise, generator)
     P = len(percentiles)
