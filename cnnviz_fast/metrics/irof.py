@@ -96,9 +96,13 @@ def irof(
         fills.append(_fills(inputs[n], flat, order, count, baseline).to(inputs.dtype)[seg])
         # row 0: the clean image; row j: the j most relevant segments removed, j = 1 .. k
         steps = torch.arange(k + 1, device=device)
-        keeps.append(torch.nn.functional.pad(rank[None, :] >= steps[:, None], (0, max(K) - k)))
+        keeps.append(rank[None, :] >= steps[:, None])
     base = torch.stack(fills)[:, None].expand(N, C, H, W)
-    keep = torch.cat(keeps)
+    keep = torch.zeros(sum(k + 1 for k in K), max(K), dtype=torch.bool, device=device)  # False past K_n
+    start = 0
+    for table in keeps:
+        keep[start:start + table.shape[0], :table.shape[1]] = table
+        start += table.shape[0]
     image_of_row = torch.cat([torch.full((k + 1,), n, dtype=torch.long, device=device) for n, k in enumerate(K)])
     out = torch.empty(keep.shape[0], dtype=torch.float64, device=device)
     with model_guard(model), torch.no_grad():
