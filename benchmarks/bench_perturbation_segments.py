@@ -4,8 +4,10 @@
 
 (``--only segments`` of benchmarks/bench_perturbation.py once the lead merges the two files.)
 Random-weight ResNet-18, 1 image of 224 x 224 (scikit-image's astronaut), CPU. Each
-contender makes one timed call (seconds-long calls on a shared machine; the load is written
-with the results), and the values of those calls are checked equal.
+contender makes one untimed warm-up call, then 3 timed calls (seconds-long calls on a shared
+machine; the median is kept, the load is written with the results); contenders that draw
+from the global RNG are reseeded before each call, and the values of the last calls are
+checked equal.
 
 - feature ablation over ~100 SLIC superpixels vs Captum ``FeatureAblation`` at
   ``perturbations_per_eval`` 1 (default) and its best of 8, 32;
@@ -14,7 +16,13 @@ with the results), and the values of those calls are checked equal.
 - KernelSHAP and LIME (~100 SLIC superpixels, 64 coalitions) vs Captum ``KernelShap`` /
   ``Lime`` on the same coalitions, at 1 (default) and the best of 16, 64;
 - ROAD (MoRF + LeRF at percentiles 20, 50, 80; reduced from 9) vs pytorch-grad-cam's
-  ``ROADCombined``, same noise; IROF vs Quantus' ``IROF`` (its SLIC, ~100 steps).
+  ``ROADCombined``, same noise; IROF vs Quantus' ``IROF`` (its SLIC, ~100 steps);
+- ``segmask``: ``ops.segment_mask`` vs the gather + ``torch.where`` it replaced in the segment
+  scorer (32 rows of 3 x 224 x 224 per pass, contiguous and channels-last passes), interleaved
+  ``torch.utils.benchmark`` rounds, written to ``ops-segment-mask-<machine>.md``.
+
+Results: ``perturbation-segments-<machine>.md``, or ``road-irof-<machine>.md`` when only the
+ROAD / IROF sections run.
 """
 from __future__ import annotations
 
@@ -28,17 +36,31 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import argument_parser, row, write_results  # noqa: E402
+from common import argument_parser, interleaved, row, write_results  # noqa: E402
 
-TIMING = "one time.perf_counter measurement per contender (seconds-long calls), no warm-up call of the method"
+CALLS = 3
+TIMING = (f"median of {CALLS} time.perf_counter measurements per contender after one untimed warm-up call "
+          "(seconds-long calls; the global RNG reseeded before each call of a contender that draws from it)")
+MICRO_TIMING = "minimum over 5 interleaved rounds of torch.utils.benchmark Timer (warm calls)"
 
-SECTIONS = ("fa", "shapley", "surrogate", "road", "irof")
+SECTIONS = ("fa", "shapley", "surrogate", "road", "irof", "segmask")
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def timed(fn, reseed=None):
+    """(median seconds of CALLS calls after a warm-up call, the last call's result)."""
+    times = []
+    for call in range(CALLS + 1):
+        if reseed is not None:
+            reseed()
+        start = time.perf_counter()
+        result = fn()
+        if call:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
+def seed0():
+    torch.manual_seed(0)
 
 
 def close(ours, anchor, what, tolerance=1e-3):
@@ -67,6 +89,7 @@ def main(argv=None):
     )
     from cnnviz_fast.metrics import irof, road
 
+    load_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     torch.manual_seed(0)
     size = 112 if args.quick else 224
     model = torchvision.models.resnet18().eval()
@@ -101,9 +124,9 @@ def main(argv=None):
         perms = draw_permutations(16, 2, seed=0)
         t_ours, ours = timed(lambda: shapley_sampling(model, x, target, segments=grid, permutations=perms))
         for ppe in (1, 15):
-            torch.manual_seed(0)  # Captum draws the same permutations as draw_permutations(seed=0)
+            # Captum draws the same permutations as draw_permutations(seed=0)
             t, ref = timed(lambda: ShapleyValueSampling(model).attribute(
-                x, target=target, feature_mask=grid[:, None], n_samples=2, perturbations_per_eval=ppe))
+                x, target=target, feature_mask=grid[:, None], n_samples=2, perturbations_per_eval=ppe), seed0)
             close(ours, ref, "shapley")
             rows.append(row(f"{where}: Shapley sampling, 16 grid segments, 2 permutations vs Captum ppe={ppe}"
                             + (" (default)" if ppe == 1 else ""), t_ours, t, ">= 3x", unit="s"))
@@ -114,9 +137,8 @@ def main(argv=None):
             t_ours, ours = timed(lambda: ours_fn(model, x, target, segments=seg, samples=samples, seed=0))
             best = None
             for ppe in (1, 16, 64):
-                torch.manual_seed(0)
                 t, ref = timed(lambda: anchor(model).attribute(x, target=target, feature_mask=mask,
-                                                               n_samples=samples, perturbations_per_eval=ppe))
+                                                               n_samples=samples, perturbations_per_eval=ppe), seed0)
                 close(ours, ref, name, 1e-2)
                 if ppe == 1:
                     rows.append(row(f"{where}: {name}, {K} SLIC segments, {samples} coalitions vs Captum ppe=1 "
@@ -133,10 +155,9 @@ def main(argv=None):
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
         percentiles = [20, 50, 80]
         t_ours, ours = timed(lambda: road(model, x, target, cam, percentiles, seed=0).combined)
-        torch.manual_seed(0)
         with torch.no_grad():
             t, ref = timed(lambda: ROADCombined(percentiles)(x, cam.numpy(), [ClassifierOutputSoftmaxTarget(target)],
-                                                             model))
+                                                             model), seed0)
         close(ours, ref, "ROAD", 1e-3)
         rows.append(row(f"{where}: ROAD combined, percentiles {percentiles} vs pytorch-grad-cam ROADCombined",
                         t_ours, t, ">= 5x", unit="s"))
@@ -158,15 +179,65 @@ def main(argv=None):
         rows.append(row(f"{where}: IROF (Quantus SLIC, {int(slic_segments(x).max()) + 1} steps) vs Quantus IROF",
                         t_ours, t, ">= 5x", unit="s"))
 
+    micro = segment_mask_rows(size) if "segmask" in args.only else []
+
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     notes = ("Same run, equal values checked first (norm-wise relative difference < 1e-3; 1e-2 for the "
-             f"linear fits). One timed call per contender. Load at the end: `{load}`.")
-    missed = [r["name"] for r in rows if r.get("result") == "MISS"]
+             f"linear fits). Load at the start: `{load_start}`; at the end: `{load}`.")
+    missed = [r["name"] for r in rows + micro if r.get("result") == "MISS"]
     print("all targets met" if not missed else f"targets missed: {missed}", flush=True)
-    if not args.no_write:  # common.finish would describe Timer's interleaved rounds, not this timing
-        print("wrote", write_results("perturbation-segments" + ("-quick" if args.quick else ""), rows, notes,
-                                     "Segment perturbation methods, ROAD, IROF vs anchors",
-                                     directory=args.results_dir, timing=TIMING))
+    if args.no_write:
+        return
+    quick = "-quick" if args.quick else ""
+    if rows:  # common.finish would describe Timer's interleaved rounds, not this timing
+        only_metrics = not set(args.only) & {"fa", "shapley", "surrogate"}
+        name, title = (("road-irof", "ROAD and IROF vs pytorch-grad-cam and Quantus") if only_metrics else
+                       ("perturbation-segments", "Segment perturbation methods, ROAD, IROF vs anchors"))
+        print("wrote", write_results(name + quick, rows, notes, title, directory=args.results_dir, timing=TIMING))
+    if micro:
+        micro_notes = ("ops.segment_mask vs the gather + torch.where (+ the channels-last copy of the pass) it "
+                       "replaced in the segment scorer; bitwise equal outputs checked first. "
+                       f"Load at the start: `{load_start}`; at the end: `{load}`.")
+        print("wrote", write_results("ops-segment-mask" + quick, micro, micro_notes,
+                                     "ops.segment_mask vs gather + where", directory=args.results_dir,
+                                     timing=MICRO_TIMING))
+
+
+def segment_mask_rows(size: int):
+    """One pass of the segment scorer: 32 rows of coalitions over a 10 x 10 grid of segments,
+    built by ops.segment_mask and by the gather + where of the previous table maker."""
+    from cnnviz_fast import ops
+    from cnnviz_fast.attribution.perturbation import grid_segments
+
+    rows_out = []
+    for images, layout in ((1, torch.contiguous_format), (1, torch.channels_last), (4, torch.channels_last)):
+        x = torch.randn(images, 3, size, size)
+        seg = grid_segments(size, size, 10)[None].expand(images, size, size).contiguous()
+        K = int(seg.max()) + 1
+        per = 32 // images
+        tables = [torch.rand(per, K) < 0.5 for _ in range(images)]
+        base = torch.zeros(())
+        keep = torch.cat(tables)
+        rows = torch.arange(images).repeat_interleave(per)
+        src = x.contiguous(memory_format=layout)
+
+        def ours():
+            return ops.segment_mask(src, seg, keep, rows, base, check_values=False)
+
+        def gather_where():  # the table maker before segment_mask: one piece per image, then the layout copy
+            pieces = []
+            for n, table in enumerate(tables):
+                mask = table.index_select(1, seg[n].flatten()).view(per, 1, size, size)
+                pieces.append(torch.where(mask, x[n], base))
+            batch = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            return batch.contiguous(memory_format=layout)
+
+        assert torch.equal(ours(), gather_where())
+        t = interleaved({"ours": ours, "anchor": gather_where}, rounds=5)
+        kind = "channels-last" if layout is torch.channels_last else "contiguous"
+        rows_out.append(row(f"segment_mask, {images} image(s) x {per} rows, 3x{size}x{size}, {K} segments, {kind} pass",
+                            t["ours"], t["anchor"], ">= 1.5x", unit="ms"))
+    return rows_out
 
 
 if __name__ == "__main__":

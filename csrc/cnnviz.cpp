@@ -58,4 +58,11 @@ TORCH_LIBRARY(cnnviz, m) {
   m.def(
       "rise_accumulate(Tensor scores, int H, int W, int seed, int[2] grid, float p, int first) -> "
       "Tensor");
+
+  // Segment masking (feature ablation, Shapley sampling, KernelSHAP, LIME): images
+  // [N, C, H, W], segments [N, H, W] (int64 ids), keep [R, K] (bool), rows [R] (int64) ->
+  // [R, C, H, W]: out[r] = images[rows[r]] where keep[r, segments[rows[r]]], else baseline
+  // (numel 1, or [N, C, H, W]: baseline[rows[r]]). In the images' layout (channels-last in,
+  // channels-last out); ids outside [0, K) show the baseline.
+  m.def("segment_mask(Tensor images, Tensor segments, Tensor keep, Tensor rows, Tensor baseline) -> Tensor");
 }

@@ -20,7 +20,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["run_in_fast_layout"]
+__all__ = ["fast_layout", "run_in_fast_layout"]
 
 R = TypeVar("R")
 MIN_PIXELS = 16 * 112 * 112
@@ -28,11 +28,21 @@ _VIEW_REFUSED = "view size is not compatible"
 _REFUSING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models that refused channels-last
 
 
+def fast_layout(model: nn.Module, shape, device) -> torch.memory_format:
+    """The layout :func:`run_in_fast_layout` runs a batch of ``shape`` on ``device`` in, so
+    that whoever builds the batch can write it so (no copy there)."""
+    device = torch.device(device)
+    if (device.type != "cpu" or len(shape) != 4 or shape[1] == 1 or model in _REFUSING
+            or shape[0] * shape[2] * shape[3] < MIN_PIXELS):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 def run_in_fast_layout(model: nn.Module, batch: Tensor, run: Callable[[Tensor], R]) -> R:
     """``run(batch)`` with ``batch`` in the faster layout for ``model`` on its device: a
-    channels-last copy of a large CPU image batch, else ``batch`` itself."""
-    if (batch.device.type != "cpu" or batch.dim() != 4 or batch.shape[1] == 1 or model in _REFUSING
-            or batch.shape[0] * batch.shape[2] * batch.shape[3] < MIN_PIXELS):
+    channels-last copy of a large CPU image batch (none if it is one already), else
+    ``batch`` itself."""
+    if fast_layout(model, tuple(batch.shape), batch.device) is not torch.channels_last:
         return run(batch)
     try:
         return run(batch.contiguous(memory_format=torch.channels_last))
@@ -40,4 +50,4 @@ def run_in_fast_layout(model: nn.Module, batch: Tensor, run: Callable[[Tensor], 
         if _VIEW_REFUSED not in str(error):
             raise
         _REFUSING.add(model)
-        return run(batch)
+        return run(batch.contiguous())

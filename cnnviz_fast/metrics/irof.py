@@ -8,8 +8,10 @@ segments (higher: the prediction falls faster, the map is more faithful).
 
 Equal to Quantus' ``IROF`` (its defaults: SLIC on the inputs, ``perturb_baseline="mean"``,
 softmax) evaluated one image per batch: Quantus takes the mean of the whole batch at each
-step, here each image's own. The K removal steps of an image are built at once from the
-running means (a scalar recursion; no image is copied per step) and scored in shared passes.
+step, here each image's own. The value each segment takes is known up front from the running
+means (a scalar recursion), so the clean images and every removal step are rows of one
+coalition table, built pass by pass by ``ops.segment_mask`` (channels-last where the pass
+runs so) and scored in shared passes.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..attribution.perturbation.segments import resolve_segments, slic_segments
 from ..core import model_guard
+from ..core.layout import fast_layout, run_in_fast_layout
 from ..core.model_state import check_model
 from ..core.validation import check_positive_int
 from ._common import check_maps, checked_copy, resolve, rows_target, scores
@@ -78,33 +82,49 @@ def irof(
     if min(K) < 2:
         raise ValueError("segments: IROF needs at least 2 segments per image, got "
                          f"{min(K)} (a uniform image, or too coarse a segmentation)")
-    curves = torch.full((N, max(K)), float("nan"), dtype=torch.float64, device=inputs.device)
+    device = inputs.device
+    fills, keeps = [], []  # per image: the value each pixel gets when removed; rows keep tables
+    for n in range(N):
+        seg, k = labels[n], K[n]
+        flat = seg.flatten()
+        count = torch.bincount(flat, minlength=k).double()
+        relevance = torch.zeros(k, dtype=torch.float64, device=device)
+        relevance.index_add_(0, flat, maps[n].flatten().double())
+        order = torch.argsort(-(relevance / count), stable=True)  # most relevant first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(k, device=device)
+        fills.append(_fills(inputs[n], flat, order, count, baseline).to(inputs.dtype)[seg])
+        # row 0: the clean image; row j: the j most relevant segments removed, j = 1 .. k
+        steps = torch.arange(k + 1, device=device)
+        keeps.append(rank[None, :] >= steps[:, None])
+    base = torch.stack(fills)[:, None].expand(N, C, H, W)
+    keep = torch.zeros(sum(k + 1 for k in K), max(K), dtype=torch.bool, device=device)  # False past K_n
+    start = 0
+    for table in keeps:
+        keep[start:start + table.shape[0], :table.shape[1]] = table
+        start += table.shape[0]
+    image_of_row = torch.cat([torch.full((k + 1,), n, dtype=torch.long, device=device) for n, k in enumerate(K)])
+    out = torch.empty(keep.shape[0], dtype=torch.float64, device=device)
     with model_guard(model), torch.no_grad():
         target = resolve(model, inputs, target)
-        clean = scores(model, inputs, target, probability).double()
-        for n in range(N):
-            seg = labels[n]
-            k = K[n]
-            flat = seg.flatten()
-            count = torch.bincount(flat, minlength=k).double()
-            relevance = torch.zeros(k, dtype=torch.float64, device=inputs.device)
-            relevance.index_add_(0, flat, maps[n].flatten().double())
-            order = torch.argsort(-(relevance / count), stable=True)  # most relevant first
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(k, device=inputs.device)
-            fill = _fills(inputs[n], flat, order, count, baseline)  # value given to each segment
-            fill_map = fill.to(inputs.dtype)[seg]
-            seg_rank = rank[seg]
-            image = inputs[n]
-            for s0 in range(0, k, batch_size):
-                s1 = min(k, s0 + batch_size)
-                steps = torch.arange(s0 + 1, s1 + 1, device=inputs.device)
-                removed = seg_rank[None] < steps[:, None, None]  # [B, H, W]
-                batch = torch.where(removed[:, None], fill_map, image)
-                tgt = rows_target(target, torch.tensor([n], device=inputs.device), s1 - s0)
-                curves[n, s0:s1] = scores(model, batch, tgt, probability).double() / clean[n]
+        masking = {}  # memory format -> (images, baseline) in it
+        for r0 in range(0, keep.shape[0], batch_size):
+            r1 = min(keep.shape[0], r0 + batch_size)
+            # every row (clean or not) is built by one segment_mask call, in the layout its pass runs in
+            layout = fast_layout(model, (r1 - r0, C, H, W), device)
+            if layout not in masking:
+                masking[layout] = (inputs.contiguous(memory_format=layout), base.contiguous(memory_format=layout))
+            images, fill = masking[layout]
+            batch = ops.segment_mask(images, labels, keep[r0:r1], image_of_row[r0:r1], fill, check_values=False)
+            tgt = rows_target(target, image_of_row[r0:r1], 1)
+            out[r0:r1] = run_in_fast_layout(model, batch, lambda b: scores(model, b, tgt, probability)).double()
+    curves = torch.full((N, max(K)), float("nan"), dtype=torch.float64, device=device)
+    start = 0
+    for n, k in enumerate(K):
+        curves[n, :k] = out[start + 1:start + k + 1] / out[start]
+        start += k + 1
     aoc = torch.stack([k - torch.trapezoid(curves[n, :k]) for n, k in enumerate(K)])
-    return Irof(curves, torch.tensor(K, device=inputs.device), aoc)
+    return Irof(curves, torch.tensor(K, device=device), aoc)
 
 
 def _fills(image: Tensor, flat: Tensor, order: Tensor, count: Tensor, baseline) -> Tensor:

@@ -13,11 +13,18 @@ the percentiles, is the metric; a faithful map makes MoRF drop fast and LeRF slo
 Equal to pytorch-grad-cam's ``ROADMostRelevantFirstAverage``,
 ``ROADLeastRelevantFirstAverage`` and ``ROADCombined`` on the same maps and targets. The
 systems are assembled in a few vectorised array operations (pytorch-grad-cam fills a
-``lil_matrix`` entry list per neighbour offset, most of its run time) and solved by the
-same sparse LU (SuperLU); the imputed images of all percentiles share forward passes.
+``lil_matrix`` entry list per neighbour offset) with the unknowns numbered in a nested
+dissection order of the pixel grid (lines of pixels that split it in halves, recursively,
+numbered last), which the sparse LU (SuperLU, as pytorch-grad-cam's ``spsolve``) keeps in
+symmetric mode: far less fill than its default column ordering on these grid graphs. The
+systems of all percentiles and images are solved in threads (SuperLU releases the GIL),
+the noise drawn afterwards in pytorch-grad-cam's order, and the clean and imputed images
+share channels-last forward passes.
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import model_guard
+from ..core.layout import run_in_fast_layout
 from ..core.model_state import check_model
 from ..core.validation import check_number, check_positive_int
 from ._common import check_maps, checked_copy, resolve, rows_target, scores
@@ -63,14 +71,40 @@ class Road:
         return (self.lerf_mean - self.morf_mean) / 2
 
 
+@functools.lru_cache(maxsize=8)
+def _dissection_order(H: int, W: int) -> np.ndarray:
+    """Nested dissection order of an ``H x W`` pixel grid (8-neighbour stencil): each
+    rectangle is split across its longer side by one line of pixels, its two halves come
+    first (recursively), the separating line last; rectangles of at most 16 pixels in
+    row-major order. ``int64[H * W]``, a permutation of the flat pixel indices."""
+    pieces = []
+    stack = [(0, H, 0, W, False)]  # (y0, y1, x0, x1, separator?) in reverse emission order
+    while stack:
+        y0, y1, x0, x1, separator = stack.pop()
+        h, w = y1 - y0, x1 - x0
+        if h <= 0 or w <= 0:
+            continue
+        if separator or h * w <= 16 or (h < 3 and w < 3):
+            pieces.append((np.arange(y0, y1)[:, None] * W + np.arange(x0, x1)[None, :]).ravel())
+        elif h >= w:
+            m = (y0 + y1) // 2
+            stack += [(m, m + 1, x0, x1, True), (m + 1, y1, x0, x1, False), (y0, m, x0, x1, False)]
+        else:
+            m = (x0 + x1) // 2
+            stack += [(y0, y1, m, m + 1, True), (y0, y1, m + 1, x1, False), (y0, y1, x0, m, False)]
+    return np.concatenate(pieces)
+
+
 def _system(keep: np.ndarray, image: np.ndarray):
     """The imputation system of one image: ``(A csc [u, u], b [u, C], unknown indices [u])``
-    for ``keep`` ``bool[H, W]`` (False: impute) and ``image`` ``[C, H, W]``."""
+    for ``keep`` ``bool[H, W]`` (False: impute) and ``image`` ``[C, H, W]``. Unknown i is
+    pixel ``unknown[i]``; they come in the grid's nested dissection order."""
     from scipy.sparse import coo_matrix  # scipy comes with scikit-learn / scikit-image
 
     H, W = keep.shape
     flat_keep = keep.ravel()
-    unknown = np.flatnonzero(~flat_keep)
+    order = _dissection_order(H, W)
+    unknown = order[~flat_keep[order]]
     u = unknown.size
     index = np.full(H * W, -1, dtype=np.int64)
     index[unknown] = np.arange(u)
@@ -97,25 +131,48 @@ def _system(keep: np.ndarray, image: np.ndarray):
     return A, b, unknown
 
 
+def _interpolated(image: Tensor, keep: np.ndarray, out: Optional[Tensor] = None) -> Tensor:
+    """``image`` ``[C, H, W]`` (float32, CPU) with the pixels where ``keep`` is False replaced
+    by the linear interpolation of their neighbours (no noise): ``Tensor[C, H * W]`` (written
+    into ``out`` when given)."""
+    from scipy.sparse.linalg import splu, spsolve
+
+    C = image.shape[0]
+    if out is None:
+        out = torch.empty((C, keep.size), dtype=torch.float32)
+    out.copy_(image.reshape(C, -1))
+    if keep.all():
+        return out
+    A, b, unknown = _system(keep, image.numpy())
+    # the unknowns come in nested dissection order: SuperLU keeps it (NATURAL) and, the
+    # system being symmetric and diagonally dominant, pivots on the diagonal
+    try:
+        solution = splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True)).solve(b)
+    except RuntimeError:  # singular (a region with no kept pixel): spsolve's answer, as the anchor's
+        solution = spsolve(A, b)
+    out.numpy()[:, unknown] = solution.reshape(unknown.size, C).T  # rounded to float32 there
+    return out
+
+
+def _add_noise(out: Tensor, keep: np.ndarray, noise: float, generator: Optional[torch.Generator]) -> Tensor:
+    """``noise * randn(C, removed)`` added to the removed pixels of ``out`` ``[C, H * W]``, in
+    raster order (pytorch-grad-cam's draw)."""
+    if noise and not keep.all():
+        removed = np.flatnonzero(~keep.ravel())
+        draw = torch.randn((out.shape[0], removed.size), generator=generator)
+        out.numpy()[:, removed] += (noise * draw).numpy()  # float32 sums, as torch's; numpy indexes faster
+    return out
+
+
 def noisy_linear_imputation(image: Tensor, keep: Tensor, noise: float = 0.01,
                             generator: Optional[torch.Generator] = None) -> Tensor:
     """``image`` ``[C, H, W]`` with the pixels where ``keep`` ``[H, W]`` is False replaced by
     the linear interpolation of their neighbours plus ``noise * randn`` (drawn as
     ``randn(C, removed)`` from ``generator``, the global one by default). float32 out."""
-    from scipy.sparse.linalg import spsolve
-
     C, H, W = image.shape
-    img = image.detach().float().cpu()
     keep_np = keep.detach().cpu().numpy().astype(bool)
-    out = img.clone().reshape(C, -1)
-    if keep_np.all():
-        return out.reshape(C, H, W).to(image.device)
-    A, b, unknown = _system(keep_np, img.numpy())
-    solution = torch.as_tensor(spsolve(A, b), dtype=torch.float).reshape(unknown.size, C).t()
-    if noise:
-        solution = solution + noise * torch.randn(solution.shape, generator=generator)
-    out[:, torch.from_numpy(unknown)] = solution
-    return out.reshape(C, H, W).to(image.device)
+    out = _interpolated(image.detach().float().cpu(), keep_np)
+    return _add_noise(out, keep_np, noise, generator).reshape(C, H, W).to(image.device)
 
 
 def _thresholded(values: np.ndarray, percentile: float) -> Tensor:
@@ -168,23 +225,36 @@ def road(
     N, C, H, W = inputs.shape
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     maps_np = maps.detach().float().cpu().numpy()
-    images = []  # (order, percentile index, image) -> imputed image, in pytorch-grad-cam's order
+    pixels = inputs.detach().float().cpu()
+    jobs = []  # (image, keep) in pytorch-grad-cam's order: order, percentile, image
     for order in ("lerf", "morf"):
         for p in percentiles:
             for n in range(N):
                 values = 1 - maps_np[n] if order == "lerf" else maps_np[n]
-                keep = _thresholded(values, p)
-                images.append(noisy_linear_imputation(inputs[n], keep, noise, generator))
-    imputed = torch.stack(images).to(inputs.dtype)  # [2 * P * N, C, H, W]
+                jobs.append((n, _thresholded(values, p).numpy()))
+    # one batch: the clean images, then the imputed ones, written in place
+    batch = torch.empty((N + len(jobs), C, H * W), dtype=torch.float32)
+    batch[:N] = pixels.reshape(N, C, -1)
+    imputed = batch[N:]
+    workers = min(len(jobs), max(1, torch.get_num_threads()))
+    # the solves in parallel, largest first (the threads finish together); the noise in order
+    largest_first = sorted(range(len(jobs)), key=lambda j: -int((~jobs[j][1]).sum()))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda j: _interpolated(pixels[jobs[j][0]], jobs[j][1], imputed[j]), largest_first))
+    for j, (_, keep) in enumerate(jobs):
+        _add_noise(imputed[j], keep, noise, generator)
     P = len(percentiles)
     with model_guard(model), torch.no_grad():
         target = resolve(model, inputs, target)
-        clean = scores(model, inputs, target, probability).double()
-        image_of_row = torch.arange(N, device=inputs.device).repeat(2 * P)
-        out = torch.empty(imputed.shape[0], dtype=torch.float64, device=inputs.device)
-        for r0 in range(0, imputed.shape[0], batch_size):
-            r1 = min(imputed.shape[0], r0 + batch_size)
+        batch = batch.view(-1, C, H, W).to(device=inputs.device, dtype=inputs.dtype)
+        if inputs.dtype != torch.float32:  # the clean rows as given, not rounded through float32
+            batch[:N] = inputs
+        image_of_row = torch.arange(N, device=inputs.device).repeat(2 * P + 1)
+        out = torch.empty(batch.shape[0], dtype=torch.float64, device=inputs.device)
+        for r0 in range(0, batch.shape[0], batch_size):
+            r1 = min(batch.shape[0], r0 + batch_size)
             rows_tgt = rows_target(target, image_of_row[r0:r1], 1)
-            out[r0:r1] = scores(model, imputed[r0:r1], rows_tgt, probability).double()
-    change = out.view(2, P, N) - clean[None, None]
+            out[r0:r1] = run_in_fast_layout(model, batch[r0:r1],
+                                            lambda b: scores(model, b, rows_tgt, probability)).double()
+    change = out[N:].view(2, P, N) - out[:N][None, None]
     return Road(percentiles, change[1].t().contiguous(), change[0].t().contiguous())

@@ -7,7 +7,8 @@ results. ``has_extension()`` says which path runs; ``CNNVIZ_FORCE_REFERENCE=1`` 
 reference path.
 
 All ops take batch-first tensors, return tensors on the input's device, and support
-float32/float64 (plus float16/bfloat16); outputs are contiguous. The compiled ops' fake
+float32/float64 (plus float16/bfloat16); outputs are contiguous (``segment_mask``'s follow the
+images' layout: channels-last in, channels-last out). The compiled ops' fake
 kernels and autograd formulas are registered in :mod:`cnnviz_fast.ops._meta`, so the ops
 work under ``torch.compile(fullgraph=True)``.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "rise_mask",
     "rise_accumulate",
     "rise_masks",
+    "segment_mask",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -324,3 +326,34 @@ def rise_masks(H: int, W: int, seed: int, grid: IntPair = 7, p: float = 0.5, fir
     display and tests; the methods never materialise them): :func:`rise_mask` of an image of ones."""
     ones = torch.ones(1, 1, H, W, dtype=dtype, device=device)
     return rise_mask(ones, seed, grid, p, first, count)[0, :, 0]
+
+
+# --------------------------------------------------------------------------- #
+# segment masking: feature ablation, Shapley sampling, KernelSHAP, LIME
+# --------------------------------------------------------------------------- #
+def segment_mask(images: Tensor, segments: Tensor, keep: Tensor, rows: Optional[Tensor] = None,
+                 baseline: Union[float, Tensor] = 0.0, check_values: bool = True) -> Tensor:
+    """Copies of images with some of their segments kept and the others set to the baseline.
+
+    Args:
+        images: ``Tensor[N, C, H, W]``.
+        segments: ``LongTensor[N, H, W]``: each pixel's segment id, in ``[0, K)``.
+        keep: ``BoolTensor[R, K]``: row r keeps segment k where ``keep[r, k]`` (a coalition
+            table; K is the largest segment count, an image with fewer ignores the rest).
+        rows: ``LongTensor[R]``: the image of each row (default: row r is image r, R = N).
+        baseline: a number or a tensor broadcastable to ``[N, C, H, W]`` (differentiable).
+        check_values: False skips the checks that read the data (ids and rows in range: a
+            host sync on a GPU), for callers that checked them once; the kernels then show
+            the baseline at ids outside ``[0, K)``.
+
+    Returns:
+        ``Tensor[R, C, H, W]``: ``out[r] = where(keep[r, segments[rows[r]]], images[rows[r]],
+        baseline[rows[r]])``, in the images' layout (channels-last images give a channels-last
+        batch, ready for a channels-last forward pass). One pass over the output, no per-pixel
+        mask tensor. Differentiable w.r.t. ``images`` and ``baseline`` (the gradient is the
+        masked output gradient, summed over the rows of each image).
+    """
+    segments, keep, rows, base = _checks.segment_mask_args(images, segments, keep, rows, baseline, check_values)
+    if not _USE_EXT:
+        return reference.segment_mask(images, segments, keep, rows, base)
+    return torch.ops.cnnviz.segment_mask(images, segments, keep, rows, _kernel_baseline(base, images))

@@ -344,3 +344,47 @@ def rise_accumulate_args(scores: Tensor, H, W, seed_value, grid, p, first):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     grid, p, first, _ = rise_geometry(int(H), int(W), grid, p, first, scores.shape[1])
     return int(H), int(W), seed(seed_value), grid, p, first
+
+
+# --------------------------------------------------------------------------- #
+# segment masking
+# --------------------------------------------------------------------------- #
+def _integer(t, name: str, shape: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor{shape}, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    return t.long()
+
+
+def segment_mask_args(x: Tensor, segments, keep, rows, value, check_values: bool = True):
+    """-> (segments int64, keep, rows int64, baseline tensor). ``check_values=False`` skips the
+    checks that read the data (ids and rows in range: a host sync on a GPU)."""
+    H, W = images(x)
+    N = x.shape[0]
+    segments = _integer(segments, "segments", "[N, H, W]")
+    if tuple(segments.shape) != (N, H, W):
+        raise ValueError(f"segments must have shape [N, H, W] = {[N, H, W]}, got {list(segments.shape)}")
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+        got = keep.dtype if isinstance(keep, Tensor) else type(keep).__name__
+        raise TypeError(f"keep must be a bool Tensor[R, K], got {got}")
+    if keep.dim() != 2:
+        raise ValueError(f"keep must be a 2-D tensor [R, K], got {keep.dim()}-D")
+    R, K = keep.shape
+    if rows is None:
+        if R != N:
+            raise ValueError(f"rows must be given unless keep has one row per image ({N}), got {R} rows")
+        rows = torch.arange(N, device=x.device)
+    rows = _integer(rows, "rows", "[R]")
+    if tuple(rows.shape) != (R,):
+        raise ValueError(f"rows must have shape [R] = [{R}] (the image of each row of keep), got {list(rows.shape)}")
+    for name, t in (("segments", segments), ("keep", keep), ("rows", rows)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the images' device {x.device}, got {t.device}")
+    if check_values and not torch.compiler.is_compiling():
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= N):
+            raise ValueError(f"rows must hold image indices in [0, {N}), got values outside")
+        if segments.numel() and (int(segments.min()) < 0 or int(segments.max()) >= K):
+            raise ValueError(f"segments must hold ids in [0, K) = [0, {K}) (K: keep's columns), got "
+                             f"[{int(segments.min())}, {int(segments.max())}]")
+    return segments, keep, rows, baseline(value, x)

@@ -22,7 +22,7 @@ FORCE_REFERENCE = os.environ.get("CNNVIZ_FORCE_REFERENCE", "").strip().lower() n
 # Every op csrc/cnnviz.cpp declares: an extension built from older sources lacks some, and
 # then runs as if it were missing (the fake kernels of absent ops cannot be registered).
 OPS = ("occlude", "occlusion_accumulate", "guided_relu", "_guided_relu_backward", "gram", "gram_loss",
-       "_gram_loss_backward", "progressive_mask", "rise_mask", "rise_accumulate")
+       "_gram_loss_backward", "progressive_mask", "rise_mask", "rise_accumulate", "segment_mask")
 
 
 def _missing_ops():

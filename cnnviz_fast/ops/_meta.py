@@ -246,3 +246,40 @@ def _rise_accumulate_backward(ctx, grad):
 torch.library.register_autograd(
     "cnnviz::rise_accumulate", _rise_accumulate_backward, setup_context=_rise_accumulate_setup
 )
+
+
+# ---- segment_mask ----
+@torch.library.register_fake("cnnviz::segment_mask")
+def _segment_mask_fake(images, segments, keep, rows, baseline):
+    N, C, H, W = images.shape
+    return torch.empty((keep.shape[0], C, H, W), dtype=images.dtype, device=images.device,
+                       memory_format=reference.output_layout(images))
+
+
+def _segment_mask_setup(ctx, inputs, output):
+    images, segments, keep, rows, baseline = inputs
+    ctx.num_images = images.shape[0]
+    ctx.baseline_shape = baseline.shape
+    ctx.save_for_backward(segments, keep, rows)
+
+
+def _segment_mask_backward(ctx, grad):
+    # out[r] = where(kept[r], images[rows[r]], baseline[rows[r]]): each row's masked gradient
+    # summed back onto its image (index_add over rows)
+    segments, keep, rows = ctx.saved_tensors
+    kept = reference.segment_keep_mask(segments, keep, rows)[:, None]
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    shape = (ctx.num_images,) + tuple(grad.shape[1:])
+    grad_images = grad_baseline = None
+    if ctx.needs_input_grad[0]:
+        grad_images = grad.new_zeros(shape).index_add_(0, rows, torch.where(kept, grad, zero))
+    if ctx.needs_input_grad[4]:
+        to_base = torch.where(kept, zero, grad)
+        if len(ctx.baseline_shape) == 4:
+            grad_baseline = grad.new_zeros(shape).index_add_(0, rows, to_base)
+        else:
+            grad_baseline = to_base.sum().reshape(ctx.baseline_shape)
+    return grad_images, None, None, None, grad_baseline
+
+
+torch.library.register_autograd("cnnviz::segment_mask", _segment_mask_backward, setup_context=_segment_mask_setup)

@@ -350,3 +350,34 @@ def rise_accumulate(scores: Tensor, H: int, W: int, seed: int, grid, p: float, f
         masks = rise_masks(seed, grid, p, H, W, first + k0, k1 - k0, acc, scores.device)
         out = out + s[:, k0:k1] @ masks.view(k1 - k0, H * W)
     return out.view(N, H, W).to(scores.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# segment masking: coalitions of segments kept, the rest set to the baseline
+# --------------------------------------------------------------------------- #
+def output_layout(images: Tensor) -> torch.memory_format:
+    """The masking ops' output layout: channels-last for channels-last images (an image that
+    is both, e.g. C = 1, counts as contiguous), else contiguous."""
+    if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def segment_keep_mask(segments: Tensor, keep: Tensor, rows: Tensor) -> Tensor:
+    """``Tensor[R, H, W]`` (bool): True where row r shows the image (``keep[r, id]`` of the
+    pixel's segment id in image ``rows[r]``); ids outside ``[0, K)`` show the baseline."""
+    ids = segments[rows]  # [R, H, W]
+    K = keep.shape[1]
+    if K == 0:
+        return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    kept = keep.gather(1, ids.clamp(0, K - 1).flatten(1)).view(ids.shape)
+    return kept & (ids >= 0) & (ids < K)
+
+
+def segment_mask(images: Tensor, segments: Tensor, keep: Tensor, rows: Tensor, baseline) -> Tensor:
+    """Reference for :func:`cnnviz_fast.ops.segment_mask` (a gather and a ``torch.where``)."""
+    N, C, H, W = images.shape
+    kept = segment_keep_mask(segments, keep, rows)[:, None]
+    base = _as_tensor(baseline, images)
+    base = base.reshape(()) if base.numel() == 1 else base.expand(N, C, H, W)[rows]
+    return torch.where(kept, images[rows], base).contiguous(memory_format=output_layout(images))

@@ -159,13 +159,14 @@ def _surrogate(model, inputs, target, segments, baseline, samples, seed, coaliti
 
         def make(n: int, r0: int, r1: int) -> Tensor:
             rows = make_rows(n, r0, r1)
-            if method == "lime" and given_weights is None:
-                x = inputs[n].detach().flatten().float()
-                similarity[n].append(torch.nn.functional.cosine_similarity(x[None], rows.flatten(1).float(), dim=1,
-                                                                           eps=1e-8))
+            x = inputs[n].detach().flatten().float()
+            similarity[n].append(torch.nn.functional.cosine_similarity(x[None], rows.flatten(1).float(), dim=1,
+                                                                       eps=1e-8))
             return rows
 
-        scores = scorer.run([t.shape[0] for t in scored], make)
+        # LIME's similarities need each image's rows; otherwise a pass is built in one op call
+        lime_similarity = method == "lime" and given_weights is None
+        scores = scorer.run([t.shape[0] for t in scored], make if lime_similarity else make_rows)
         values = []
         for n in range(N):
             y = torch.empty(tables[n].shape[0], dtype=torch.float32)
