@@ -154,7 +154,11 @@ def peak_extra_bytes(which: str, seconds: float) -> int:
     import sys
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, which, str(seconds)], capture_output=True, text=True,
                          check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout
-    return int(next(line for line in out.splitlines() if line.startswith("PEAK")).split()[1])
+    print(f"  {which}: {out.strip()}", flush=True)
+    peak = int(next(line for line in out.splitlines() if line.startswith("PEAK")).split()[1])
+    if peak <= 0:
+        raise RuntimeError(f"{which}: no memory measured above the model's own ({out.strip()})")
+    return peak
 
 
 def bench_memory(seconds: float) -> List[dict]:
