@@ -11,6 +11,7 @@ from cnnviz_fast import zoo
 from cnnviz_fast.attribution import occlusion
 from cnnviz_fast.attribution.occlusion import choose_batch_size
 from cnnviz_fast.core import Neuron, forward_to_layers, layout
+from layout_models import FlattensByView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -315,19 +316,6 @@ def test_full_recomputation_measures_its_batch_size(digits):
         assert rest[0] != candidates[tried - 1]
     expected = occlusion(model, x, labels, window=window, stride=stride, mode="full", batch_size=841)
     torch.testing.assert_close(measured, expected, **TOL)
-
-
-class FlattensByView(nn.Module):
-    """A LeNet-style head: ``.view`` of a feature map, which a channels-last map refuses."""
-    def __init__(self, reshape: bool = False):
-        super().__init__()
-        self.conv, self.fc, self.reshape = nn.Conv2d(3, 4, 3), nn.Linear(4 * 10 * 10, 5), reshape
-        self.layouts = []
-
-    def forward(self, x):
-        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last))
-        y = torch.relu(self.conv(x))
-        return self.fc(y.reshape(len(y), -1) if self.reshape else y.view(len(y), -1))
 
 
 def test_full_recomputation_batches_are_channels_last_unless_the_model_refuses(monkeypatch):

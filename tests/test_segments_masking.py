@@ -1,29 +1,16 @@
 """The segment scorer's passes on ops.segment_mask (layouts, a model refusing channels-last)
 and ROAD's imputation solver (nested dissection order vs scipy's default spsolve)."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from cnnviz_fast.attribution.perturbation import feature_ablation, kernel_shap, shapley_sampling
 from cnnviz_fast.core import layout
-import importlib
+from layout_models import FlattensByView
 
 road_module = importlib.import_module("cnnviz_fast.metrics.road")
-
-
-class FlattensByView(nn.Module):
-    """``.view`` of a feature map (refused on a channels-last map) unless ``reshape``."""
-
-    def __init__(self, reshape: bool = False):
-        super().__init__()
-        self.conv, self.fc, self.reshape = nn.Conv2d(3, 4, 3), nn.Linear(4 * 10 * 10, 5), reshape
-        self.layouts = []
-
-    def forward(self, x):
-        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        y = torch.relu(self.conv(x))
-        return self.fc(y.reshape(len(y), -1) if self.reshape else y.view(len(y), -1))
 
 
 def test_passes_are_built_channels_last_unless_the_model_refuses(monkeypatch):
