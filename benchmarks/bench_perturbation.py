@@ -191,10 +191,18 @@ def main():
     if "memory" in args.only:
         rows += bench_memory(args.memory_seconds)
     # the memory rows alone go to their own file, so that they do not replace the timings
-    name = "perturbation-memory" if list(args.only) == ["memory"] else "perturbation"
-    finish(args, name, rows, title="Perturbation-family benchmarks",
-           notes="ratio = anchor / ours. Random-weight ResNet-18, one image, each contender timed once "
-                 "per round (calls of seconds to minutes). The machine was shared with other jobs (noisy).")
+    memory_only = list(args.only) == ["memory"]
+    notes = ("Peak extra resident memory of one Score-CAM call on a random-weight ResNet-50 (one 224x224 "
+             "image, layer4), each contender in a child process stopped after "
+             f"{args.memory_seconds:g} s; ratio = anchor / ours." if memory_only else
+             "ratio = anchor / ours. Random-weight ResNet-18, one 224x224 image, each contender timed once "
+             "(calls of seconds to minutes), in turn, after the maps were checked equal.")
+    timing = ("the resident set of the child process (/proc/self/statm) sampled every 10 ms, its largest value "
+              "above the level after the model's first forward pass" if memory_only else
+              "time.perf_counter around one call of each contender in turn (bench_perturbation.once; the "
+              "equality check before it ran each contender once)")
+    finish(args, "perturbation-memory" if memory_only else "perturbation", rows, title="Perturbation-family benchmarks",
+           notes=notes, timing=timing)
 
 
 if __name__ == "__main__":

@@ -192,15 +192,16 @@ class _SetThreads(argparse.Action):
 
 
 def finish(args: argparse.Namespace, name: str, rows: List[Dict[str, Any]], notes: str = "",
-           title: Optional[str] = None) -> Optional[str]:
-    """Writes the rows of an ``interleaved`` benchmark unless --no-write; a --quick run is
-    written as ``<name>-quick`` so that it never replaces a full run's results."""
+           title: Optional[str] = None, timing: str = TIMING) -> Optional[str]:
+    """Writes the rows of a benchmark (timed by ``interleaved`` unless ``timing`` says how)
+    unless --no-write; a --quick run is written as ``<name>-quick`` so that it never
+    replaces a full run's results."""
     missed = [r["name"] for r in rows if r.get("result") == "MISS"]
     print("all targets met" if not missed else f"targets missed: {missed}", flush=True)
     if args.no_write:
         return None
     path = write_results(name + ("-quick" if args.quick else ""), rows, notes, title,
-                         directory=args.results_dir, timing=TIMING)
+                         directory=args.results_dir, timing=timing)
     print("wrote", path, flush=True)
     return path
 
