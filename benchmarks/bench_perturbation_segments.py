@@ -3,7 +3,8 @@
     python benchmarks/bench_perturbation_segments.py [--quick] [--no-write] [--only fa,shapley,...]
 
 (``--only segments`` of benchmarks/bench_perturbation.py once the lead merges the two files.)
-Random-weight ResNet-18, 1 image of 224 x 224 (scikit-image's astronaut), CPU. Each
+Random-weight ResNet-18 (``--model efficientnet-lite0``: the zoo's trained EfficientNet-Lite0),
+1 image of 224 x 224 (scikit-image's astronaut), CPU. Each
 contender makes one untimed warm-up call, then 3 timed calls (seconds-long calls on a shared
 machine; the median is kept, the load is written with the results); contenders that draw
 from the global RNG are reseeded before each call, and the values of the last calls are
@@ -80,7 +81,11 @@ def photo(size: int) -> torch.Tensor:
 
 
 def main(argv=None):
-    args = argument_parser(__doc__, SECTIONS).parse_args(argv)
+    parser = argument_parser(__doc__, SECTIONS)
+    parser.add_argument("--model", choices=("resnet18", "efficientnet-lite0"), default="resnet18",
+                        help="random-weight ResNet-18 (default) or the zoo's trained EfficientNet-Lite0 "
+                             "(results file suffixed with the model)")
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import torchvision
     from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValueSampling
@@ -92,8 +97,14 @@ def main(argv=None):
     load_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     torch.manual_seed(0)
     size = 112 if args.quick else 224
-    model = torchvision.models.resnet18().eval()
+    if args.model == "resnet18":
+        model, label = torchvision.models.resnet18().eval(), "ResNet-18"
+    else:
+        from cnnviz_fast import zoo
+        model, label = zoo.efficientnet_lite0(), "EfficientNet-Lite0"
     pixels, x = photo(size)
+    if args.model != "resnet18":
+        x = zoo.EFFICIENTNET_LITE0_NORMALIZE(pixels)  # the trained model's own preprocessing
     with torch.no_grad():  # warm the CPU kernels (first calls of a batch shape pay for setup)
         target = int(model(x).argmax())
         for batch in (1, 8, 32):
@@ -102,7 +113,7 @@ def main(argv=None):
     K = int(seg.max()) + 1
     mask = seg[:, None]
     rows = []
-    where = f"ResNet-18 cpu, 1 image {size}x{size}"
+    where = f"{label} cpu, 1 image {size}x{size}"
 
     if "fa" in args.only:
         t_ours, ours = timed(lambda: feature_ablation(model, x, target, segments=seg))
@@ -193,6 +204,7 @@ def main(argv=None):
         only_metrics = not set(args.only) & {"fa", "shapley", "surrogate"}
         name, title = (("road-irof", "ROAD and IROF vs pytorch-grad-cam and Quantus") if only_metrics else
                        ("perturbation-segments", "Segment perturbation methods, ROAD, IROF vs anchors"))
+        name += "" if args.model == "resnet18" else "-" + args.model
         print("wrote", write_results(name + quick, rows, notes, title, directory=args.results_dir, timing=TIMING))
     if micro:
         micro_notes = ("ops.segment_mask vs the gather + torch.where (+ the channels-last copy of the pass) it "
