@@ -331,12 +331,16 @@ class IncrementalOcclusion:
 
     @classmethod
     def build(cls, model: nn.Module, target: Target, **options) -> Optional["IncrementalOcclusion"]:
-        """Trace ``model``; None when it cannot be traced or ``target`` reads a layer that is
-        not a node of the traced graph (then use full recomputation)."""
-        try:
-            graph = capture(model)
-        except Exception:  # data-dependent control flow, unsupported Python: not capturable
-            return None
+        """Trace ``model`` (a ``torch.fx.GraphModule``, such as the batch-norm-folded copy, is
+        already a capture and is used as it is); None when it cannot be traced or ``target``
+        reads a layer that is not a node of the traced graph (then use full recomputation)."""
+        if isinstance(model, fx.GraphModule):
+            graph = model
+        else:
+            try:
+                graph = capture(model)
+            except Exception:  # data-dependent control flow, unsupported Python: not capturable
+                return None
         nodes = list(graph.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         if not placeholders or any(not n.args for n in placeholders[1:]):
