@@ -17,6 +17,10 @@ memory (CPU, ResNet-50 with random weights, one 224x224 image, layer4's 2,048 ch
   pass of the call holds the same tensors, so its peak is reached in the first passes;
   pytorch-grad-cam builds its 2048 x 3 x 224 x 224 masked inputs before the first pass).
   target: ours < 1 GiB
+fold (CPU, random-weight ResNet-18, channels-last 224x224 batches of 8 and 32 rows):
+  the forward pass of the batch-norm-folded copy the masked passes run
+  (attribution/occlusion/folding.py) vs the model itself, outputs checked equal first;
+  interleaved torch.utils.benchmark rounds. Written to perturbation-fold-<machine>.
 segments: feature ablation / Shapley sampling / LIME (written by another section).
 The maps are checked equal first (pytorch-grad-cam's after its min-max scaling).
 Each contender runs once per round (a call takes seconds to minutes), in turn.
@@ -31,7 +35,7 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from common import argument_parser, finish, machine_description, row
+from common import TIMING, argument_parser, finish, machine_description, row
 
 from pytorch_grad_cam import AblationCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -41,7 +45,7 @@ from cnnviz_fast import zoo
 from cnnviz_fast.ops import reference
 
 warnings.filterwarnings("ignore")
-SECTIONS = ("cams", "memory", "segments")
+SECTIONS = ("cams", "memory", "fold", "segments")
 
 
 def once(contenders: Dict[str, Callable[[], object]], rounds: int = 1) -> Dict[str, float]:
@@ -177,6 +181,26 @@ def bench_memory(seconds: float) -> List[dict]:
                 result="PASS" if ours < gib else "MISS")]
 
 
+def bench_fold() -> List[dict]:
+    import importlib
+    import torchvision
+    from common import interleaved
+    folding = importlib.import_module("cnnviz_fast.attribution.occlusion.folding")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    folded = folding.folded_model(model)
+    rows = []
+    with torch.no_grad():
+        for batch in (8, 32):
+            x = torch.rand(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+            error = float((folded(x) - model(x)).norm() / model(x).norm())
+            assert error < 1e-4, f"folded copy: relative difference {error}"
+            t = interleaved({"folded": lambda: folded(x), "model": lambda: model(x)}, rounds=3)
+            rows.append(row(f"cpu ResNet-18 {batch}x3x224x224 channels-last forward: batch norm folded vs the model",
+                            t["folded"], t["model"], "", unit="ms", rel_error=f"{error:.1e}"))
+    return rows
+
+
 def main():
     parser = argument_parser(__doc__, SECTIONS)
     parser.add_argument("--masks", type=int, default=None, help="RISE masks (default 4000; --quick 100)")
@@ -190,18 +214,22 @@ def main():
         rows += bench_cams(args.size or (64 if args.quick else 224), masks)
     if "memory" in args.only:
         rows += bench_memory(args.memory_seconds)
-    # the memory rows alone go to their own file, so that they do not replace the timings
-    memory_only = list(args.only) == ["memory"]
-    notes = ("Peak extra resident memory of one Score-CAM call on a random-weight ResNet-50 (one 224x224 "
-             "image, layer4), each contender in a child process stopped after "
-             f"{args.memory_seconds:g} s; ratio = anchor / ours." if memory_only else
-             "ratio = anchor / ours. Random-weight ResNet-18, one 224x224 image, each contender timed once "
-             "(calls of seconds to minutes), in turn, after the maps were checked equal.")
-    timing = ("the resident set of the child process (/proc/self/statm) sampled every 10 ms, its largest value "
-              "above the level after the model's first forward pass" if memory_only else
-              "time.perf_counter around one call of each contender in turn (bench_perturbation.once; the "
-              "equality check before it ran each contender once)")
-    finish(args, "perturbation-memory" if memory_only else "perturbation", rows, title="Perturbation-family benchmarks",
+    if "fold" in args.only:
+        rows += bench_fold()
+    # the memory rows and the folding rows alone go to their own files, so that they do not replace the timings
+    alone = list(args.only)[0] if len(args.only) == 1 and args.only[0] in ("memory", "fold") else None
+    notes = {"memory": "Peak extra resident memory of one Score-CAM call on a random-weight ResNet-50 (one 224x224 "
+                       "image, layer4), each contender in a child process stopped after "
+                       f"{args.memory_seconds:g} s; ratio = anchor / ours.",
+             "fold": "ratio = the model's time / the folded copy's (the forward passes of the masked batches)."}.get(
+        alone, "ratio = anchor / ours. Random-weight ResNet-18, one 224x224 image, each contender timed once "
+               "(calls of seconds to minutes), in turn, after the maps were checked equal.")
+    timing = {"memory": "the resident set of the child process (/proc/self/statm) sampled every 10 ms, its largest "
+                        "value above the level after the model's first forward pass",
+              "fold": TIMING}.get(alone, "time.perf_counter around one call of each contender in turn "
+                                         "(bench_perturbation.once; the equality check before it ran each contender "
+                                         "once)")
+    finish(args, f"perturbation-{alone}" if alone else "perturbation", rows, title="Perturbation-family benchmarks",
            notes=notes, timing=timing)
 
 

@@ -4,7 +4,8 @@ Perturbation methods run hundreds of masked copies of an image through the model
 without gradients. In eval mode a ``BatchNorm2d`` that only normalises one convolution's
 output is a per-channel affine map, so it can be folded into that convolution's weights
 and bias: the same function, minus one pass over every normalised map (on the 2-core
-EPYC, ResNet-18 forward passes at 8-64 rows ran 1.12x faster folded, channels-last).
+EPYC, channels-last ResNet-18 passes of 8 / 32 rows ran 1.10x / 1.15x faster folded;
+``benchmarks/bench_perturbation.py --only fold``).
 
 The model itself is never changed: the folded graph is ``torch.fx``'s capture of it
 (:func:`.incremental.capture`, thread-confined), which calls the model's own modules,
