@@ -129,7 +129,10 @@ METHODS = (
                     _BATCH)),
     Method("feature_ablation", P.feature_ablation, "perturbation", "score drop when one segment is replaced "
            "by a baseline (Captum FeatureAblation over segments)", map_rule="sum",
-           options=(_SEGMENTS, _SEGMENT_BASELINE, _BATCH), report_options={"segments": "grid:4"}),
+           options=(_SEGMENTS, _SEGMENT_BASELINE, _BATCH,
+                    Option("incremental", _yes_no, True, "small segments through the incremental engine (only "
+                           "what a segment changes is recomputed); false: full passes only")),
+           report_options={"segments": "grid:4"}),
     Method("shapley_sampling", P.shapley_sampling, "perturbation", "Shapley values of the segments from random "
            "permutations (Castro et al. 2009; Captum ShapleyValueSampling)", map_rule="sum",
            options=(_SEGMENTS, _SEGMENT_BASELINE, Option("samples", int, 25, "random permutations of the segments"),
