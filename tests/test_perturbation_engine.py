@@ -126,14 +126,18 @@ def test_feature_ablation_through_the_engine_equals_full_passes(segments, monkey
     assert torch.allclose(engine, full, rtol=0, atol=1e-10)
 
 
-def test_unprofitable_segments_go_to_full_passes(monkeypatch):
+@pytest.mark.parametrize("big_box, profitable", [(1.0, 0.5), (local_segments.BIG_BOX_FRACTION, float("inf"))])
+def test_unprofitable_segments_go_to_full_passes(big_box, profitable, monkeypatch):
+    """Once an engine pass costs too much (big_box 1: every box is tried), or straight away
+    for boxes over BIG_BOX_FRACTION of the image (no pass is too costly)."""
     model = branchy(batch_statistics=False)
     x = smooth_images(1)
     segments = grid_segments(24, 24, 3)
     segments[:, :] = torch.where(segments == 4, 4, torch.where(segments < 4, 0, 1))  # two big, one small segment
     segments = torch.unique(segments, return_inverse=True)[1]
     monkeypatch.setitem(local_segments.ENGINE_ROWS, "cpu", 1)
-    monkeypatch.setitem(local_segments.PROFITABLE_FRACTION, "cpu", 0.5)  # the big ones cost more
+    monkeypatch.setitem(local_segments.PROFITABLE_FRACTION, "cpu", profitable)  # 0.5: the big ones cost more
+    monkeypatch.setattr(local_segments, "BIG_BOX_FRACTION", big_box)
     rows = []
     original = local_segments.SegmentScorer.scores
     monkeypatch.setattr(local_segments.SegmentScorer, "scores",
