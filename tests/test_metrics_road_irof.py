@@ -1,4 +1,5 @@
 """ROAD against pytorch-grad-cam's ROAD metrics, IROF against Quantus' IROF."""
+import importlib
 import warnings
 
 import numpy as np
@@ -33,6 +34,43 @@ def test_imputation_is_exact_on_a_linear_ramp():
     torch.testing.assert_close(out, ramp.float(), rtol=0, atol=1e-5)
     noisy = noisy_linear_imputation(ramp, keep, noise=0.1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(noisy[:, keep], ramp[:, keep]) and not torch.allclose(noisy[:, ~keep], ramp[:, ~keep])
+
+
+def test_condensed_boxes_equal_the_plain_solve():
+    """Inner 8x8 boxes whose pixels are all removed leave the system (their interior a fixed
+    map of their ring): the same imputation as the full sparse system, in float64."""
+    road_module = importlib.import_module("cnnviz_fast.metrics.road")
+    rng = np.random.default_rng(0)
+    H, W = 45, 52
+    for h, w in ((H, W), (40, 40), (7, 30)):
+        order = road_module._grid(h, w, 8).order
+        assert np.array_equal(np.sort(order), np.arange(h * w))
+    image = rng.random((3, H, W))
+    keep = rng.random((H, W)) < 0.4  # isolated removed pixels and small regions
+    keep[4:33, 6:42] = False  # a removed region covering whole boxes
+    keep[18, 20] = True  # one kept pixel inside: its box stays in the system
+    _, _, unknown, condensed = road_module._system(keep, image, 8)
+    sizes = {kind.interior.shape[1]: len(which) for kind, which in condensed}
+    assert sizes[225] >= 1 and sizes[49] >= 2  # blocks of 2 x 2 boxes and single boxes
+    assert unknown.size + sum(size * count for size, count in sizes.items()) == int((~keep).sum())
+    condensed_solution = road_module._solved(keep, image, 8)
+    np.testing.assert_allclose(condensed_solution, road_module._solved(keep, image, 0), rtol=0, atol=1e-10)
+    keep[:] = True
+    keep[0, 0] = False
+    assert road_module._system(keep, image, 8)[3] is None
+
+
+def test_road_with_condensed_boxes_equals_pytorch_grad_cam():
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    torch.manual_seed(0)
+    model, x = small_cnn(), smooth_images(1, 3, 40)
+    cams = nn.functional.interpolate(torch.rand(1, 1, 5, 5), size=(40, 40), mode="bilinear")[:, 0]
+    ours = road(model, x, [2], cams, percentiles=(20, 70), seed=3)
+    torch.manual_seed(3)
+    combined = ROADCombined(percentiles=[20, 70])(x, cams.numpy(), [ClassifierOutputSoftmaxTarget(2)], model)
+    np.testing.assert_allclose(ours.combined.numpy(), combined, rtol=1e-4, atol=1e-7)
 
 
 def test_road_equals_pytorch_grad_cam():
