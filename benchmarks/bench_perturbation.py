@@ -2,7 +2,9 @@
 
     python benchmarks/bench_perturbation.py [--only cams,segments] [--quick] [--size S] [--masks M] [--no-write]
 
-cams (CPU, ResNet-18 with random weights, one 224x224 image; --quick: 64x64):
+cams (CPU, ResNet-18 with random weights and one 224x224 noise image, or with
+--model efficientnet-lite0 the zoo's trained EfficientNet-Lite0 on scikit-image's
+astronaut at layer _act_head; --quick: 64x64):
   ablation_cam (layer4) vs pytorch-grad-cam AblationCAM (batch_size 32, its default)   target: >= 20x
   score_cam (layer4) vs pytorch-grad-cam ScoreCAM at its default batch size (16)       target: >= 2x
   score_cam (layer4) vs pytorch-grad-cam ScoreCAM at batch size 64                     target: >= 1.3x
@@ -23,6 +25,11 @@ fold (CPU, random-weight ResNet-18, channels-last 224x224 batches of 8 and 32 ro
   interleaved torch.utils.benchmark rounds. Written to perturbation-fold-<machine>.
 segments: feature ablation / Shapley sampling / LIME (written by another section).
 The maps are checked equal first (pytorch-grad-cam's after its min-max scaling).
+Score-CAM and RISE rows carry ``floor_s``: the anchor's forward passes alone at our
+fastest (common.forward_floor: the folded copy, channels-last batches of the best size),
+and ``ceiling`` = anchor / floor, the most an implementation running the same passes
+could gain (Score-CAM skips the passes of channels that are zero everywhere, so it can
+pass its ceiling).
 Each contender runs once per round (a call takes seconds to minutes), in turn.
 Results: benchmarks/results/perturbation-<machine>.{md,json} (--only memory: perturbation-memory-<machine>).
 """
@@ -35,7 +42,7 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from common import TIMING, argument_parser, finish, machine_description, row
+from common import TIMING, argument_parser, ceiling, finish, forward_floor, machine_description, row
 
 from pytorch_grad_cam import AblationCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -90,11 +97,23 @@ def plain_rise(model, x, target, masks: torch.Tensor, p: float, batch: int = 100
     return run
 
 
-def bench_cams(size: int, masks: int) -> List[dict]:
-    model = zoo.resnet18()
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    target, layer = 3, "layer4"
-    label = f"cpu ResNet-18 1x3x{size}x{size} {layer}"
+def cam_setting(model_name: str, size: int):
+    """(model, image [1, 3, size, size], target, layer, label) of the cams section."""
+    if model_name == "resnet18":
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        return zoo.resnet18(), x, 3, "layer4", f"cpu ResNet-18 1x3x{size}x{size} layer4"
+    from skimage import data
+    from skimage.transform import resize
+    pixels = torch.from_numpy(resize(data.astronaut(), (size, size), anti_aliasing=True)).permute(2, 0, 1)[None]
+    model = zoo.efficientnet_lite0()
+    x = zoo.EFFICIENTNET_LITE0_NORMALIZE(pixels.float())
+    with torch.no_grad():
+        target = int(model(x).argmax())
+    return model, x, target, "_act_head", f"cpu EfficientNet-Lite0 astronaut 1x3x{size}x{size} _act_head"
+
+
+def bench_cams(size: int, masks: int, model_name: str = "resnet18") -> List[dict]:
+    model, x, target, layer, label = cam_setting(model_name, size)
     rows = []
 
     ours = lambda: cv.ablation_cam(model, x, layer, target)  # noqa: E731
@@ -108,9 +127,18 @@ def bench_cams(size: int, masks: int) -> List[dict]:
     default, best = (grad_cam_anchor(ScoreCAM, model, x, layer, target, b) for b in (None, 64))
     r = check_cam(ours(), default(), "score_cam")
     t = once({"ours": ours, "default": default, "best": best})
+    with torch.no_grad():
+        channels = model.get_submodule(layer)
+        activation = []
+        handle = channels.register_forward_hook(lambda m, i, o: activation.append(o))
+        model(x)
+        handle.remove()
+    K = activation[0].shape[1]
+    floor = forward_floor(model, x, target, K + 1)  # the clean pass and one per channel
     rows.append(row(f"{label} score_cam vs ScoreCAM (batch 16, default)", t["ours"], t["default"], ">= 2x",
-                    unit="s", correlation=round(r, 7)))
-    rows.append(row(f"{label} score_cam vs ScoreCAM (batch 64)", t["ours"], t["best"], ">= 1.3x", unit="s"))
+                    unit="s", correlation=round(r, 7), **ceiling(t["default"], floor)))
+    rows.append(row(f"{label} score_cam vs ScoreCAM (batch 64)", t["ours"], t["best"], ">= 1.3x", unit="s",
+                    **ceiling(t["best"], floor)))
 
     p, seed = 0.5, 0
     m = reference.rise_masks(seed, 7, p, size, size, 0, masks)
@@ -120,8 +148,9 @@ def bench_cams(size: int, masks: int) -> List[dict]:
     error = float((a - b).norm() / b.norm())
     assert error < 1e-4, f"rise: relative difference {error}"
     t = once({"ours": ours, "plain": plain})
-    rows.append(row(f"cpu ResNet-18 1x3x{size}x{size} rise ({masks} masks) vs plain (materialised masks, batch 100)",
-                    t["ours"], t["plain"], ">= 1.3x", unit="s", rel_error=f"{error:.1e}"))
+    floor = forward_floor(model, x, target, masks + 1)  # the clean pass and one per mask
+    rows.append(row(f"{label.rsplit(' ', 1)[0]} rise ({masks} masks) vs plain (materialised masks, batch 100)",
+                    t["ours"], t["plain"], ">= 1.3x", unit="s", rel_error=f"{error:.1e}", **ceiling(t["plain"], floor)))
     return rows
 
 
@@ -206,12 +235,14 @@ def main():
     parser.add_argument("--masks", type=int, default=None, help="RISE masks (default 4000; --quick 100)")
     parser.add_argument("--size", type=int, default=None, help="image size (default 224; --quick 64)")
     parser.add_argument("--memory-seconds", type=float, default=40.0, help="how long each memory child runs")
+    parser.add_argument("--model", choices=("resnet18", "efficientnet-lite0"), default="resnet18",
+                        help="the cams section's model (results file suffixed with a model other than resnet18)")
     args = parser.parse_args()
     print(machine_description(), flush=True)
     masks = args.masks or (100 if args.quick else 4000)
     rows = []
     if "cams" in args.only:
-        rows += bench_cams(args.size or (64 if args.quick else 224), masks)
+        rows += bench_cams(args.size or (64 if args.quick else 224), masks, args.model)
     if "memory" in args.only:
         rows += bench_memory(args.memory_seconds)
     if "fold" in args.only:
@@ -222,14 +253,20 @@ def main():
                        "image, layer4), each contender in a child process stopped after "
                        f"{args.memory_seconds:g} s; ratio = anchor / ours.",
              "fold": "ratio = the model's time / the folded copy's (the forward passes of the masked batches)."}.get(
-        alone, "ratio = anchor / ours. Random-weight ResNet-18, one 224x224 image, each contender timed once "
-               "(calls of seconds to minutes), in turn, after the maps were checked equal.")
+        alone, "ratio = anchor / ours. " + ("Random-weight ResNet-18, one 224x224 noise image" if args.model == "resnet18"
+                                            else "The zoo's trained EfficientNet-Lite0, scikit-image's astronaut at "
+                                                 "224x224, its predicted class")
+        + ", each contender timed once (calls of seconds to minutes), in turn, after the maps were checked equal. "
+          "floor_s: the anchor's forward passes alone at our fastest; ceiling = anchor / floor.")
     timing = {"memory": "the resident set of the child process (/proc/self/statm) sampled every 10 ms, its largest "
                         "value above the level after the model's first forward pass",
               "fold": TIMING}.get(alone, "time.perf_counter around one call of each contender in turn "
                                          "(bench_perturbation.once; the equality check before it ran each contender "
                                          "once)")
-    finish(args, f"perturbation-{alone}" if alone else "perturbation", rows, title="Perturbation-family benchmarks",
+    name = f"perturbation-{alone}" if alone else "perturbation"
+    if args.model != "resnet18" and not alone:
+        name += "-" + args.model
+    finish(args, name, rows, title="Perturbation-family benchmarks",
            notes=notes, timing=timing)
 
 

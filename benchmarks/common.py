@@ -140,6 +140,42 @@ def row(name: str, ours: float, anchor: float, target: str = "", unit: str = "ms
     return r
 
 
+FLOOR_BATCHES = (8, 16, 32, 64)
+FLOOR_ROWS = 64  # rows timed per batch size (the per-row time is what counts)
+
+
+def forward_floor(model: torch.nn.Module, image: torch.Tensor, target: int, passes: int) -> Dict[str, Any]:
+    """The least time ``passes`` forward passes of copies of ``image [1, C, H, W]`` take on
+    the CPU as our perturbation passes run them (the batch-norm-folded copy, channels-last
+    batches), at the fastest of FLOOR_BATCHES rows per pass, with no masking and no other
+    work: the time of the forward passes alone. A method that runs the same passes as its
+    anchor cannot beat the anchor by more than ``anchor time / floor`` (its ceiling).
+    Returns ``{"floor_s": seconds, "floor_batch": rows per pass}``."""
+    from cnnviz_fast.attribution.perturbation._chunks import scoring_model
+    with torch.no_grad():
+        scores = model(image)[:, target]
+        runner = scoring_model(model, image, target, scores)
+        per_row = {}
+        for batch in FLOOR_BATCHES:
+            x = image.expand(batch, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+            runner(x)  # the first pass of a shape pays oneDNN's set-up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(max(1, FLOOR_ROWS // batch)):
+                    runner(x)
+                times.append((time.perf_counter() - start) / (max(1, FLOOR_ROWS // batch) * batch))
+            per_row[batch] = sorted(times)[1]
+    batch = min(per_row, key=per_row.get)
+    return {"floor_s": round(per_row[batch] * passes, 4), "floor_batch": batch}
+
+
+def ceiling(anchor_seconds: float, floor: Dict[str, Any]) -> Dict[str, Any]:
+    """``floor`` with ``ceiling`` = anchor / floor: the most a method running the anchor's
+    forward passes can gain (see :func:`forward_floor`)."""
+    return {**floor, "ceiling": round(anchor_seconds / floor["floor_s"], 2)}
+
+
 # --------------------------------------------------------------------------- command line, results
 def argument_parser(doc: str, sections: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The options every bench script shares: --quick, --no-write, --results-dir and, given
