@@ -79,6 +79,36 @@ def test_folded_model_computes_the_same_and_leaves_the_model_alone():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_folded_graph_is_kept_until_the_model_changes():
+    import gc
+    import weakref
+    model = branchy()
+    x = smooth_images()
+    folded = folding.folded_model(model)
+    assert folding.folded_model(model) is folded  # a repeated call reuses the graph
+    with torch.no_grad():
+        model.bn1.running_mean.add_(0.25)  # written in place
+    again = folding.folded_model(model)
+    assert again is not folded
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), rtol=0, atol=1e-12)
+    model.conv5.weight = nn.Parameter(model.conv5.weight.detach() * 2)  # replaced
+    replaced = folding.folded_model(model)
+    assert replaced is not again
+    model.bn1.eps = 0.5  # a setting the folded convolution copied
+    tuned = folding.folded_model(model)
+    assert tuned is not replaced
+    with torch.no_grad():
+        assert torch.allclose(tuned(x), model(x), rtol=0, atol=1e-12)
+    model.conv1.register_forward_hook(lambda *a: None)  # hooked: conv1 + bn1 no longer fold
+    hooked = folding.folded_model(model)
+    assert "conv1" in {n.target for n in hooked.graph.nodes if n.op == "call_module"}
+    gone = weakref.ref(model)
+    del model, folded, again, replaced, tuned, hooked
+    gc.collect()
+    assert gone() is None  # the cache does not keep the model alive
+
+
 def test_nothing_to_fold_or_untraceable_gives_none():
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     assert folding.folded_model(plain) is None
