@@ -73,7 +73,7 @@ def test_road_solver_equals_spsolve(shape):
         keep = rng.random((H, W)) >= fraction
         keep[0, 0] = True  # at least one known pixel
         out = road_module._interpolated(image, keep)
-        A, b, unknown = road_module._system(keep, image.numpy().astype(np.float64))
+        A, b, unknown, _ = road_module._system(keep, image.numpy().astype(np.float64), 0)  # the plain system
         expected = image.clone().reshape(C, -1)
         expected[:, torch.from_numpy(unknown)] = torch.as_tensor(spsolve(A, b), dtype=torch.float).reshape(-1, C).t()
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
