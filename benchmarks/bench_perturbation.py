@@ -22,7 +22,8 @@ memory (CPU, ResNet-50 with random weights, one 224x224 image, layer4's 2,048 ch
 fold (CPU, random-weight ResNet-18, channels-last 224x224 batches of 8 and 32 rows):
   the forward pass of the batch-norm-folded copy the masked passes run
   (attribution/occlusion/folding.py) vs the model itself, outputs checked equal first;
-  interleaved torch.utils.benchmark rounds. Written to perturbation-fold-<machine>.
+  interleaved torch.utils.benchmark rounds; and the folded graph kept for a repeated call
+  vs building it (capture + folding). Written to perturbation-fold-<machine>.
 segments: feature ablation / Shapley sampling / LIME (written by another section).
 The maps are checked equal first (pytorch-grad-cam's after its min-max scaling).
 Score-CAM and RISE rows carry ``floor_s``: the anchor's forward passes alone at our
@@ -42,13 +43,14 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from common import TIMING, argument_parser, ceiling, finish, forward_floor, machine_description, row
+from common import TIMING, argument_parser, astronaut, ceiling, finish, forward_floor, machine_description, row
 
 from pytorch_grad_cam import AblationCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import cnnviz_fast as cv
 from cnnviz_fast import zoo
+from cnnviz_fast.core import capture_layers
 from cnnviz_fast.ops import reference
 
 warnings.filterwarnings("ignore")
@@ -102,11 +104,8 @@ def cam_setting(model_name: str, size: int):
     if model_name == "resnet18":
         x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         return zoo.resnet18(), x, 3, "layer4", f"cpu ResNet-18 1x3x{size}x{size} layer4"
-    from skimage import data
-    from skimage.transform import resize
-    pixels = torch.from_numpy(resize(data.astronaut(), (size, size), anti_aliasing=True)).permute(2, 0, 1)[None]
     model = zoo.efficientnet_lite0()
-    x = zoo.EFFICIENTNET_LITE0_NORMALIZE(pixels.float())
+    x = zoo.EFFICIENTNET_LITE0_NORMALIZE(astronaut(size))
     with torch.no_grad():
         target = int(model(x).argmax())
     return model, x, target, "_act_head", f"cpu EfficientNet-Lite0 astronaut 1x3x{size}x{size} _act_head"
@@ -127,13 +126,9 @@ def bench_cams(size: int, masks: int, model_name: str = "resnet18") -> List[dict
     default, best = (grad_cam_anchor(ScoreCAM, model, x, layer, target, b) for b in (None, 64))
     r = check_cam(ours(), default(), "score_cam")
     t = once({"ours": ours, "default": default, "best": best})
-    with torch.no_grad():
-        channels = model.get_submodule(layer)
-        activation = []
-        handle = channels.register_forward_hook(lambda m, i, o: activation.append(o))
+    with torch.no_grad(), capture_layers(model, [layer]) as captured:
         model(x)
-        handle.remove()
-    K = activation[0].shape[1]
+    K = captured[layer].shape[1]
     floor = forward_floor(model, x, target, K + 1)  # the clean pass and one per channel
     rows.append(row(f"{label} score_cam vs ScoreCAM (batch 16, default)", t["ours"], t["default"], ">= 2x",
                     unit="s", correlation=round(r, 7), **ceiling(t["default"], floor)))
@@ -227,6 +222,18 @@ def bench_fold() -> List[dict]:
             t = interleaved({"folded": lambda: folded(x), "model": lambda: model(x)}, rounds=3)
             rows.append(row(f"cpu ResNet-18 {batch}x3x224x224 channels-last forward: batch norm folded vs the model",
                             t["folded"], t["model"], "", unit="ms", rel_error=f"{error:.1e}"))
+    # a repeated call finds the folded graph kept for the unchanged model; a changed one is rebuilt
+    building, found = [], []
+    for _ in range(5):
+        fresh = torchvision.models.resnet18().eval()
+        start = time.perf_counter()
+        built = folding.folded_model(fresh)
+        building.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert folding.folded_model(fresh) is built
+        found.append(time.perf_counter() - start)
+    rows.append(row("cpu ResNet-18 folded graph for a repeated call: kept vs built (capture + folding), median of 5",
+                    float(np.median(found)), float(np.median(building)), "", unit="ms"))
     return rows
 
 

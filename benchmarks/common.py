@@ -140,6 +140,14 @@ def row(name: str, ours: float, anchor: float, target: str = "", unit: str = "ms
     return r
 
 
+def astronaut(size: int) -> torch.Tensor:
+    """scikit-image's astronaut photo resized to ``size`` x ``size``: ``[1, 3, size, size]`` in [0, 1]."""
+    from skimage import data
+    from skimage.transform import resize
+    image = resize(data.astronaut(), (size, size), anti_aliasing=True)
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float()
+
+
 FLOOR_BATCHES = (8, 16, 32, 64)
 FLOOR_ROWS = 64  # rows timed per batch size (the per-row time is what counts)
 

@@ -4,8 +4,8 @@ Perturbation methods run hundreds of masked copies of an image through the model
 without gradients. In eval mode a ``BatchNorm2d`` that only normalises one convolution's
 output is a per-channel affine map, so it can be folded into that convolution's weights
 and bias: the same function, minus one pass over every normalised map (on the 2-core
-EPYC, channels-last ResNet-18 passes of 8 / 32 rows ran 1.10x / 1.15x faster folded;
-``benchmarks/bench_perturbation.py --only fold``).
+EPYC, channels-last ResNet-18 passes of 8 / 32 rows ran 1.05-1.10x / 1.11-1.15x faster
+folded in two runs; ``benchmarks/bench_perturbation.py --only fold``).
 
 The model itself is never changed: the folded graph is ``torch.fx``'s capture of it
 (:func:`.incremental.capture`, thread-confined), which calls the model's own modules,
@@ -16,8 +16,8 @@ batch statistics are left alone.
 The folded graph is kept per model (weakly) with a fingerprint of what it was built from:
 the module tree (names, objects, types, hooks), every parameter and buffer (object, storage,
 version counter, dtype) and the settings the folded convolutions copied. A service
-explaining request after request skips the capture and the folding (tens of milliseconds
-for ResNet-18); a changed model (weights written in place or replaced, modules swapped,
+explaining request after request skips the capture and the folding (ResNet-18 on the 2-core
+EPYC: ~0.5 ms kept vs ~90 ms built; ``bench_perturbation.py --only fold``); a changed model (weights written in place or replaced, modules swapped,
 hooks added) gets a new graph.
 """
 from __future__ import annotations
